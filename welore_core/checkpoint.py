@@ -1,0 +1,197 @@
+"""The WeLore checkpoint format: write atomically, load strictly, export merged dense weights.
+
+A checkpoint directory holds
+  config.json        the base model's config, unchanged
+  model.safetensors  all weights; an LRC `X` appears as `X.A` (k×in) and `X.B` (out×k)
+  tokenizer files
+  welore.json        format version, method, τ, ERR, parameter counts, per-matrix report,
+                     `factored` {module name: rank} (what loading rebuilds), source and hash,
+                     and, after fine-tuning, a `training` record.
+A merged export holds dense Ŵ = B·A in place of the factors and loads in plain transformers.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+from .errors import CorruptCheckpoint, NonFiniteWeights, OutputExists
+from .lowrank import LowRankLinear, swap_module
+
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+META = "welore.json"
+
+
+def factored_modules(model: nn.Module) -> dict[str, int]:
+    return {name: mod.rank for name, mod in model.named_modules() if isinstance(mod, LowRankLinear)}
+
+
+def _tied_keys(model: nn.Module) -> set[str]:
+    """State-dict keys that alias an earlier tensor (tied LM head): written once, re-tied on load."""
+    seen, tied = {}, set()
+    for key, t in model.state_dict(keep_vars=True).items():
+        ptr = t.data_ptr()
+        if ptr in seen and t.numel() > 0:
+            tied.add(key)
+        seen.setdefault(ptr, key)
+    return tied
+
+
+def _weights(model: nn.Module, merged: bool) -> dict[str, torch.Tensor]:
+    tied = _tied_keys(model)
+    lowrank = factored_modules(model)
+    out: dict[str, torch.Tensor] = {}
+    for key, t in model.state_dict().items():
+        if key in tied:
+            continue
+        module, _, leaf = key.rpartition(".")
+        if merged and module in lowrank:
+            if leaf == "A":
+                out[f"{module}.weight"] = model.get_submodule(module).merged_weight()
+            elif leaf == "bias":
+                out[key] = t
+            continue
+        out[key] = t
+    out = {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+    for k, v in out.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise NonFiniteWeights(f"tensor {k} holds NaN or Inf; nothing was written. The model "
+                                   "diverged or its source is damaged.")
+    return out
+
+
+def _write_atomically(out: Path, fill, overwrite: bool) -> Path:
+    """Build the directory beside `out`, then rename it into place (no half-written checkpoint)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputExists(f"{out} exists and is not a directory; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputExists(f"{out} already exists and is not empty; choose another --out or pass "
+                           "--overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        fill(tmp)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if out.exists():
+            old = out.with_name(f".{out.name}.{os.getpid()}.old")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def save_checkpoint(model: nn.Module, tokenizer, out: Path | str, meta: dict, overwrite: bool = False) -> Path:
+    """Write a WeLore checkpoint. `meta` is merged into welore.json (report, source, training)."""
+    weights = _weights(model, merged=False)  # validates before anything touches the disk
+    record = {
+        "format_version": FORMAT_VERSION,
+        "welore_version": __version__,
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **meta,
+        "factored": factored_modules(model),
+    }
+
+    def fill(d: Path) -> None:
+        save_file(weights, str(d / WEIGHTS), metadata={"format": "pt"})
+        model.config.save_pretrained(str(d))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(d))
+        (d / META).write_text(json.dumps(record, indent=2) + "\n")
+
+    return _write_atomically(Path(out), fill, overwrite)
+
+
+def save_merged(model: nn.Module, tokenizer, out: Path | str, overwrite: bool = False) -> Path:
+    """Dense export (Ŵ = B·A for every LRC) loadable with plain AutoModelForCausalLM."""
+    weights = _weights(model, merged=True)
+
+    def fill(d: Path) -> None:
+        save_file(weights, str(d / WEIGHTS), metadata={"format": "pt"})
+        model.config.save_pretrained(str(d))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(d))
+
+    return _write_atomically(Path(out), fill, overwrite)
+
+
+def read_meta(path: Path | str) -> dict:
+    from .loading import read_json
+
+    meta = read_json(Path(path) / META)
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CorruptCheckpoint(f"{path}/{META}: format_version {version!r} is not supported "
+                                f"(this welore reads version {FORMAT_VERSION}); upgrade welore or "
+                                "re-create the checkpoint")
+    if not isinstance(meta.get("factored"), dict):
+        raise CorruptCheckpoint(f"{path}/{META} has no 'factored' map; the checkpoint is damaged")
+    return meta
+
+
+def load_checkpoint(path: Path | str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                    source=None):
+    """Rebuild the compressed model from config + `factored` and load every tensor strictly."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .loading import LoadedModel, ModelSource
+
+    path = Path(path)
+    meta = read_meta(path)
+    try:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:
+        raise CorruptCheckpoint(f"cannot read {path}/config.json: {exc}") from exc
+    try:
+        state = load_file(str(path / WEIGHTS))
+    except (FileNotFoundError, SafetensorError, OSError) as exc:
+        raise CorruptCheckpoint(f"cannot read {path}/{WEIGHTS}: {exc}. The checkpoint is damaged; "
+                                "re-create or re-download it") from exc
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    for name, rank in meta["factored"].items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError as exc:
+            raise CorruptCheckpoint(f"{META} names module {name!r}, which the config's architecture "
+                                    "does not have") from exc
+        swap_module(model, name, LowRankLinear(old.in_features, old.out_features, int(rank),
+                                               bias=old.bias is not None))
+    tied = _tied_keys(model)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise CorruptCheckpoint(f"{path}: tensor shapes disagree with {META}: {exc}") from exc
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise CorruptCheckpoint(f"{path}: weights do not match {META} (missing: {missing[:5]}, "
+                                f"unexpected: {unexpected[:5]}); the checkpoint is damaged")
+    model.tie_weights()
+    model = model.to(device=device, dtype=dtype).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception:
+        tokenizer = None
+    if tokenizer is not None and tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    source = source or ModelSource(str(path), "welore", str(path))
+    return LoadedModel(model, tokenizer, source, meta)

@@ -1,0 +1,49 @@
+"""Small pieces the sub-commands share: JSON output, peak memory, argument types."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+
+
+def emit(result: dict, as_json: bool, human: str) -> None:
+    """Print the human report, or the result as one JSON object on the last stdout line."""
+    if as_json:
+        print(json.dumps(result, default=str))
+    else:
+        print(human)
+    sys.stdout.flush()
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def add_json_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+
+
+def add_device_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="auto (default: a GPU when present), cpu or cuda[:N]")

@@ -1,0 +1,57 @@
+"""`welore compress MODEL (--err F | --params-kept F) --out DIR`: WeLore or uniform compression."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..pipelines import compress_checkpoint
+from ..progress import TqdmProgress
+from .common import add_device_flag, add_json_flag, emit, fraction, peak_rss_mb
+
+
+def register(sub) -> None:
+    p = sub.add_parser("compress", help="compress a model with WeLore (or the uniform baseline)")
+    p.add_argument("model", help="registry name (smollm2-135m), .gguf file or model directory")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--err", type=fraction, help="effective rank reduction to reach (fraction of ranks removed)")
+    target.add_argument("--params-kept", type=fraction, help="fraction of target-matrix parameters to keep")
+    p.add_argument("--method", choices=["welore", "uniform"], default="welore")
+    p.add_argument("--min-ratio", type=fraction, default=0.5,
+                   help="a matrix is a Low-Rank Component when it drops more than this fraction of ranks (default 0.5)")
+    p.add_argument("--out", required=True, help="directory for the compressed checkpoint")
+    p.add_argument("--merged-out", help="also write a dense (merged) export loadable by plain transformers")
+    p.add_argument("--overwrite", action="store_true", help="replace --out / --merged-out if they exist")
+    add_device_flag(p)
+    add_json_flag(p)
+    p.set_defaults(func=run)
+
+
+def human_report(r: dict) -> str:
+    lines = [f"{'matrix':<16}{'shape':>11}{'rank':>6}{'kept':>6}{'reduce':>8}  {'label':<6}{'storage':<8}{'rel_err':>8}"]
+    for m in r["matrices"]:
+        lines.append(f"{m['name']:<16}{'x'.join(map(str, m['shape'])):>11}{m['rank']:>6}{m['kept_rank']:>6}"
+                     f"{m['reduction']:>8.3f}  {m['label']:<6}{m['storage']:<8}{m['rel_error']:>8.4f}")
+    tau = f"{r['tau']:.4f}" if r["tau"] is not None else "-"
+    lines += [
+        "",
+        f"method {r['method']}  tau {tau}  min_ratio {r['min_ratio']}",
+        f"ERR requested {r['err_requested']}  achieved {r['err_achieved']:.4f}",
+        f"target-matrix parameters kept {r['params_kept_achieved']:.4f} "
+        f"({r['target_params_after']:,} of {r['target_params_before']:,})",
+        f"model parameters {r['params_before']:,} -> {r['params_after']:,}",
+        f"LRC {r['n_lrc']}  N-LRC {r['n_nlrc']}  decomposed now {r['decomposed']}",
+        f"written to {r['out']}" + (f" (merged export: {r['merged_out']})" if r["merged_out"] else ""),
+        f"{r['seconds']:.1f} s (compression {r['compress_seconds']:.1f} s), peak RSS {r['peak_rss_mb']:.0f} MB",
+    ]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    bar = TqdmProgress()
+    result = compress_checkpoint(args.model, args.out, err=args.err, params_kept=args.params_kept,
+                                 method=args.method, min_ratio=args.min_ratio, merged_out=args.merged_out,
+                                 overwrite=args.overwrite, device=args.device, progress=bar)
+    bar.close()
+    result["peak_rss_mb"] = peak_rss_mb()
+    emit(result, args.json, human_report(result))
+    return 0

@@ -1,0 +1,151 @@
+"""WeLore compression of a loaded model: spectra → allocation → factorisation → module swap.
+
+`compress_model` changes the model in place and returns a `CompressionReport` (everything
+`welore.json` and the command line report). Each matrix is decomposed at most once (and not
+at all when the spectrum cache already holds it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .allocation import Allocation, allocate_uniform, allocate_welore, relative_error
+from .errors import InvalidArgument, NonFiniteWeights
+from .factorize import factors, truncated
+from .lowrank import LowRankLinear, swap_module
+from .progress import ProgressEvent, ProgressFn, StopFn, check_stop, no_progress
+from .settings import get_core_settings
+from .spectrum import Spectra, SpectrumCache, compute_spectra, tensor_hash
+from .targets import short_name, target_names
+
+METHODS = ("welore", "uniform")
+
+
+@dataclass
+class MatrixReport:
+    name: str
+    shape: tuple[int, int]
+    rank: int
+    kept_rank: int
+    reduction: float  # dropped / rank
+    label: str  # "LRC" | "N-LRC"
+    storage: str  # "factors" | "dense"
+    rel_error: float  # ‖W − Ŵ‖_F / ‖W‖_F
+
+
+@dataclass
+class CompressionReport:
+    method: str
+    tau: Optional[float]
+    min_ratio: Optional[float]
+    err_requested: Optional[float]
+    err_achieved: float
+    params_kept_requested: Optional[float]
+    params_kept_achieved: float  # fraction of target-matrix parameters stored
+    target_params_before: int
+    target_params_after: int
+    params_before: int  # whole model (tied weights counted once)
+    params_after: int
+    n_lrc: int
+    n_nlrc: int
+    source_hash: str
+    matrices: list[MatrixReport] = field(default_factory=list)
+    seconds: float = 0.0
+    decomposed: int = 0  # matrices decomposed in this run (0 with a warm cache)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # parameters() yields tied tensors once
+
+
+def model_fingerprint(model: nn.Module, spectra: Spectra) -> str:
+    """SHA-256 over every weight: target matrices through their spectrum keys, the rest here."""
+    h = hashlib.sha256(spectra.model_hash.encode())
+    targets = set(spectra.names)
+    for name, p in model.named_parameters():
+        if name.rsplit(".", 1)[0] not in targets:
+            h.update(name.encode())
+            h.update(tensor_hash(p).encode())
+    return h.hexdigest()
+
+
+def check_finite(model: nn.Module, what: str) -> None:
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise NonFiniteWeights(f"{what}: parameter {name} holds NaN or Inf values; refusing to "
+                                   "continue. Check the source checkpoint (re-download or re-export it).")
+
+
+def allocate(spectra: Spectra, method: str, err: Optional[float], params_kept: Optional[float],
+             min_ratio: float) -> Allocation:
+    if method == "welore":
+        return allocate_welore(spectra.values, spectra.shapes, err=err, params_kept=params_kept,
+                               min_ratio=min_ratio)
+    if method == "uniform":
+        return allocate_uniform(spectra.shapes, err=err, params_kept=params_kept)
+    raise InvalidArgument(f"method must be one of {', '.join(METHODS)}; received {method!r}")
+
+
+def compress_model(model: nn.Module, *, err: Optional[float] = None, params_kept: Optional[float] = None,
+                   method: str = "welore", min_ratio: float = 0.5, cache: SpectrumCache | None = None,
+                   progress: ProgressFn = no_progress, should_stop: StopFn | None = None) -> CompressionReport:
+    """Compress `model` in place. Raises Cancelled (model then half-swapped: discard it)."""
+    t0 = time.perf_counter()
+    if method not in METHODS:
+        raise InvalidArgument(f"method must be one of {', '.join(METHODS)}; received {method!r}")
+    names = target_names(model)
+    if any(isinstance(model.get_submodule(n), LowRankLinear) for n in names):
+        raise InvalidArgument("this model is already WeLore-compressed; compress its dense source "
+                              "(or a merged export) instead")
+    check_finite(model, "source model")
+    cache = cache or SpectrumCache(get_core_settings().cache_dir)
+    device = next(model.parameters()).device
+    params_before = count_params(model)
+
+    spectra = compute_spectra(model, cache, progress, should_stop, device=device, names=names)
+    source_hash = model_fingerprint(model, spectra)
+    alloc = allocate(spectra, method, err, params_kept, min_ratio)
+    check_stop(should_stop)
+
+    matrices: list[MatrixReport] = []
+    for i, (name, plan, S, key) in enumerate(zip(spectra.names, alloc.plans, spectra.values, spectra.keys)):
+        check_stop(should_stop)
+        linear = model.get_submodule(name)
+        if plan.lrc:
+            U, S_k, Vh = cache.factors(key, plan.kept)
+            dtype = linear.weight.dtype
+            if plan.factored:
+                A, B = factors(U, S_k, Vh, plan.kept)
+                new = LowRankLinear.from_factors(A.to(device, dtype), B.to(device, dtype),
+                                                 linear.bias.detach() if linear.bias is not None else None)
+                swap_module(model, name, new)
+            else:
+                with torch.no_grad():
+                    linear.weight.copy_(truncated(U, S_k, Vh, plan.kept).to(device, dtype))
+        matrices.append(MatrixReport(
+            name=short_name(name), shape=plan.shape, rank=plan.rank, kept_rank=plan.kept,
+            reduction=plan.dropped / plan.rank if plan.lrc else 0.0,
+            label="LRC" if plan.lrc else "N-LRC", storage="factors" if plan.factored else "dense",
+            rel_error=relative_error(S, plan.kept) if plan.lrc else 0.0))
+        progress(ProgressEvent("factorize", i + 1, len(names), message=name))
+    check_finite(model, "compressed model")
+    return CompressionReport(
+        method=method, tau=alloc.tau, min_ratio=alloc.min_ratio,
+        err_requested=err, err_achieved=alloc.err,
+        params_kept_requested=params_kept, params_kept_achieved=alloc.params_kept,
+        target_params_before=sum(p.params_dense for p in alloc.plans),
+        target_params_after=sum(p.params_stored for p in alloc.plans),
+        params_before=params_before, params_after=count_params(model),
+        n_lrc=alloc.n_lrc, n_nlrc=len(alloc.plans) - alloc.n_lrc,
+        source_hash=source_hash,
+        matrices=matrices, seconds=time.perf_counter() - t0, decomposed=spectra.decomposed)

@@ -1,0 +1,57 @@
+"""End-to-end operations on model specs and directories, shared by the command line and the
+service's workers: load → compress → write checkpoint; load → evaluate.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+from .compress import compress_model
+from .corpus import read_texts
+from .evaluate import perplexity
+from .loading import load_model
+from .progress import ProgressEvent, ProgressFn, StopFn, check_stop, no_progress
+from .checkpoint import save_checkpoint, save_merged
+from .spectrum import SpectrumCache
+
+
+def compress_checkpoint(model: str, out: str | Path, *, err: Optional[float] = None,
+                        params_kept: Optional[float] = None, method: str = "welore",
+                        min_ratio: float = 0.5, merged_out: str | Path | None = None,
+                        overwrite: bool = False, device: str | None = None,
+                        cache: SpectrumCache | None = None, progress: ProgressFn = no_progress,
+                        should_stop: StopFn | None = None) -> dict:
+    """Compress `model` and write a WeLore checkpoint to `out` (and a merged export). Returns
+    the report as a dict (what `welore compress --json` prints, minus process statistics)."""
+    t0 = time.perf_counter()
+    progress(ProgressEvent("load", 0, 1, message=str(model)))
+    loaded = load_model(model, device=device)
+    progress(ProgressEvent("load", 1, 1, message=str(model)))
+    load_seconds = time.perf_counter() - t0
+    report = compress_model(loaded.model, err=err, params_kept=params_kept, method=method,
+                            min_ratio=min_ratio, cache=cache, progress=progress, should_stop=should_stop)
+    check_stop(should_stop)
+    meta = {"kind": "compressed", **report.to_dict(),
+            "source": {"model": str(model), "kind": loaded.source.kind, "hash": report.source_hash}}
+    progress(ProgressEvent("save", 0, 1, message=str(out)))
+    save_checkpoint(loaded.model, loaded.tokenizer, out, meta, overwrite=overwrite)
+    if merged_out is not None:
+        save_merged(loaded.model, loaded.tokenizer, merged_out, overwrite=overwrite)
+    progress(ProgressEvent("save", 1, 1, message=str(out)))
+    result = report.to_dict()
+    result.update(out=str(out), merged_out=str(merged_out) if merged_out else None,
+                  compress_seconds=report.seconds, load_seconds=load_seconds,
+                  seconds=time.perf_counter() - t0)
+    return result
+
+
+def evaluate_model(model: str, data: str, *, seq_len: int = 512, windows: int = 24,
+                   device: str | None = None, progress: ProgressFn = no_progress,
+                   should_stop: StopFn | None = None) -> dict:
+    texts = read_texts(data)
+    loaded = load_model(model, device=device)
+    result = perplexity(loaded.model, loaded.tokenizer, texts, seq_len, windows, progress=progress,
+                        should_stop=should_stop)
+    return {"model": str(model), "data": str(data), **result.to_dict()}
