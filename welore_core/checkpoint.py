@@ -152,9 +152,9 @@ def read_meta(path: Path | str) -> dict:
 def load_checkpoint(path: Path | str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                     source=None):
     """Rebuild the compressed model from config + `factored` and load every tensor strictly."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .loading import LoadedModel, ModelSource
+    from .loading import LoadedModel, ModelSource, load_tokenizer
 
     path = Path(path)
     meta = read_meta(path)
@@ -187,11 +187,6 @@ def load_checkpoint(path: Path | str, device: torch.device | str = "cpu", dtype:
                                 f"unexpected: {unexpected[:5]}); the checkpoint is damaged")
     model.tie_weights()
     model = model.to(device=device, dtype=dtype).eval()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except Exception:
-        tokenizer = None
-    if tokenizer is not None and tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(str(path))
     source = source or ModelSource(str(path), "welore", str(path))
     return LoadedModel(model, tokenizer, source, meta)

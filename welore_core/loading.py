@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .errors import CorruptCheckpoint, ModelNotFound, UnsupportedModel
+from .errors import CorruptCheckpoint, InvalidArgument, ModelNotFound, UnsupportedModel
 from .settings import get_core_settings
 from .targets import decoder_layers
 
@@ -141,7 +141,7 @@ def gguf_to_safetensors(gguf: Path, cache_dir: Path | None = None) -> Path:
 
 
 def load_hf(path: str, device: torch.device, dtype: torch.dtype, local_only: bool = True):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=local_only)
@@ -154,12 +154,31 @@ def load_hf(path: str, device: torch.device, dtype: torch.dtype, local_only: boo
                                f"{', '.join(SUPPORTED_MODEL_TYPES)} (Llama-family decoders)")
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local_only)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
     except Exception as exc:
         raise CorruptCheckpoint(f"cannot load the model in {path}: {exc}. Re-export or re-download "
                                 "it (config.json + *.safetensors + tokenizer files).") from exc
     decoder_layers(model)
-    return model.to(device).eval(), tokenizer
+    return model.to(device).eval(), load_tokenizer(path, local_only)
+
+
+def load_tokenizer(path: str, local_only: bool = True):
+    """The model's tokenizer, or None when it ships none (compression needs no tokenizer)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+    except Exception:
+        return None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def require_tokenizer(loaded: "LoadedModel"):
+    if loaded.tokenizer is None:
+        raise InvalidArgument(f"model {loaded.source.spec!r} has no tokenizer files; evaluation and "
+                              "fine-tuning need one (save the tokenizer beside config.json)")
+    return loaded.tokenizer
 
 
 def load_model(spec: str, device: str | None = None, dtype: torch.dtype | None = None) -> LoadedModel:
@@ -175,8 +194,6 @@ def load_model(spec: str, device: str | None = None, dtype: torch.dtype | None =
     else:
         path = source.path
     model, tokenizer = load_hf(path, dev, dt)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model, tokenizer, source)
 
 

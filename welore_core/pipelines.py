@@ -11,7 +11,7 @@ from typing import Optional
 from .compress import compress_model
 from .corpus import read_texts
 from .evaluate import perplexity
-from .loading import load_model
+from .loading import load_model, require_tokenizer
 from .progress import ProgressEvent, ProgressFn, StopFn, check_stop, no_progress
 from .checkpoint import save_checkpoint, save_merged
 from .spectrum import SpectrumCache
@@ -52,6 +52,6 @@ def evaluate_model(model: str, data: str, *, seq_len: int = 512, windows: int = 
                    should_stop: StopFn | None = None) -> dict:
     texts = read_texts(data)
     loaded = load_model(model, device=device)
-    result = perplexity(loaded.model, loaded.tokenizer, texts, seq_len, windows, progress=progress,
+    result = perplexity(loaded.model, require_tokenizer(loaded), texts, seq_len, windows, progress=progress,
                         should_stop=should_stop)
     return {"model": str(model), "data": str(data), **result.to_dict()}

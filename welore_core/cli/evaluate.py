@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..corpus import read_texts
-from ..evaluate import perplexity
-from ..loading import load_model
+from ..evaluate import EvalResult
+from ..pipelines import evaluate_model
 from ..progress import TqdmProgress
 from .common import add_device_flag, add_json_flag, emit, positive_int
 
@@ -23,12 +22,11 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    texts = read_texts(args.data)
-    loaded = load_model(args.model, device=args.device)
     bar = TqdmProgress()
-    result = perplexity(loaded.model, loaded.tokenizer, texts, args.seq_len, args.windows, progress=bar)
+    out = evaluate_model(args.model, args.data, seq_len=args.seq_len, windows=args.windows,
+                         device=args.device, progress=bar)
     bar.close()
-    out = {"model": args.model, "data": args.data, **result.to_dict()}
+    result = EvalResult(**{k: out[k] for k in EvalResult.__dataclass_fields__})
     emit(out, args.json, f"perplexity {result.perplexity:.4g} over {result.tokens} tokens "
          f"({result.windows} windows of {result.seq_len}) in {result.seconds:.1f} s")
     return 0
