@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .allocation import Allocation, allocate_uniform, allocate_welore, relative_error
+from .allocation import TOLERANCE, Allocation, allocate_uniform, allocate_welore, relative_error
 from .errors import InvalidArgument, NonFiniteWeights
 from .factorize import factors, truncated
 from .lowrank import LowRankLinear, swap_module
@@ -87,19 +87,24 @@ def check_finite(model: nn.Module, what: str) -> None:
 
 
 def allocate(spectra: Spectra, method: str, err: Optional[float], params_kept: Optional[float],
-             min_ratio: float) -> Allocation:
+             min_ratio: float, tolerance: float = TOLERANCE) -> Allocation:
     if method == "welore":
         return allocate_welore(spectra.values, spectra.shapes, err=err, params_kept=params_kept,
-                               min_ratio=min_ratio)
+                               min_ratio=min_ratio, tolerance=tolerance)
     if method == "uniform":
-        return allocate_uniform(spectra.shapes, err=err, params_kept=params_kept)
+        return allocate_uniform(spectra.shapes, err=err, params_kept=params_kept, tolerance=tolerance)
     raise InvalidArgument(f"method must be one of {', '.join(METHODS)}; received {method!r}")
 
 
 def compress_model(model: nn.Module, *, err: Optional[float] = None, params_kept: Optional[float] = None,
                    method: str = "welore", min_ratio: float = 0.5, cache: SpectrumCache | None = None,
-                   progress: ProgressFn = no_progress, should_stop: StopFn | None = None) -> CompressionReport:
-    """Compress `model` in place. Raises Cancelled (model then half-swapped: discard it)."""
+                   tolerance: float = TOLERANCE, progress: ProgressFn = no_progress,
+                   should_stop: StopFn | None = None) -> CompressionReport:
+    """Compress `model` in place. Raises Cancelled (model then half-swapped: discard it).
+
+    The achieved ERR (or parameter fraction) must land within `tolerance` of the request;
+    small models, whose matrices join the LRCs in coarse steps, may need a looser one.
+    """
     t0 = time.perf_counter()
     if method not in METHODS:
         raise InvalidArgument(f"method must be one of {', '.join(METHODS)}; received {method!r}")
@@ -114,7 +119,7 @@ def compress_model(model: nn.Module, *, err: Optional[float] = None, params_kept
 
     spectra = compute_spectra(model, cache, progress, should_stop, device=device, names=names)
     source_hash = model_fingerprint(model, spectra)
-    alloc = allocate(spectra, method, err, params_kept, min_ratio)
+    alloc = allocate(spectra, method, err, params_kept, min_ratio, tolerance)
     check_stop(should_stop)
 
     matrices: list[MatrixReport] = []
