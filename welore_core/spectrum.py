@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .lowrank import LowRankLinear
 from .progress import ProgressEvent, ProgressFn, StopFn, check_stop, no_progress
 from .targets import target_names
 
@@ -62,11 +63,22 @@ class SpectrumCache:
     def has(self, key: str) -> bool:
         return self.path(key).is_file()
 
-    def put(self, key: str, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> None:
+    def put(self, key: str, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor,
+            metadata: dict[str, str] | None = None) -> None:
+        """Store one entry. Calibrated entries (calibration.py) hold U, Σ of W·S and Vh = Vᵀ·S⁻¹,
+        so the same `factors`/`truncated` rebuild their Ŵ; `metadata` notes how S was built."""
         final = self.path(key)
         tmp = final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        save_file({"U": U.cpu().contiguous(), "S": S.cpu().contiguous(), "Vh": Vh.cpu().contiguous()}, str(tmp))
+        save_file({"U": U.cpu().contiguous(), "S": S.cpu().contiguous(), "Vh": Vh.cpu().contiguous()}, str(tmp),
+                  metadata=metadata)
         os.replace(tmp, final)  # atomic: readers see a whole entry or none
+
+    def metadata(self, key: str) -> dict[str, str]:
+        try:
+            with safe_open(str(self.path(key)), framework="pt") as f:
+                return dict(f.metadata() or {})
+        except Exception:
+            return {}
 
     def singular_values(self, key: str) -> Optional[torch.Tensor]:
         try:
@@ -85,6 +97,11 @@ class SpectrumCache:
             S = f.get_slice("S")[:k]
             Vh = f.get_slice("Vh")[:k]
         return U, S, Vh
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """W of an nn.Linear, or B·A of a LowRankLinear (a compressed checkpoint's spectrum)."""
+    return module.merged_weight() if isinstance(module, LowRankLinear) else module.weight
 
 
 @dataclass
@@ -112,7 +129,7 @@ def compute_spectra(model: nn.Module, cache: SpectrumCache, progress: ProgressFn
     n_computed = 0
     for i, name in enumerate(names):
         check_stop(should_stop)
-        W = model.get_submodule(name).weight
+        W = dense_weight(model.get_submodule(name))
         key = tensor_hash(W)
         S = cache.singular_values(key)
         if S is None:
