@@ -3,20 +3,24 @@
 `compress_model` changes the model in place and returns a `CompressionReport` (everything
 `welore.json` and the command line report). Each matrix is decomposed at most once (and not
 at all when the spectrum cache already holds it).
+
+With calibration data (calibration.py, whiten.py) each LRC is instead factorised from the SVD
+of W·S for an activation-derived S (`whitened` or `scaled`); the ranks still come from WeLore's
+τ, over the spectra of W (`rank_from="weights"`, the paper) or of W·S ("activations").
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
 
-from .allocation import TOLERANCE, Allocation, allocate_uniform, allocate_welore, relative_error
+from .allocation import TOLERANCE, Allocation, MatrixPlan, allocate_uniform, allocate_welore, relative_error
 from .errors import InvalidArgument, NonFiniteWeights
 from .factorize import factors, truncated
 from .lowrank import LowRankLinear, swap_module
@@ -38,6 +42,7 @@ class MatrixReport:
     label: str  # "LRC" | "N-LRC"
     storage: str  # "factors" | "dense"
     rel_error: float  # ‖W − Ŵ‖_F / ‖W‖_F
+    calib_error: Optional[float] = None  # calibrated: ‖(W − Ŵ)·S‖_F / ‖W·S‖_F (None when plain)
 
 
 @dataclass
@@ -59,6 +64,9 @@ class CompressionReport:
     matrices: list[MatrixReport] = field(default_factory=list)
     seconds: float = 0.0
     decomposed: int = 0  # matrices decomposed in this run (0 with a warm cache)
+    factorization: str = "plain"  # "plain" | "whitened" | "scaled"
+    rank_from: str = "weights"  # spectra τ is applied to: of W ("weights") or of W·S ("activations")
+    calibration: Optional[dict] = None  # data, hash, samples, seq_len, sequential, alpha/damp, ...
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,18 +104,76 @@ def allocate(spectra: Spectra, method: str, err: Optional[float], params_kept: O
     raise InvalidArgument(f"method must be one of {', '.join(METHODS)}; received {method!r}")
 
 
+def _swap_in(model: nn.Module, name: str, plan: MatrixPlan, U: torch.Tensor, S_k: torch.Tensor,
+             Vh: torch.Tensor, device: torch.device) -> None:
+    """Replace an LRC by its factors B·A (or its truncated dense Ŵ below the break-even)."""
+    linear = model.get_submodule(name)
+    dtype = linear.weight.dtype
+    if plan.factored:
+        A, B = factors(U, S_k, Vh, plan.kept)
+        new = LowRankLinear.from_factors(A.to(device, dtype), B.to(device, dtype),
+                                         linear.bias.detach() if linear.bias is not None else None)
+        swap_module(model, name, new)
+    else:
+        with torch.no_grad():
+            linear.weight.copy_(truncated(U, S_k, Vh, plan.kept).to(device, dtype))
+
+
+def _swap_in_calibrated(model: nn.Module, name: str, plan: MatrixPlan, cache: SpectrumCache, key: str,
+                        device: torch.device) -> float:
+    """Swap in a calibrated LRC; returns its ‖W − Ŵ‖_F / ‖W‖_F (0 for an N-LRC, left as is)."""
+    if not plan.lrc:
+        return 0.0
+    U, S_k, Vh = cache.factors(key, plan.kept)
+    W = model.get_submodule(name).weight.detach().to("cpu", torch.float64)
+    norm = float(torch.linalg.matrix_norm(W))
+    rel = float(torch.linalg.matrix_norm(W - truncated(U, S_k, Vh, plan.kept).double())) / norm if norm > 0 else 0.0
+    _swap_in(model, name, plan, U, S_k, Vh, device)
+    return rel
+
+
+def _check_calibration_args(factorization: Optional[str], calibration, rank_from: str, sequential: bool) -> str:
+    from .whiten import FACTORIZATIONS
+    from .calibration import RANK_SOURCES
+
+    if factorization is None:
+        factorization = "plain" if calibration is None else "whitened"
+    if factorization not in FACTORIZATIONS:
+        raise InvalidArgument(f"factorization must be one of {', '.join(FACTORIZATIONS)}; received {factorization!r}")
+    if rank_from not in RANK_SOURCES:
+        raise InvalidArgument(f"rank_from must be one of {', '.join(RANK_SOURCES)}; received {rank_from!r}")
+    if factorization == "plain":
+        if calibration is not None or rank_from != "weights" or sequential:
+            raise InvalidArgument("calibration data, rank_from='activations' and sequential need a calibrated "
+                                  "factorization; pass --factorization whitened (or scaled), or drop them "
+                                  "for plain data-free WeLore")
+    elif calibration is None:
+        raise InvalidArgument(f"factorization {factorization!r} needs calibration data; pass --calibration DATA "
+                              "(a .txt/.jsonl file or a built-in name such as boolq)")
+    return factorization
+
+
 def compress_model(model: nn.Module, *, err: Optional[float] = None, params_kept: Optional[float] = None,
                    method: str = "welore", min_ratio: float = 0.5, cache: SpectrumCache | None = None,
                    tolerance: float = TOLERANCE, progress: ProgressFn = no_progress,
-                   should_stop: StopFn | None = None) -> CompressionReport:
+                   should_stop: StopFn | None = None, calibration=None, factorization: Optional[str] = None,
+                   rank_from: str = "weights", sequential: bool = False, alpha: Optional[float] = None,
+                   damp: Optional[float] = None) -> CompressionReport:
     """Compress `model` in place. Raises Cancelled (model then half-swapped: discard it).
 
     The achieved ERR (or parameter fraction) must land within `tolerance` of the request;
     small models, whose matrices join the LRCs in coarse steps, may need a looser one.
+
+    Calibrated variants: `calibration` (a calibration.Calibration: token windows) with
+    `factorization` "whitened" (default when calibration is given) or "scaled" (`alpha`);
+    `rank_from` "weights" | "activations"; `sequential` gathers layer L's statistics with
+    layers 0..L−1 already compressed (with rank_from="activations" the ranks then come from
+    the dense model's activations, since a global τ needs every spectrum first).
     """
     t0 = time.perf_counter()
     if method not in METHODS:
         raise InvalidArgument(f"method must be one of {', '.join(METHODS)}; received {method!r}")
+    factorization = _check_calibration_args(factorization, calibration, rank_from, sequential)
     names = target_names(model)
     if any(isinstance(model.get_submodule(n), LowRankLinear) for n in names):
         raise InvalidArgument("this model is already WeLore-compressed; compress its dense source "
@@ -119,29 +185,55 @@ def compress_model(model: nn.Module, *, err: Optional[float] = None, params_kept
 
     spectra = compute_spectra(model, cache, progress, should_stop, device=device, names=names)
     source_hash = model_fingerprint(model, spectra)
-    alloc = allocate(spectra, method, err, params_kept, min_ratio, tolerance)
+    keys, calibrated, record = spectra.keys, None, None
+    applied: dict[str, float] = {}  # calibrated matrices already swapped in → ‖W − Ŵ‖/‖W‖
+    if factorization == "plain":
+        alloc = allocate(spectra, method, err, params_kept, min_ratio, tolerance)
+    else:
+        from .calibration import Calibrator
+        from .whiten import ALPHA, DAMP
+
+        alpha = ALPHA if alpha is None else alpha
+        damp = DAMP if damp is None else damp
+        t_cal = time.perf_counter()
+        cal = Calibrator(model, names, spectra.keys, source_hash, calibration, factorization, cache,
+                         alpha=alpha, damp=damp, progress=progress, should_stop=should_stop)
+        if rank_from == "activations" or not sequential:
+            calibrated = cal.dense()
+        ranked = spectra if rank_from == "weights" else replace(spectra, values=calibrated.values)
+        alloc = allocate(ranked, method, err, params_kept, min_ratio, tolerance)
+        if sequential:
+            plans = dict(zip(names, alloc.plans))
+
+            def apply(name: str, key: str) -> None:
+                applied[name] = _swap_in_calibrated(model, name, plans[name], cache, key, device)
+
+            calibrated = cal.sequential([p.kept for p in alloc.plans], apply)
+        keys = calibrated.keys
+        record = {**calibration.record(), "sequential": sequential,
+                  **({"alpha": alpha} if factorization == "scaled" else {"damp": damp}),
+                  "factorized": calibrated.factorized, "layer_forwards": calibrated.forward_passes,
+                  "fallbacks": calibrated.how, "seconds": time.perf_counter() - t_cal}
     check_stop(should_stop)
 
     matrices: list[MatrixReport] = []
-    for i, (name, plan, S, key) in enumerate(zip(spectra.names, alloc.plans, spectra.values, spectra.keys)):
+    for i, (name, plan, S, key) in enumerate(zip(spectra.names, alloc.plans, spectra.values, keys)):
         check_stop(should_stop)
-        linear = model.get_submodule(name)
-        if plan.lrc:
-            U, S_k, Vh = cache.factors(key, plan.kept)
-            dtype = linear.weight.dtype
-            if plan.factored:
-                A, B = factors(U, S_k, Vh, plan.kept)
-                new = LowRankLinear.from_factors(A.to(device, dtype), B.to(device, dtype),
-                                                 linear.bias.detach() if linear.bias is not None else None)
-                swap_module(model, name, new)
-            else:
-                with torch.no_grad():
-                    linear.weight.copy_(truncated(U, S_k, Vh, plan.kept).to(device, dtype))
+        calib_error = None
+        if factorization == "plain":
+            if plan.lrc:
+                _swap_in(model, name, plan, *cache.factors(key, plan.kept), device)
+            rel_error = relative_error(S, plan.kept) if plan.lrc else 0.0
+        else:
+            if name not in applied:
+                applied[name] = _swap_in_calibrated(model, name, plan, cache, key, device)
+            rel_error = applied[name]
+            calib_error = relative_error(calibrated.values[i], plan.kept) if plan.lrc else 0.0
         matrices.append(MatrixReport(
             name=short_name(name), shape=plan.shape, rank=plan.rank, kept_rank=plan.kept,
             reduction=plan.dropped / plan.rank if plan.lrc else 0.0,
             label="LRC" if plan.lrc else "N-LRC", storage="factors" if plan.factored else "dense",
-            rel_error=relative_error(S, plan.kept) if plan.lrc else 0.0))
+            rel_error=rel_error, calib_error=calib_error))
         progress(ProgressEvent("factorize", i + 1, len(names), message=name))
     check_finite(model, "compressed model")
     return CompressionReport(
@@ -153,4 +245,5 @@ def compress_model(model: nn.Module, *, err: Optional[float] = None, params_kept
         params_before=params_before, params_after=count_params(model),
         n_lrc=alloc.n_lrc, n_nlrc=len(alloc.plans) - alloc.n_lrc,
         source_hash=source_hash,
-        matrices=matrices, seconds=time.perf_counter() - t0, decomposed=spectra.decomposed)
+        matrices=matrices, seconds=time.perf_counter() - t0, decomposed=spectra.decomposed,
+        factorization=factorization, rank_from=rank_from, calibration=record)

@@ -1,0 +1,351 @@
+"""Calibration for WeLore: tokens of real text → per-layer input statistics → the SVDs of W·S
+(whiten.py) of every target matrix, cached like the plain spectra.
+
+How the statistics are gathered (memory: one decoder layer's statistics at a time):
+  1. The calibration windows run through the embeddings once; a pre-hook on decoder layer 0
+     captures its input hidden states (N×L×hidden, kept on the model's device) and keyword
+     arguments (rotary embeddings, mask), then stops the forward.
+  2. Layer by layer: forward pre-hooks on the layer's target linears accumulate, in float64,
+     G = XᵀX (whitened) or Σ|x| (scaled) once per *distinct input tensor*: q/k/v receive the
+     same tensor and share one accumulator, so do gate/up (found by identity, not by name).
+     The layer's matrices are factorised, the statistics dropped, and the layer's outputs
+     become the next layer's inputs.
+  3. `sequential`: layer L's statistics are gathered with layers 0..L−1 already compressed
+     (each layer runs twice: dense for its statistics, then compressed to feed the next).
+
+Cache keys (`entry_key`) name the matrix, its weight hash, the model fingerprint, the tokens'
+hash (data, tokenizer, samples and sequence length), the dtype, the factorisation and its
+parameters, and for `sequential` the ranks given to every earlier layer, so a key is known
+before any forward pass: when every entry is cached nothing runs at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .corpus import data_hash, read_texts
+from .errors import InvalidArgument, InvalidData
+from .evaluate import token_windows
+from .progress import ProgressEvent, ProgressFn, StopFn, check_stop, no_progress
+from .spectrum import SpectrumCache, tensor_hash
+from .targets import decoder_layers, layer_index
+from .whiten import ALPHA, DAMP, FACTORIZATIONS, Transform, abs_mean_scale, gram_root, transformed_svd
+
+CAL_FORMAT = "calib-v1"
+DEFAULT_SAMPLES = 64
+DEFAULT_SEQ_LEN = 512
+BATCH_TOKENS = 4096  # calibration windows per forward: ⌈BATCH_TOKENS / seq_len⌉
+RANK_SOURCES = ("weights", "activations")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Calibration token windows and where they came from."""
+
+    tokens: torch.Tensor  # (N, L) token ids
+    data: str  # the spec given (file or built-in name)
+    data_hash: str  # SHA-256 of the data file
+    samples_requested: int
+
+    @property
+    def samples(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.tokens.shape[1])
+
+    @property
+    def tokens_hash(self) -> str:
+        t = self.tokens.to(torch.int64).contiguous()
+        return hashlib.sha256(t.numpy().tobytes() + str(tuple(t.shape)).encode()).hexdigest()
+
+    def record(self) -> dict:
+        return {"data": self.data, "data_hash": self.data_hash, "samples": self.samples,
+                "samples_requested": self.samples_requested, "seq_len": self.seq_len,
+                "tokens": self.samples * self.seq_len, "tokens_hash": self.tokens_hash}
+
+
+def load_calibration(tokenizer, data: str, samples: int = DEFAULT_SAMPLES,
+                     seq_len: int = DEFAULT_SEQ_LEN) -> Calibration:
+    """The first `samples` windows of `seq_len` tokens of `data` (a .txt/.jsonl file or a
+    built-in name), in file order, like evaluation windows."""
+    if tokenizer is None:
+        raise InvalidArgument("calibration needs the model's tokenizer, and this model ships none; "
+                              "save the tokenizer files beside config.json or compress without "
+                              "--calibration")
+    if samples < 1 or seq_len < 2:
+        raise InvalidArgument(f"calib_samples must be ≥ 1 and calib_seq_len ≥ 2; received "
+                              f"samples={samples}, seq_len={seq_len}")
+    tokens = token_windows(tokenizer, read_texts(data), seq_len, samples)
+    return Calibration(tokens, str(data), data_hash(data), samples)
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics of a layer's inputs
+
+
+class InputStats:
+    """Forward pre-hooks on some linear modules accumulating, per distinct input tensor, the
+    float64 Gram matrix XᵀX and/or Σ|x| over all tokens seen.
+
+    Modules called in one forward with the very same input tensor object (q/k/v, gate/up)
+    share one accumulator. Call `end_call()` after each forward of the layer.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], gram: bool = True, abs_sum: bool = False):
+        self.modules = modules
+        self.want_gram, self.want_abs = gram, abs_sum
+        self.group_of: dict[str, int] = {}
+        self.groups: list[list[str]] = []
+        self.gram: list[Optional[torch.Tensor]] = []
+        self.abs_sum: list[Optional[torch.Tensor]] = []
+        self.tokens: list[int] = []
+        self.updates = 0  # accumulations performed (one per distinct input per forward)
+        self._seen: list[tuple[torch.Tensor, int]] = []
+        self._handles = []
+
+    def __enter__(self) -> "InputStats":
+        for name, mod in self.modules.items():
+            self._handles.append(mod.register_forward_pre_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._seen.clear()
+
+    def end_call(self) -> None:
+        self._seen.clear()
+
+    def _hook(self, name: str):
+        def pre(module, args):
+            x = args[0]
+            for seen, g in self._seen:
+                if seen is x:  # the same input as a module already called in this forward
+                    if name not in self.group_of:
+                        self.group_of[name] = g
+                        self.groups[g].append(name)
+                    return None
+            g = self.group_of.get(name)
+            if g is None:
+                g = len(self.groups)
+                self.group_of[name] = g
+                self.groups.append([name])
+                self.gram.append(None)
+                self.abs_sum.append(None)
+                self.tokens.append(0)
+            self._accumulate(g, x)
+            self._seen.append((x, g))
+            return None
+        return pre
+
+    @torch.no_grad()
+    def _accumulate(self, g: int, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).double()  # tokens×n
+        if self.want_gram:
+            add = x.T @ x  # n×n
+            self.gram[g] = add if self.gram[g] is None else self.gram[g].add_(add)
+        if self.want_abs:
+            add = x.abs().sum(0)  # n
+            self.abs_sum[g] = add if self.abs_sum[g] is None else self.abs_sum[g].add_(add)
+        self.tokens[g] += x.shape[0]
+        self.updates += 1
+
+    def transform(self, name: str, factorization: str, alpha: float = ALPHA, damp: float = DAMP) -> Transform:
+        g = self.group_of.get(name)
+        if g is None:
+            raise InvalidData(f"module {name} never ran during calibration; expected every target "
+                              "matrix of the layer to see the calibration tokens")
+        if factorization == "whitened":
+            return gram_root(self.gram[g], damp)
+        if factorization == "scaled":
+            return abs_mean_scale(self.abs_sum[g] / max(self.tokens[g], 1), alpha)
+        raise InvalidArgument(f"factorization must be whitened or scaled here; received {factorization!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the calibration batch one decoder layer at a time
+
+
+class _Captured(Exception):
+    pass
+
+
+class LayerInputs:
+    """The calibration windows' hidden states at the input of the next decoder layer to run."""
+
+    def __init__(self, model: nn.Module, tokens: torch.Tensor, should_stop: StopFn | None = None):
+        self.layers = decoder_layers(model)
+        device = next(model.parameters()).device
+        per_batch = max(1, BATCH_TOKENS // tokens.shape[1])
+        self.hidden: list[torch.Tensor] = []
+        self.kwargs: list[dict] = []
+
+        def catch(module, args, kwargs):
+            self.hidden.append(args[0] if args else kwargs.pop("hidden_states"))
+            self.kwargs.append(dict(kwargs))
+            raise _Captured
+
+        handle = self.layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                for i in range(0, tokens.shape[0], per_batch):
+                    check_stop(should_stop)
+                    try:
+                        model(input_ids=tokens[i:i + per_batch].to(device), use_cache=False)
+                    except _Captured:
+                        pass
+        finally:
+            handle.remove()
+        self.should_stop = should_stop
+
+    @torch.no_grad()
+    def run(self, layer: nn.Module, stats: InputStats | None = None, update: bool = True) -> None:
+        """Run `layer` on every batch (statistics through `stats`); keep its outputs if `update`."""
+        for i, (h, kw) in enumerate(zip(self.hidden, self.kwargs)):
+            check_stop(self.should_stop)
+            out = layer(h, **kw)
+            if stats is not None:
+                stats.end_call()
+            if update:
+                self.hidden[i] = out[0] if isinstance(out, tuple) else out
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibrated spectra: cache entries holding (U, Σ, Vᵀ·S⁻¹) of W·S
+
+
+def entry_key(name: str, weight_key: str, source_hash: str, calibration: Calibration, dtype: torch.dtype,
+              factorization: str, alpha: float, damp: float, prefix: str = "") -> str:
+    param = f"alpha={alpha!r}" if factorization == "scaled" else f"damp={damp!r}"
+    text = "|".join([CAL_FORMAT, name, weight_key, source_hash, calibration.tokens_hash, str(dtype),
+                     factorization, param, prefix])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass
+class CalibratedSpectra:
+    names: list[str]
+    keys: list[str]
+    values: list[torch.Tensor]  # singular values of W·S, descending, float32
+    how: dict[str, str] = field(default_factory=dict)  # group leader → transform used (when not the default)
+    factorized: int = 0  # matrices decomposed in this run
+    forward_passes: int = 0  # layer forwards run (0 when every entry was cached)
+
+
+ApplyFn = Callable[[str, str], None]  # (module name, cache key) → factorise and swap
+
+
+class Calibrator:
+    """Computes and caches the calibrated SVDs of a model's target matrices."""
+
+    def __init__(self, model: nn.Module, names: list[str], weight_keys: list[str], source_hash: str,
+                 calibration: Calibration, factorization: str, cache: SpectrumCache, *,
+                 alpha: float = ALPHA, damp: float = DAMP, progress: ProgressFn = no_progress,
+                 should_stop: StopFn | None = None):
+        if factorization not in FACTORIZATIONS[1:]:
+            raise InvalidArgument(f"factorization must be whitened or scaled for calibration; "
+                                  f"received {factorization!r}")
+        max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if max_pos is not None and calibration.seq_len > max_pos:
+            raise InvalidArgument(f"calib_seq_len {calibration.seq_len} exceeds the model's "
+                                  f"max_position_embeddings {max_pos}; use a shorter --calib-seq-len")
+        self.model, self.names, self.weight_keys = model, names, weight_keys
+        self.source_hash, self.calibration, self.factorization = source_hash, calibration, factorization
+        self.cache, self.alpha, self.damp = cache, alpha, damp
+        self.progress, self.should_stop = progress, should_stop
+        self.dtype = next(model.parameters()).dtype
+        self.layers = decoder_layers(model)
+        self.by_layer: dict[int, list[int]] = {}
+        for i, n in enumerate(names):
+            self.by_layer.setdefault(layer_index(n), []).append(i)
+
+    def key(self, i: int, prefix: str = "") -> str:
+        return entry_key(self.names[i], self.weight_keys[i], self.source_hash, self.calibration, self.dtype,
+                         self.factorization, self.alpha, self.damp, prefix)
+
+    def _factorize_layer(self, stats: InputStats, idx: list[int], keys: list[str], result: CalibratedSpectra) -> None:
+        for i, key in zip(idx, keys):
+            if self.cache.has(key):
+                continue
+            name = self.names[i]
+            check_stop(self.should_stop)
+            T = stats.transform(name, self.factorization, self.alpha, self.damp)
+            W = self.model.get_submodule(name).weight
+            U, S, Vh = transformed_svd(W, T)
+            self.cache.put(key, U.float(), S.float(), Vh.float(), metadata={"how": T.how})
+            result.factorized += 1
+
+    def _stats(self, idx: list[int]) -> InputStats:
+        mods = {self.names[i]: self.model.get_submodule(self.names[i]) for i in idx}
+        return InputStats(mods, gram=self.factorization == "whitened", abs_sum=self.factorization == "scaled")
+
+    def _finish(self, result: CalibratedSpectra) -> CalibratedSpectra:
+        for name, key in zip(result.names, result.keys):
+            S = self.cache.singular_values(key)
+            if S is None:
+                raise InvalidData(f"calibrated spectrum entry {key[:12]} vanished from the cache "
+                                  f"({self.cache.root}); run the compression again")
+            result.values.append(S)
+            how = self.cache.metadata(key).get("how", "")
+            if how not in ("", "cholesky", "diagonal"):
+                result.how[name] = how
+        return result
+
+    def dense(self) -> CalibratedSpectra:
+        """Entries from the dense model's activations (all layers see dense inputs)."""
+        keys = [self.key(i) for i in range(len(self.names))]
+        result = CalibratedSpectra(self.names, keys, [])
+        missing = {layer_index(self.names[i]) for i, k in enumerate(keys) if not self.cache.has(k)}
+        if missing:
+            inputs = LayerInputs(self.model, self.calibration.tokens, self.should_stop)
+            last = max(missing)
+            for L, layer in enumerate(self.layers):
+                if L > last:
+                    break
+                idx = self.by_layer.get(L, [])
+                with self._stats(idx) as stats:
+                    inputs.run(layer, stats, update=L < last)
+                result.forward_passes += 1
+                self._factorize_layer(stats, idx, [keys[i] for i in idx], result)
+                del stats
+                self.progress(ProgressEvent("calibrate", L + 1, last + 1, message=f"layer {L}",
+                                            metrics={"factorized": result.factorized}))
+        return self._finish(result)
+
+    def sequential(self, kept: list[int], apply: ApplyFn) -> CalibratedSpectra:
+        """Entries for layer L from inputs through layers 0..L−1 already compressed with ranks
+        `kept` (one per target, in order); `apply(name, key)` swaps a matrix in as it goes."""
+        prefix, keys = [], []
+        for L in range(len(self.layers)):
+            idx = self.by_layer.get(L, [])
+            p = hashlib.sha256(",".join(prefix).encode()).hexdigest()
+            keys += [self.key(i, "sequential:" + p) for i in idx]
+            prefix += [f"{self.names[i]}={kept[i]}" for i in idx]
+        result = CalibratedSpectra(self.names, keys, [])
+        need = any(not self.cache.has(k) for k in keys)
+        inputs = LayerInputs(self.model, self.calibration.tokens, self.should_stop) if need else None
+        for L, layer in enumerate(self.layers):
+            idx = self.by_layer.get(L, [])
+            if inputs is not None:
+                with self._stats(idx) as stats:
+                    inputs.run(layer, stats, update=False)
+                self._factorize_layer(stats, idx, [keys[i] for i in idx], result)
+                del stats
+            for i in idx:
+                apply(self.names[i], keys[i])
+            if inputs is not None:
+                result.forward_passes += 1
+                if L < len(self.layers) - 1:
+                    inputs.run(layer, None, update=True)  # compressed layer L feeds layer L+1
+                    result.forward_passes += 1
+            self.progress(ProgressEvent("calibrate", L + 1, len(self.layers), message=f"layer {L} (sequential)",
+                                        metrics={"factorized": result.factorized}))
+        return self._finish(result)
