@@ -1,0 +1,126 @@
+"""`welore finetune MODEL --data FILE|boolq|commonsenseqa --method welore|full|lora --out DIR`:
+WeLore-COFT (train only the low-rank factors) or the full / LoRA baselines."""
+
+from __future__ import annotations
+
+import argparse
+
+from .common import add_device_flag, add_json_flag, emit, fraction, peak_rss_mb, positive_int
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {text!r}")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def register(sub) -> None:
+    from ..finetune.config import DATA_FORMATS, METHODS, PRECISIONS
+
+    p = sub.add_parser("finetune", help="fine-tune a model: WeLore-COFT (low-rank factors only), full or LoRA",
+                       description="Fine-tune MODEL (registry name, model directory or WeLore checkpoint). "
+                       "--method welore trains only the factors of the Low-Rank Components of a compressed "
+                       "checkpoint; full trains everything; lora trains peft LoRA adapters on a dense model.")
+    p.add_argument("model", help="registry name (smollm2-135m), model directory or WeLore checkpoint")
+    p.add_argument("--data", required=True, help="a .jsonl (text, or prompt+completion) or .txt file, or a built-in "
+                   "name: boolq, commonsenseqa (tasks), boolq-passages (BoolQ passages as plain text)")
+    p.add_argument("--data-format", choices=DATA_FORMATS, default="auto",
+                   help="how to read --data (default: detected from the first JSONL object)")
+    p.add_argument("--method", choices=METHODS, default="welore")
+    p.add_argument("--out", required=True, help="directory for the fine-tuned checkpoint and metrics.json")
+    p.add_argument("--steps", type=positive_int, default=100, help="optimizer steps (default 100)")
+    p.add_argument("--lr", type=_positive_float, default=2e-4, help="peak learning rate (default 2e-4)")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="sequences per micro-batch (default 4)")
+    p.add_argument("--seq-len", type=positive_int, default=256, help="tokens per sequence (default 256)")
+    p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per step (default 1)")
+    p.add_argument("--warmup-steps", type=int, default=-1, help="linear warm-up steps (default: 6%% of --steps)")
+    p.add_argument("--min-lr-ratio", type=fraction, default=0.1, help="cosine floor as a fraction of --lr (default 0.1)")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off; default 1.0)")
+    p.add_argument("--eval-every", type=_nonneg_int, default=0, help="validate every N steps (0: before/after only)")
+    p.add_argument("--save-every", type=_nonneg_int, default=0, help="write a resumable checkpoint every N steps")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out (same settings)")
+    p.add_argument("--freeze-norms", action="store_true", help="welore: freeze the norm weights as well")
+    p.add_argument("--lora-rank", type=positive_int, default=8)
+    p.add_argument("--lora-alpha", type=_positive_float, default=16.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=fraction, default=0.1,
+                   help="share of documents/examples held out for validation (default 0.1)")
+    p.add_argument("--val-sequences", type=positive_int, default=32, help="held-out sequences scored (default 32)")
+    p.add_argument("--choice-examples", type=_nonneg_int, default=100,
+                   help="held-out multiple-choice items scored for accuracy (BoolQ/CommonsenseQA; default 100)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto: bf16 autocast on GPU, fp32 on CPU")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_device_flag(p)
+    add_json_flag(p)
+    p.set_defaults(func=run)
+
+
+def _fmt(v, spec=".4g"):
+    return "-" if v is None else format(v, spec)
+
+
+def human_report(r: dict) -> str:
+    pr, th, mem, val = r["params"], r["throughput"], r["memory"], r["val"]
+    lines = [
+        f"method {r['method']}  steps {r['steps']}  data {r['data']['spec']} ({r['data']['format']}, "
+        f"{r['data']['train_sequences']} train / {r['data']['val_sequences']} held-out sequences)",
+        f"trainable parameters {pr['trainable']:,} of {pr['total']:,} ({pr['trainable_pct']:.1f}%)",
+        f"throughput {_fmt(th['tokens_per_s'], '.1f')} tokens/s, {_fmt(th['step_seconds'], '.3f')} s/step "
+        f"({th['timed_steps']} timed steps)",
+        f"peak memory {mem['peak_mb']:.0f} MB ({mem['kind']}; +{mem['peak_growth_mb']:.0f} MB during training); "
+        f"trainable {mem.get('trainable_param_bytes', 0) / 2**20:.1f} MB, gradients "
+        f"{mem.get('grad_bytes', 0) / 2**20:.1f} MB, optimizer state {mem.get('optimizer_state_bytes', 0) / 2**20:.1f} MB",
+        f"held-out loss {val['before']['loss']:.4f} -> {val['after']['loss']:.4f}, perplexity "
+        f"{val['before']['perplexity']:.4g} -> {val['after']['perplexity']:.4g}",
+    ]
+    if r.get("accuracy"):
+        a = r["accuracy"]
+        lines.append(f"accuracy {a['before']['accuracy']:.3f} -> {a['after']['accuracy']:.3f} "
+                     f"({a['after']['examples']} held-out items)")
+    if r.get("loss_curve"):
+        c = r["loss_curve"]
+        lines.append(f"training loss {c[0][1]:.4f} (step {c[0][0]}) -> {c[-1][1]:.4f} (step {c[-1][0]})")
+    lines.append(f"written to {r['out']} ({r['seconds']:.1f} s)")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..finetune import finetune_checkpoint
+    from ..progress import TqdmProgress
+
+    bar = TqdmProgress()
+    try:
+        result = finetune_checkpoint(
+            args.model, args.out, data=args.data, method=args.method, steps=args.steps, lr=args.lr,
+            batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum,
+            eval_every=args.eval_every, save_every=args.save_every, resume=args.resume,
+            freeze_norms=args.freeze_norms, lora_rank=args.lora_rank, seed=args.seed,
+            val_fraction=args.val_fraction, val_sequences=args.val_sequences, data_format=args.data_format,
+            overwrite=args.overwrite, device=args.device, progress=bar, warmup_steps=args.warmup_steps,
+            min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+            lora_alpha=args.lora_alpha, choice_examples=args.choice_examples,
+            gradient_checkpointing=args.gradient_checkpointing, precision=args.precision)
+    finally:
+        bar.close()
+    result["peak_rss_mb"] = peak_rss_mb()
+    if result.get("already_complete"):
+        print(f"the run in {args.out} is already complete; nothing to do", file=__import__("sys").stderr)
+    emit(result, args.json, human_report(result))
+    return 0
