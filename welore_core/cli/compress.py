@@ -1,4 +1,5 @@
-"""`welore compress MODEL (--err F | --params-kept F) --out DIR`: WeLore or uniform compression."""
+"""`welore compress MODEL (--err F | --params-kept F) --out DIR`: WeLore or uniform compression,
+data-free (plain SVD) or calibrated (`--calibration DATA`: whitened or scaled factorisation)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 
 from ..pipelines import compress_checkpoint
 from ..progress import TqdmProgress
-from .common import add_device_flag, add_json_flag, emit, fraction, peak_rss_mb
+from .common import add_device_flag, add_json_flag, emit, fraction, peak_rss_mb, positive_int
 
 
 def register(sub) -> None:
@@ -18,6 +19,23 @@ def register(sub) -> None:
     p.add_argument("--method", choices=["welore", "uniform"], default="welore")
     p.add_argument("--min-ratio", type=fraction, default=0.5,
                    help="a matrix is a Low-Rank Component when it drops more than this fraction of ranks (default 0.5)")
+    cal = p.add_argument_group("calibration (activation-aware factorisation under WeLore's ranks)")
+    cal.add_argument("--calibration", metavar="DATA",
+                     help="calibration text: a .txt/.jsonl file or a built-in name (boolq, commonsenseqa, ...)")
+    cal.add_argument("--calib-samples", type=positive_int, default=None,
+                     help="calibration windows (default 64; the first N of DATA)")
+    cal.add_argument("--calib-seq-len", type=positive_int, default=None,
+                     help="tokens per calibration window (default 512)")
+    cal.add_argument("--factorization", choices=["plain", "whitened", "scaled"], default=None,
+                     help="plain SVD of W (data-free; the default without --calibration), whitened "
+                          "(SVD of W·S, S·Sᵀ = XᵀX; the default with --calibration) or scaled (ASVD)")
+    cal.add_argument("--rank-from", choices=["weights", "activations"], default="weights",
+                     help="apply WeLore's tau to the spectra of W (the paper; default) or of W·S")
+    cal.add_argument("--sequential", action="store_true",
+                     help="gather layer L's statistics with layers 0..L-1 already compressed")
+    cal.add_argument("--alpha", type=float, default=None, help="scaled: exponent of mean|x| (default 0.5)")
+    cal.add_argument("--damp", type=float, default=None,
+                     help="whitened: Cholesky damping, fraction of the Gram's mean diagonal (default 0.01)")
     p.add_argument("--out", required=True, help="directory for the compressed checkpoint")
     p.add_argument("--merged-out", help="also write a dense (merged) export loadable by plain transformers")
     p.add_argument("--overwrite", action="store_true", help="replace --out / --merged-out if they exist")
@@ -34,7 +52,9 @@ def human_report(r: dict) -> str:
     tau = f"{r['tau']:.4f}" if r["tau"] is not None else "-"
     lines += [
         "",
-        f"method {r['method']}  tau {tau}  min_ratio {r['min_ratio']}",
+        f"method {r['method']}  tau {tau}  min_ratio {r['min_ratio']}  factorization "
+        f"{r.get('factorization', 'plain')}  ranks from {r.get('rank_from', 'weights')}",
+        *calibration_lines(r.get("calibration")),
         f"ERR requested {r['err_requested']}  achieved {r['err_achieved']:.4f}",
         f"target-matrix parameters kept {r['params_kept_achieved']:.4f} "
         f"({r['target_params_after']:,} of {r['target_params_before']:,})",
@@ -46,11 +66,26 @@ def human_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def calibration_lines(c: dict | None) -> list[str]:
+    if not c:
+        return []
+    lines = [f"calibration {c['data']} ({c['samples']} x {c['seq_len']} tokens, sha256 {c['data_hash'][:12]})"
+             f"{'  sequential' if c['sequential'] else ''}  matrices factorised now {c['factorized']}, "
+             f"layer forwards {c['layer_forwards']}, {c['seconds']:.1f} s"]
+    if c.get("fallbacks"):
+        lines.append("whitening fallbacks: " + ", ".join(f"{k}: {v}" for k, v in c["fallbacks"].items()))
+    return lines
+
+
 def run(args: argparse.Namespace) -> int:
     bar = TqdmProgress()
     result = compress_checkpoint(args.model, args.out, err=args.err, params_kept=args.params_kept,
                                  method=args.method, min_ratio=args.min_ratio, merged_out=args.merged_out,
-                                 overwrite=args.overwrite, device=args.device, progress=bar)
+                                 overwrite=args.overwrite, device=args.device, progress=bar,
+                                 calibration=args.calibration, calib_samples=args.calib_samples,
+                                 calib_seq_len=args.calib_seq_len, factorization=args.factorization,
+                                 rank_from=args.rank_from, sequential=args.sequential, alpha=args.alpha,
+                                 damp=args.damp)
     bar.close()
     result["peak_rss_mb"] = peak_rss_mb()
     emit(result, args.json, human_report(result))

@@ -1,0 +1,295 @@
+"""Calibrated WeLore on tiny seeded models: the whitening maths (output error never above the
+plain truncation's, full rank reproduces W, Cholesky fallbacks), statistics gathered once per
+distinct input, layer-by-layer inputs equal to the full forward's, cache keys, sequential mode,
+the welore.json record and the argument errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from welore_core.calibration import Calibration, Calibrator, InputStats, LayerInputs, load_calibration
+from welore_core.checkpoint import read_meta, save_checkpoint
+from welore_core.compress import compress_model
+from welore_core.errors import InvalidArgument
+from welore_core.factorize import factors, truncated
+from welore_core.spectrum import SpectrumCache
+from welore_core.targets import target_names
+from welore_core.whiten import abs_mean_scale, gram_root, output_error, transformed_svd
+
+
+def non_white_inputs(tokens: int, n: int, seed: int = 0) -> torch.Tensor:
+    """Correlated inputs with a steep channel spectrum (tokens×n), like real activations."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(n, n, generator=g, dtype=torch.float64) * torch.logspace(0, -3, n, dtype=torch.float64)[None, :]
+    return torch.randn(tokens, n, generator=g, dtype=torch.float64) @ mix.T + 0.1
+
+
+def plain_truncation(W: torch.Tensor, k: int) -> torch.Tensor:
+    U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+    return truncated(U, S, Vh, k)
+
+
+@pytest.mark.parametrize("damp", [0.0, 1e-2, 1.0])
+def test_whitened_output_error_never_above_plain_at_any_rank(damp):
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(24, 16, generator=g, dtype=torch.float64)
+    X = non_white_inputs(200, 16)
+    T = gram_root(X.T @ X, damp)
+    U, S, Vh = transformed_svd(W, T)
+    for k in range(1, 17):
+        e_white = output_error(W, truncated(U, S, Vh, k), X)
+        e_plain = output_error(W, plain_truncation(W, k), X)
+        assert e_white <= e_plain * (1 + 1e-9) + 1e-9, (k, e_white, e_plain)
+        if k < 16:
+            assert e_white < 0.9 * e_plain, (k, e_white, e_plain)  # strictly lower for non-white X
+
+
+def test_undamped_whitened_error_equals_tail_of_ws_spectrum():
+    """With δ = 0 the output error on X is exactly the discarded singular values of W·S."""
+    W = torch.randn(10, 12, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    X = non_white_inputs(100, 12, seed=3)
+    U, S, Vh = transformed_svd(W, gram_root(X.T @ X, damp=0.0))
+    for k in (1, 4, 9):
+        assert output_error(W, truncated(U, S, Vh, k), X) == pytest.approx(float(S[k:].norm()), rel=1e-8)
+
+
+@pytest.mark.parametrize("kind", ["whitened", "scaled"])
+@pytest.mark.parametrize("shape", [(20, 12), (12, 20)])
+def test_full_rank_reproduces_W(kind, shape):
+    W = torch.randn(*shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    X = non_white_inputs(50, shape[1])
+    T = gram_root(X.T @ X) if kind == "whitened" else abs_mean_scale(X.abs().mean(0), alpha=0.5)
+    U, S, Vh = transformed_svd(W, T)
+    r = min(shape)
+    A, B = factors(U, S, Vh, r)
+    assert A.shape == (r, shape[1]) and B.shape == (shape[0], r)
+    torch.testing.assert_close(B @ A, W, rtol=1e-9, atol=1e-9)
+
+
+def test_cholesky_fallback_for_rank_deficient_gram():
+    """Fewer tokens than inputs and a dead channel: G is singular, plain Cholesky fails, damping
+    rescues it; the result still reproduces W at full rank and beats plain on the tokens."""
+    n = 16
+    X = non_white_inputs(6, n, seed=5)  # rank ≤ 6 < 16
+    X[:, 3] = 0.0  # a channel that never fires: an exact zero pivot
+    G = X.T @ X
+    assert torch.linalg.matrix_rank(G) < n
+    T = gram_root(G, damp=0.0)
+    assert T.how.startswith("cholesky (damping"), T.how
+    W = torch.randn(8, n, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    U, S, Vh = transformed_svd(W, T)
+    torch.testing.assert_close(truncated(U, S, Vh, 8), W, rtol=1e-7, atol=1e-7)
+    for k in range(1, 8):
+        assert output_error(W, truncated(U, S, Vh, k), X) <= output_error(W, plain_truncation(W, k), X) + 1e-9
+    assert gram_root(G).how == "cholesky"  # the default damping handles it on the first try
+
+
+def test_eigh_fallback_and_identity_for_degenerate_grams():
+    indefinite = torch.tensor([[1.0, 1e5], [1e5, 1.0]], dtype=torch.float64)
+    T = gram_root(indefinite)
+    assert T.how == "eigh (clamped)" and not T.triangular
+    W = torch.randn(3, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    U, S, Vh = transformed_svd(W, T)
+    torch.testing.assert_close(truncated(U, S, Vh, 2), W)
+    assert gram_root(torch.zeros(4, 4)).how.startswith("identity")
+    assert abs_mean_scale(torch.zeros(4)).how.startswith("identity")
+    with pytest.raises(InvalidArgument):
+        gram_root(torch.zeros(3, 4))
+
+
+def tokens(n: int = 6, L: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, L), generator=torch.Generator().manual_seed(seed))
+
+
+def calib(t: torch.Tensor) -> Calibration:
+    return Calibration(t, "random", "0" * 64, t.shape[0])
+
+
+def test_layer_inputs_match_the_full_forward(tiny_llama):
+    model = tiny_llama(layers=3)
+    t = tokens()
+    with torch.no_grad():
+        hidden = model(input_ids=t, output_hidden_states=True).hidden_states
+    inputs = LayerInputs(model, t)
+    for L, layer in enumerate(model.model.layers):
+        torch.testing.assert_close(torch.cat(inputs.hidden), hidden[L])
+        inputs.run(layer)
+    # hidden_states[-1] is after the final norm; compare through it
+    torch.testing.assert_close(model.model.norm(torch.cat(inputs.hidden)), hidden[-1])
+
+
+def test_one_gram_per_distinct_input(tiny_llama):
+    model = tiny_llama()
+    t = tokens(n=5, L=16)
+    names = [n for n in target_names(model) if n.startswith("model.layers.0.")]
+    inputs = LayerInputs(model, t)
+    with InputStats({n: model.get_submodule(n) for n in names}) as stats:
+        inputs.run(model.model.layers[0], stats)
+    short = [[n.rsplit(".", 1)[-1] for n in g] for g in stats.groups]
+    assert short == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+    assert stats.updates == 4 * len(inputs.hidden)  # q/k/v and gate/up computed once each
+    assert stats.tokens == [80] * 4
+    # the q/k/v Gram is exactly XᵀX of the normed layer input
+    x = model.model.layers[0].input_layernorm(torch.cat(LayerInputs(model, t).hidden)).reshape(-1, 64).double()
+    torch.testing.assert_close(stats.gram[0], x.T @ x)
+
+
+def test_layer_inputs_batches_and_gram_over_batches(tiny_llama, monkeypatch):
+    import welore_core.calibration as cal
+
+    model = tiny_llama()
+    t = tokens(n=7, L=16)
+    monkeypatch.setattr(cal, "BATCH_TOKENS", 32)  # 2 windows a batch → 4 batches
+    inputs = LayerInputs(model, t)
+    assert [h.shape[0] for h in inputs.hidden] == [2, 2, 2, 1]
+    names = [n for n in target_names(model) if n.startswith("model.layers.1.")]
+    with InputStats({n: model.get_submodule(n) for n in names}) as stats:
+        inputs.run(model.model.layers[0], update=True)
+        inputs.run(model.model.layers[1], stats)
+    assert stats.updates == 4 * 4 and stats.tokens == [7 * 16] * 4
+    monkeypatch.setattr(cal, "BATCH_TOKENS", 4096)
+    whole = LayerInputs(model, t)
+    whole.run(model.model.layers[0])
+    with InputStats({n: model.get_submodule(n) for n in names}) as one:
+        whole.run(model.model.layers[1], one)
+    for a, b in zip(stats.gram, one.gram):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("factorization", ["whitened", "scaled"])
+def test_compress_calibrated_tiny(tiny_llama, fresh_cache, factorization):
+    t = tokens()
+    model = tiny_llama()
+    report = compress_model(model, err=0.3, min_ratio=0.0, cache=fresh_cache, calibration=calib(t),
+                            factorization=factorization, tolerance=0.05)
+    plain = compress_model(tiny_llama(), err=0.3, min_ratio=0.0, cache=fresh_cache, tolerance=0.05)
+    # rank_from="weights": the very same ranks as plain WeLore
+    assert [m.kept_rank for m in report.matrices] == [m.kept_rank for m in plain.matrices]
+    assert report.factorization == factorization and report.rank_from == "weights"
+    c = report.calibration
+    assert c["samples"] == 6 and c["seq_len"] == 32 and c["tokens"] == 192 and not c["sequential"]
+    assert c["factorized"] == len(report.matrices) and c["layer_forwards"] == 2
+    assert all(m.calib_error is not None for m in report.matrices)
+    assert all(m.rel_error >= p.rel_error - 1e-6 for m, p in zip(report.matrices, plain.matrices))  # plain is
+    # Frobenius-optimal on W itself; the calibrated one trades weight error for output error
+    with torch.no_grad():
+        logits = model(input_ids=t).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_whitened_model_is_closer_on_calibration_tokens(tiny_llama, fresh_cache):
+    t = tokens(n=8, L=32)
+    dense = tiny_llama()
+    with torch.no_grad():
+        ref = dense(input_ids=t).logits
+    out = {}
+    for f in ("plain", "whitened"):
+        m = tiny_llama()
+        compress_model(m, err=0.4, min_ratio=0.0, cache=fresh_cache, tolerance=0.05,
+                       calibration=None if f == "plain" else calib(t), factorization=f)
+        with torch.no_grad():
+            out[f] = float((m(input_ids=t).logits - ref).norm())
+    assert out["whitened"] < out["plain"]
+
+
+def test_calibrated_cache_keys(tiny_llama, fresh_cache):
+    t = tokens()
+    first = compress_model(tiny_llama(), err=0.3, min_ratio=0.0, cache=fresh_cache, calibration=calib(t),
+                           tolerance=0.05)
+    again_model = tiny_llama()
+    again = compress_model(again_model, err=0.2, min_ratio=0.0, cache=fresh_cache, calibration=calib(t),
+                           tolerance=0.05)
+    assert again.calibration["factorized"] == 0 and again.calibration["layer_forwards"] == 0
+    other = compress_model(tiny_llama(), err=0.3, min_ratio=0.0, cache=fresh_cache, calibration=calib(tokens(seed=1)),
+                           tolerance=0.05)
+    assert other.calibration["factorized"] == len(other.matrices)  # new tokens → new entries
+    damped = compress_model(tiny_llama(), err=0.3, min_ratio=0.0, cache=fresh_cache, calibration=calib(t),
+                            damp=0.5, tolerance=0.05)
+    assert damped.calibration["factorized"] == len(damped.matrices) and damped.calibration["damp"] == 0.5
+    assert first.calibration["tokens_hash"] == again.calibration["tokens_hash"] != other.calibration["tokens_hash"]
+
+
+def test_rank_from_activations_and_sequential(tiny_llama, fresh_cache):
+    t = tokens()
+    w = compress_model(tiny_llama(), err=0.3, min_ratio=0.0, cache=fresh_cache, calibration=calib(t),
+                       tolerance=0.05)
+    a = compress_model(tiny_llama(), err=0.3, min_ratio=0.0, cache=fresh_cache, calibration=calib(t),
+                       rank_from="activations", tolerance=0.05)
+    assert a.rank_from == "activations" and a.calibration["factorized"] == 0  # same W·S entries
+    assert [m.kept_rank for m in a.matrices] != [m.kept_rank for m in w.matrices]
+    assert abs(a.err_achieved - 0.3) <= 0.05
+    # activation ranks put the error where the activations are: smaller total output error
+    assert sum(m.calib_error ** 2 for m in a.matrices) <= sum(m.calib_error ** 2 for m in w.matrices)
+
+    model = tiny_llama()
+    s = compress_model(model, err=0.3, min_ratio=0.0, cache=fresh_cache, calibration=calib(t),
+                       sequential=True, tolerance=0.05)
+    assert s.calibration["sequential"] and [m.kept_rank for m in s.matrices] == [m.kept_rank for m in w.matrices]
+    # layer 0 sees the same inputs either way; layer 1 sees layer 0 compressed
+    assert s.matrices[0].calib_error == pytest.approx(w.matrices[0].calib_error, rel=1e-5)
+    assert s.matrices[-1].calib_error != pytest.approx(w.matrices[-1].calib_error, rel=1e-5)
+    assert s.calibration["layer_forwards"] == 3  # layer 0 twice (dense stats, compressed output), layer 1 once
+    again = compress_model(tiny_llama(), err=0.3, min_ratio=0.0, cache=fresh_cache, calibration=calib(t),
+                           sequential=True, tolerance=0.05)
+    assert again.calibration["layer_forwards"] == 0
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=t).logits).all()
+
+
+def test_checkpoint_records_calibration(tiny_llama, fresh_cache, tmp_path, byte_tokenizer):
+    texts = tmp_path / "calib.jsonl"
+    texts.write_text("".join(json.dumps({"text": f"calibration passage number {i}, " * 4}) + "\n" for i in range(40)))
+    c = load_calibration(byte_tokenizer, str(texts), samples=4, seq_len=64)
+    assert c.tokens.shape == (4, 64)
+    model = tiny_llama()
+    report = compress_model(model, err=0.3, min_ratio=0.0, cache=fresh_cache, calibration=c,
+                            factorization="scaled", alpha=0.7, tolerance=0.05)
+    save_checkpoint(model, None, tmp_path / "ckpt", {"kind": "compressed", **report.to_dict()})
+    meta = read_meta(tmp_path / "ckpt")
+    assert meta["factorization"] == "scaled" and meta["rank_from"] == "weights"
+    rec = meta["calibration"]
+    assert rec["data"] == str(texts) and len(rec["data_hash"]) == 64
+    assert (rec["samples"], rec["seq_len"], rec["alpha"], rec["sequential"]) == (4, 64, 0.7, False)
+    plain = compress_model(tiny_llama(), err=0.3, min_ratio=0.0, cache=fresh_cache, tolerance=0.05)
+    assert plain.factorization == "plain" and plain.calibration is None
+    assert all(m.calib_error is None for m in plain.matrices)
+
+
+def test_argument_errors(tiny_llama, fresh_cache, byte_tokenizer):
+    t = calib(tokens())
+    with pytest.raises(InvalidArgument, match="needs calibration data"):
+        compress_model(tiny_llama(), err=0.3, cache=fresh_cache, factorization="whitened")
+    with pytest.raises(InvalidArgument, match="calibrated factorization"):
+        compress_model(tiny_llama(), err=0.3, cache=fresh_cache, calibration=t, factorization="plain")
+    with pytest.raises(InvalidArgument, match="calibrated factorization"):
+        compress_model(tiny_llama(), err=0.3, cache=fresh_cache, rank_from="activations")
+    with pytest.raises(InvalidArgument, match="rank_from"):
+        compress_model(tiny_llama(), err=0.3, cache=fresh_cache, calibration=t, rank_from="gradients")
+    with pytest.raises(InvalidArgument, match="factorization must be"):
+        compress_model(tiny_llama(), err=0.3, cache=fresh_cache, calibration=t, factorization="svd-llm")
+    with pytest.raises(InvalidArgument, match="max_position_embeddings"):
+        compress_model(tiny_llama(), err=0.3, cache=fresh_cache, calibration=calib(tokens(n=1, L=300)))
+    with pytest.raises(InvalidArgument, match="tokenizer"):
+        load_calibration(None, "boolq")
+
+
+def test_cli_flags_reach_the_pipeline(monkeypatch):
+    from welore_core.cli import build_parser
+    import welore_core.cli.compress as cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "compress_checkpoint", lambda *a, **kw: seen.update(kw) or {})
+    monkeypatch.setattr(cli, "emit", lambda *a, **kw: None)
+    monkeypatch.setattr(cli, "human_report", lambda r: "")
+    args = build_parser().parse_args(
+        ["compress", "m", "--err", "0.3", "--out", "o", "--calibration", "boolq", "--calib-samples", "32",
+         "--calib-seq-len", "256", "--factorization", "scaled", "--rank-from", "activations", "--sequential",
+         "--alpha", "0.25"])
+    args.func(args)
+    assert {k: seen[k] for k in ("calibration", "calib_samples", "calib_seq_len", "factorization", "rank_from",
+                                 "sequential", "alpha", "damp")} == {
+        "calibration": "boolq", "calib_samples": 32, "calib_seq_len": 256, "factorization": "scaled",
+        "rank_from": "activations", "sequential": True, "alpha": 0.25, "damp": None}
