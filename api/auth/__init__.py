@@ -1,0 +1,1 @@
+"""API keys: creation (`welore keys create`), hashed storage, and the Bearer dependency."""

@@ -1,0 +1,107 @@
+"""Resolve the `model` of a job request without loading anything (and without torch).
+
+Order: a registry name; the id of one of the caller's succeeded compress/finetune jobs; a
+folder under WELORE_MODELS_DIR (never a path outside it); a model id in the local Hugging
+Face cache. The result `{"kind", "name"}` is what the worker turns into a path with its own
+settings (see worker/runner.py: `model_path`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+
+from sqlalchemy.orm import Session
+
+from welore_core.errors import ModelNotFound
+from welore_core.registry import REGISTRY, registry_path
+
+from ..errors import Conflict, InvalidRequest, NotFound
+from ..jobs import repository as jobs_repo
+from ..models import ApiKey
+from ..settings import Settings
+
+CHECKPOINT_JOBS = ("compress", "finetune")
+
+
+def _models_dir_path(settings: Settings, spec: str) -> Path | None:
+    if settings.models_dir is None:
+        return None
+    root = Path(settings.models_dir).resolve()
+    candidate = (root / spec).resolve()
+    if not candidate.is_relative_to(root) or candidate == root:
+        return None
+    if candidate.is_dir() and ((candidate / "config.json").is_file() or (candidate / "welore.json").is_file()):
+        return candidate
+    return None
+
+
+def _in_hf_cache(model_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(model_id, "config.json"), str)
+    except Exception:
+        return False
+
+
+def _looks_like_path_escape(spec: str) -> bool:
+    p = PurePosixPath(spec.replace("\\", "/"))
+    return spec.startswith(("/", "~")) or ".." in p.parts or ":" in spec
+
+
+def resolve_model(session: Session, settings: Settings, owner: ApiKey, spec: str) -> dict:
+    spec = spec.strip()
+    if spec in REGISTRY:
+        try:
+            registry_path(spec)
+        except ModelNotFound as exc:
+            raise NotFound(exc.message, code="model_not_found") from exc
+        return {"kind": "registry", "name": spec}
+    if spec.startswith("job_"):
+        job = jobs_repo.get(session, spec, owner.id)
+        if job is None:
+            raise NotFound(f"job {spec!r} not found", code="model_not_found")
+        if job.type not in CHECKPOINT_JOBS:
+            raise InvalidRequest(f"job {spec} is a {job.type} job and produced no checkpoint; name a "
+                                 "compress or finetune job", code="invalid_model")
+        if job.status != "succeeded":
+            raise Conflict(f"job {spec} is {job.status}; its checkpoint can be used once it has succeeded",
+                           code="model_not_ready")
+        return {"kind": "job", "name": spec}
+    if _looks_like_path_escape(spec):
+        raise NotFound(f"model {spec!r}: paths are not accepted; name a folder under the server's models "
+                       "directory (WELORE_MODELS_DIR) instead", code="model_not_found")
+    if _models_dir_path(settings, spec) is not None:
+        return {"kind": "models_dir", "name": spec}
+    if "/" in spec and _in_hf_cache(spec):
+        return {"kind": "hf_cache", "name": spec}
+    where = ", ".join(sorted(REGISTRY))
+    raise NotFound(f"model {spec!r} not found: expected a registry name ({where}), the id of one of your "
+                   "succeeded compress/finetune jobs, a folder under the models directory"
+                   f"{' (' + str(settings.models_dir) + ')' if settings.models_dir else ' (none configured: set WELORE_MODELS_DIR)'}"
+                   ", or a model id in the local Hugging Face cache (nothing is downloaded)",
+                   code="model_not_found")
+
+
+def list_models(session: Session, settings: Settings, owner: ApiKey) -> list[dict]:
+    out = []
+    for name in sorted(REGISTRY):
+        try:
+            registry_path(name)
+            available = True
+        except ModelNotFound:
+            available = False
+        out.append({"id": name, "source": "registry", "available": available})
+    if settings.models_dir is not None and Path(settings.models_dir).is_dir():
+        root = Path(settings.models_dir).resolve()
+        for cfg in sorted(root.glob("**/config.json")):
+            rel = cfg.parent.relative_to(root).as_posix()
+            if rel != "." and len(PurePosixPath(rel).parts) <= 3:
+                out.append({"id": rel, "source": "models_dir", "available": True,
+                            "compressed": (cfg.parent / "welore.json").is_file()})
+    for job in jobs_repo.finished_outputs(session, owner.id):
+        summary = {k: (job.result or {}).get(k) for k in ("method", "err_achieved", "params_kept_achieved",
+                                                          "params_after") if (job.result or {}).get(k) is not None}
+        out.append({"id": job.id, "source": "job", "available": True, "type": job.type,
+                    "base_model": job.model, "created_at": job.created_at.isoformat(), "summary": summary})
+    return out

@@ -1,0 +1,1 @@
+"""Uploaded datasets (JSONL or TXT) that fine-tuning and evaluation jobs name by id."""

@@ -1,0 +1,37 @@
+"""GET /healthz (the process is up) and GET /readyz (database, broker and artifact store reachable)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+
+from . import storage
+from .db import session_scope
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", summary="The process is up")
+def healthz() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="Database, broker and artifact store reachable",
+            responses={503: {"description": "something is not reachable"}})
+def readyz(request: Request):
+    settings = request.app.state.settings
+    checks: dict[str, str] = {}
+    try:
+        with session_scope(settings.db_url) as s:
+            s.execute(text("SELECT 1 FROM jobs LIMIT 1"))
+        checks["database"] = "ok"
+    except Exception as exc:
+        checks["database"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    broker_ok = request.app.state.dispatcher.ping() and request.app.state.bus.ping()
+    checks["broker"] = "ok" if broker_ok else "error: unreachable"
+    checks["artifact_store"] = "ok" if storage.writable(settings) else f"error: {settings.artifacts} not writable"
+    ok = all(v == "ok" for v in checks.values())
+    body = {"status": "ready" if ok else "not_ready", "mode": "embedded" if settings.embedded else "distributed",
+            "checks": checks}
+    return JSONResponse(body, status_code=200 if ok else 503)

@@ -1,0 +1,67 @@
+"""Parameters of each job type, mirroring the `welore` command-line flags. Unknown fields are
+refused, and every numeric field has a range that a 422 names."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CompressParams(_Params):
+    """`welore compress`: give exactly one of `err` and `params_kept`."""
+
+    err: Optional[float] = Field(None, ge=0, lt=1, description="effective rank reduction to reach")
+    params_kept: Optional[float] = Field(None, gt=0, le=1,
+                                         description="fraction of target-matrix parameters to keep")
+    method: Literal["welore", "uniform"] = "welore"
+    min_ratio: float = Field(0.5, ge=0, le=1, description="LRC threshold on the fraction of ranks dropped")
+    merged: bool = Field(False, description="also export merged dense weights (artifacts under merged/)")
+    # Calibration-aware variants: passed to the engine when it supports them.
+    calibration: Optional[str] = Field(None, description="calibration data: an uploaded file id or a built-in name")
+    factorization: Optional[str] = Field(None, max_length=64)
+    rank_from: Optional[str] = Field(None, max_length=64)
+    calib_samples: Optional[int] = Field(None, ge=1, le=100_000)
+    calib_seq_len: Optional[int] = Field(None, ge=8, le=32_768)
+
+    @model_validator(mode="after")
+    def _one_target(self):
+        if (self.err is None) == (self.params_kept is None):
+            raise ValueError("give exactly one of 'err' (0 ≤ err < 1) and 'params_kept' (0 < params_kept ≤ 1)")
+        return self
+
+
+class FinetuneParams(_Params):
+    """`welore finetune`: WeLore-COFT (train only the low-rank factors) or a baseline."""
+
+    data: str = Field(..., min_length=1, max_length=200,
+                      description="an uploaded file id (file_...) or a built-in dataset name")
+    method: Literal["welore", "lora", "full"] = "welore"
+    steps: int = Field(100, ge=1, le=1_000_000)
+    lr: float = Field(2e-4, gt=0, le=1)
+    batch_size: int = Field(4, ge=1, le=4096)
+    seq_len: int = Field(256, ge=8, le=32_768)
+    grad_accum: int = Field(1, ge=1, le=1024)
+    eval_every: int = Field(0, ge=0, le=1_000_000)
+    save_every: int = Field(0, ge=0, le=1_000_000)
+    freeze_norms: bool = False
+    lora_rank: int = Field(8, ge=1, le=4096)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+
+class EvaluateParams(_Params):
+    """`welore eval`: perplexity on fixed windows."""
+
+    data: str = Field("boolq", min_length=1, max_length=200,
+                      description="an uploaded file id (file_...) or a built-in dataset name")
+    seq_len: int = Field(512, ge=2, le=32_768)
+    windows: int = Field(24, ge=1, le=100_000)
+
+
+PARAMS = {"compress": CompressParams, "finetune": FinetuneParams, "evaluate": EvaluateParams}
+# Parameters naming a dataset (an uploaded file or a built-in name), resolved at submit time.
+DATA_PARAMS = ("data", "calibration")

@@ -1,0 +1,69 @@
+"""The artifact store's layout (a local directory shared by API and workers):
+
+  <artifact_dir>/jobs/<job id>/...        a job's output (a WeLore checkpoint), renamed into place
+  <artifact_dir>/files/<file id>/<file id>.<jsonl|txt>   an uploaded dataset
+  <artifact_dir>/.tmp/                    work in progress; same filesystem, so renames are atomic
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from .settings import Settings
+
+
+def root(settings: Settings) -> Path:
+    return Path(settings.artifacts)
+
+
+def job_dir(settings: Settings, job_id: str) -> Path:
+    return root(settings) / "jobs" / job_id
+
+
+def file_path(settings: Settings, file_id: str, fmt: str) -> Path:
+    return root(settings) / "files" / file_id / f"{file_id}.{fmt}"
+
+
+def find_file(settings: Settings, file_id: str) -> Path | None:
+    d = root(settings) / "files" / file_id
+    found = sorted(d.glob(f"{file_id}.*")) if d.is_dir() else []
+    return found[0] if found else None
+
+
+def tmp_dir(settings: Settings) -> Path:
+    d = root(settings) / ".tmp"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def safe_child(base: Path, name: str) -> Path | None:
+    """`base/name` if it stays inside `base` and is a regular file; else None."""
+    base = base.resolve()
+    try:
+        p = (base / name).resolve()
+    except (OSError, ValueError):
+        return None
+    if not p.is_relative_to(base) or not p.is_file():
+        return None
+    return p
+
+
+def writable(settings: Settings) -> bool:
+    try:
+        d = tmp_dir(settings)
+        probe = d / f".probe-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+        return True
+    except OSError:
+        return False

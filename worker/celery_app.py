@@ -1,0 +1,40 @@
+"""The Celery application, built from the service settings. `celery -A worker.celery_app worker`
+works directly; `welore worker` wraps it. Importing this module imports celery, never torch."""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from api.settings import Settings, get_settings
+
+def make_celery(settings: Settings) -> Celery:
+    if not settings.redis_url:
+        raise RuntimeError("Celery needs a broker: set WELORE_REDIS_URL (embedded `welore serve` needs no worker)")
+    app = Celery("welore", broker=settings.redis_url, include=["worker.tasks"])
+    hard = settings.job_time_limit_s
+    gpu, light = settings.queue("gpu"), settings.queue("light")
+    app.conf.update(
+        task_ignore_result=True,  # state lives in the database
+        task_acks_late=True,  # a task whose worker died is delivered again; run_job is idempotent
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_time_limit=hard,
+        task_soft_time_limit=max(hard - 60, 1),
+        task_queues=[Queue(gpu), Queue(light)],
+        task_default_queue=light,
+        task_routes={"welore.run_job": {"queue": gpu}, "welore.reap": {"queue": light}},
+        broker_transport_options={"visibility_timeout": hard + 600},
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=5,
+        task_publish_retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5,
+                                   "interval_max": 2},
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        enable_utc=True,
+    )
+    app.conf.welore_settings = settings
+    return app
+
+
+app = make_celery(get_settings()) if get_settings().redis_url else None
