@@ -28,7 +28,7 @@ log = logging.getLogger("welore.worker")
 STAGE_SPANS: dict[str, dict[str, tuple[float, float]]] = {
     "compress": {"load": (0.0, 0.05), "calibrate": (0.05, 0.2), "spectrum": (0.05, 0.6),
                  "factorize": (0.6, 0.95), "save": (0.95, 1.0)},
-    "finetune": {"load": (0.0, 0.05), "train": (0.05, 0.95), "save": (0.95, 1.0)},
+    "finetune": {"load": (0.0, 0.05), "train": (0.05, 0.98)},  # saves happen mid-run too
     "evaluate": {"load": (0.0, 0.1), "eval": (0.1, 1.0)},
 }
 PROGRESS_EVERY_S = 0.5

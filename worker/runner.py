@@ -37,7 +37,7 @@ from .publisher import Heartbeat, Publisher
 log = logging.getLogger("welore.worker")
 
 MAX_ATTEMPTS = 3
-CALIBRATION_KEYS = ("calibration", "factorization", "rank_from", "calib_samples", "calib_seq_len")
+COMPRESS_KEYS = ("err", "params_kept", "method", "min_ratio", "merged")  # the rest pass through (calibration...)
 _buses: dict[tuple[int, str], EventBus] = {}
 
 
@@ -150,7 +150,7 @@ def _compress(job: JobSpec, out: Path, progress, stop, settings: Settings) -> di
     from welore_core.pipelines import compress_checkpoint
 
     p = dict(job.params)
-    extra = {k: p[k] for k in CALIBRATION_KEYS if p.get(k) is not None}
+    extra = {k: v for k, v in p.items() if k not in COMPRESS_KEYS and v is not None}
     if "calibration" in extra:
         extra["calibration"] = data_path(settings, extra["calibration"])
     extra = _supported(compress_checkpoint, extra)

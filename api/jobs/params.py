@@ -23,10 +23,13 @@ class CompressParams(_Params):
     merged: bool = Field(False, description="also export merged dense weights (artifacts under merged/)")
     # Calibration-aware variants: passed to the engine when it supports them.
     calibration: Optional[str] = Field(None, description="calibration data: an uploaded file id or a built-in name")
-    factorization: Optional[str] = Field(None, max_length=64)
-    rank_from: Optional[str] = Field(None, max_length=64)
     calib_samples: Optional[int] = Field(None, ge=1, le=100_000)
-    calib_seq_len: Optional[int] = Field(None, ge=8, le=32_768)
+    calib_seq_len: Optional[int] = Field(None, ge=2, le=32_768)
+    factorization: Optional[Literal["plain", "whitened", "scaled"]] = None
+    rank_from: Optional[Literal["weights", "activations"]] = None
+    sequential: Optional[bool] = None
+    alpha: Optional[float] = Field(None, gt=0, le=10, description="scaled: exponent of mean|x|")
+    damp: Optional[float] = Field(None, ge=0, le=1)
 
     @model_validator(mode="after")
     def _one_target(self):
@@ -40,9 +43,10 @@ class FinetuneParams(_Params):
 
     data: str = Field(..., min_length=1, max_length=200,
                       description="an uploaded file id (file_...) or a built-in dataset name")
-    method: Literal["welore", "lora", "full"] = "welore"
+    data_format: Literal["auto", "text", "prompt_completion", "boolq", "commonsenseqa"] = "auto"
+    method: Literal["welore", "full", "lora"] = "welore"
     steps: int = Field(100, ge=1, le=1_000_000)
-    lr: float = Field(2e-4, gt=0, le=1)
+    lr: float = Field(2e-4, gt=0, lt=1)
     batch_size: int = Field(4, ge=1, le=4096)
     seq_len: int = Field(256, ge=8, le=32_768)
     grad_accum: int = Field(1, ge=1, le=1024)
@@ -51,6 +55,17 @@ class FinetuneParams(_Params):
     freeze_norms: bool = False
     lora_rank: int = Field(8, ge=1, le=4096)
     seed: int = Field(0, ge=0, le=2**31 - 1)
+    # Engine defaults apply to whatever is left out.
+    warmup_steps: Optional[int] = Field(None, ge=-1, le=1_000_000)
+    min_lr_ratio: Optional[float] = Field(None, ge=0, le=1)
+    weight_decay: Optional[float] = Field(None, ge=0, le=10)
+    max_grad_norm: Optional[float] = Field(None, ge=0, le=1e6)
+    lora_alpha: Optional[float] = Field(None, gt=0, le=1e6)
+    val_fraction: Optional[float] = Field(None, ge=0, lt=1)
+    val_sequences: Optional[int] = Field(None, ge=1, le=100_000)
+    choice_examples: Optional[int] = Field(None, ge=0, le=100_000)
+    gradient_checkpointing: Optional[bool] = None
+    precision: Optional[Literal["auto", "fp32", "bf16"]] = None
 
 
 class EvaluateParams(_Params):

@@ -15,9 +15,22 @@ def smollm2_dir() -> Path:
     return gguf_to_safetensors(registry_path("smollm2-135m"))
 
 
-def write_tiny_model(target: Path, seed: int = 0) -> Path:
-    from conftest import make_tiny_llama
+def _make_tiny_llama():
+    """tests/conftest.make_tiny_llama, loaded by path (this directory has a conftest of its own)."""
+    import importlib.util
+    import sys
 
+    name = "welore_tests_root_conftest"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "conftest.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return sys.modules[name].make_tiny_llama
+
+
+def write_tiny_model(target: Path, seed: int = 0) -> Path:
+    make_tiny_llama = _make_tiny_llama()
     src = smollm2_dir()
     model = make_tiny_llama(seed=seed, layers=2, hidden=64, intermediate=160, heads=4, kv_heads=2, vocab=49152)
     target.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,41 @@
+"""Small helpers for service tests: waiting for a job, reading SSE streams, hashing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def wait_for(client, job_id: str, headers: dict, statuses=TERMINAL, timeout: float = 300.0, poll: float = 0.3) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.get(f"/v1/jobs/{job_id}", headers=headers).json()
+        if job["status"] in statuses:
+            return job
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job {job_id} still {job['status']} (stage {job['stage']}) after {timeout} s")
+        time.sleep(poll)
+
+
+def parse_sse(text: str) -> list[dict]:
+    events = []
+    for block in text.split("\n\n"):
+        data = [line[6:] for line in block.splitlines() if line.startswith("data: ")]
+        if data:
+            events.append(json.loads("\n".join(data)))
+    return events
+
+
+def read_sse(client, job_id: str, headers: dict) -> list[dict]:
+    """The whole SSE stream of a job (it ends when the job does)."""
+    with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as r:
+        assert r.status_code == 200, r.read()
+        assert r.headers["content-type"].startswith("text/event-stream")
+        return parse_sse("".join(r.iter_text()))
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
