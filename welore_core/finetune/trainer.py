@@ -81,7 +81,7 @@ class Trainer:
                 loss_sum, _ = causal_lm_loss(self.lm, b["input_ids"].to(self.device), b["labels"].to(self.device),
                                              mask, self.compute_dtype)
             (loss_sum / n_targets).backward()  # frozen parameters: no .grad is ever allocated
-            total += float(loss_sum)
+            total += float(loss_sum.detach())
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
         self.opt.step()
