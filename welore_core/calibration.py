@@ -273,7 +273,7 @@ class Calibrator:
 
     def _factorize_layer(self, stats: InputStats, idx: list[int], keys: list[str], result: CalibratedSpectra) -> None:
         for i, key in zip(idx, keys):
-            if self.cache.has(key):
+            if key is None or self.cache.has(key):
                 continue
             name = self.names[i]
             check_stop(self.should_stop)
@@ -289,6 +289,9 @@ class Calibrator:
 
     def _finish(self, result: CalibratedSpectra) -> CalibratedSpectra:
         for name, key in zip(result.names, result.keys):
+            if key is None:  # not needed (an N-LRC under ranks from the weights)
+                result.values.append(None)
+                continue
             S = self.cache.singular_values(key)
             if S is None:
                 raise InvalidData(f"calibrated spectrum entry {key[:12]} vanished from the cache "
@@ -299,11 +302,12 @@ class Calibrator:
                 result.how[name] = how
         return result
 
-    def dense(self) -> CalibratedSpectra:
-        """Entries from the dense model's activations (all layers see dense inputs)."""
-        keys = [self.key(i) for i in range(len(self.names))]
+    def dense(self, only: Optional[set[int]] = None) -> CalibratedSpectra:
+        """Entries from the dense model's activations (all layers see dense inputs); with
+        `only`, just those targets (the rest get key and values None)."""
+        keys = [self.key(i) if only is None or i in only else None for i in range(len(self.names))]
         result = CalibratedSpectra(self.names, keys, [])
-        missing = {layer_index(self.names[i]) for i, k in enumerate(keys) if not self.cache.has(k)}
+        missing = {layer_index(self.names[i]) for i, k in enumerate(keys) if k is not None and not self.cache.has(k)}
         if missing:
             inputs = LayerInputs(self.model, self.calibration.tokens, self.should_stop)
             last = max(missing)
@@ -320,17 +324,18 @@ class Calibrator:
                                             metrics={"factorized": result.factorized}))
         return self._finish(result)
 
-    def sequential(self, kept: list[int], apply: ApplyFn) -> CalibratedSpectra:
+    def sequential(self, kept: list[int], apply: ApplyFn, only: Optional[set[int]] = None) -> CalibratedSpectra:
         """Entries for layer L from inputs through layers 0..L−1 already compressed with ranks
-        `kept` (one per target, in order); `apply(name, key)` swaps a matrix in as it goes."""
+        `kept` (one per target, in order); `apply(name, key)` swaps a matrix in as it goes.
+        With `only`, just those targets are factorised (and applied)."""
         prefix, keys = [], []
         for L in range(len(self.layers)):
             idx = self.by_layer.get(L, [])
             p = hashlib.sha256(",".join(prefix).encode()).hexdigest()
-            keys += [self.key(i, "sequential:" + p) for i in idx]
+            keys += [self.key(i, "sequential:" + p) if only is None or i in only else None for i in idx]
             prefix += [f"{self.names[i]}={kept[i]}" for i in idx]
         result = CalibratedSpectra(self.names, keys, [])
-        need = any(not self.cache.has(k) for k in keys)
+        need = any(k is not None and not self.cache.has(k) for k in keys)
         inputs = LayerInputs(self.model, self.calibration.tokens, self.should_stop) if need else None
         for L, layer in enumerate(self.layers):
             idx = self.by_layer.get(L, [])
@@ -340,7 +345,8 @@ class Calibrator:
                 self._factorize_layer(stats, idx, [keys[i] for i in idx], result)
                 del stats
             for i in idx:
-                apply(self.names[i], keys[i])
+                if keys[i] is not None:
+                    apply(self.names[i], keys[i])
             if inputs is not None:
                 result.forward_passes += 1
                 if L < len(self.layers) - 1:

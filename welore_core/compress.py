@@ -198,17 +198,22 @@ def compress_model(model: nn.Module, *, err: Optional[float] = None, params_kept
         t_cal = time.perf_counter()
         cal = Calibrator(model, names, spectra.keys, source_hash, calibration, factorization, cache,
                          alpha=alpha, damp=damp, progress=progress, should_stop=should_stop)
-        if rank_from == "activations" or not sequential:
+        if rank_from == "weights":  # ranks first: only the LRCs need calibrated SVDs
+            alloc = allocate(spectra, method, err, params_kept, min_ratio, tolerance)
+            if not sequential:
+                calibrated = cal.dense(only={i for i, p in enumerate(alloc.plans) if p.lrc})
+        else:  # τ over the spectra of W·S: every matrix's, from the dense model's activations
             calibrated = cal.dense()
-        ranked = spectra if rank_from == "weights" else replace(spectra, values=calibrated.values)
-        alloc = allocate(ranked, method, err, params_kept, min_ratio, tolerance)
+            alloc = allocate(replace(spectra, values=calibrated.values), method, err, params_kept, min_ratio,
+                             tolerance)
         if sequential:
             plans = dict(zip(names, alloc.plans))
 
             def apply(name: str, key: str) -> None:
                 applied[name] = _swap_in_calibrated(model, name, plans[name], cache, key, device)
 
-            calibrated = cal.sequential([p.kept for p in alloc.plans], apply)
+            calibrated = cal.sequential([p.kept for p in alloc.plans], apply,
+                                        only={i for i, p in enumerate(alloc.plans) if p.lrc})
         keys = calibrated.keys
         record = {**calibration.record(), "sequential": sequential,
                   **({"alpha": alpha} if factorization == "scaled" else {"damp": damp}),
@@ -228,7 +233,7 @@ def compress_model(model: nn.Module, *, err: Optional[float] = None, params_kept
             if name not in applied:
                 applied[name] = _swap_in_calibrated(model, name, plan, cache, key, device)
             rel_error = applied[name]
-            calib_error = relative_error(calibrated.values[i], plan.kept) if plan.lrc else 0.0
+            calib_error = relative_error(calibrated.values[i], plan.kept) if plan.lrc else None
         matrices.append(MatrixReport(
             name=short_name(name), shape=plan.shape, rank=plan.rank, kept_rank=plan.kept,
             reduction=plan.dropped / plan.rank if plan.lrc else 0.0,
