@@ -6,7 +6,7 @@ directory: any other path is refused with 404.
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel
 
@@ -47,12 +47,17 @@ def list_artifacts(job_id: str, key: CurrentKey, session: SessionDep) -> Artifac
             responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "a byte range"},
                        404: {"description": "no such artifact (or a path outside the job's artifacts)"},
                        416: {"description": "range not satisfiable"}})
-def download_artifact(job_id: str, name: str, key: CurrentKey, session: SessionDep, settings: SettingsDep):
+def download_artifact(job_id: str, name: str, request: Request, key: CurrentKey, session: SessionDep,
+                      settings: SettingsDep):
     job = jobs_service.get(session, job_id, key)
     row = repo.artifact(session, job.id, name)
     path = storage.safe_child(storage.job_dir(settings, job.id), name) if row is not None else None
     if row is None or path is None:
         raise NotFound(f"job {job.id} has no artifact {name!r}", code="artifact_not_found")
+    etag = f'"{row.sha256}"'
+    if_none_match = request.headers.get("if-none-match")
+    if if_none_match and (if_none_match.strip() == "*" or etag in [t.strip() for t in if_none_match.split(",")]):
+        return Response(status_code=304, headers={"ETag": etag})
     return FileResponse(path, media_type="application/octet-stream", filename=name.rsplit("/", 1)[-1],
                         headers={"ETag": f'"{row.sha256}"', "X-Checksum-SHA256": row.sha256,
                                  "Cache-Control": "private, max-age=31536000, immutable"})
