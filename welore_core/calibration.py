@@ -283,8 +283,10 @@ class Calibrator:
             self.cache.put(key, U.float(), S.float(), Vh.float(), metadata={"how": T.how})
             result.factorized += 1
 
-    def _stats(self, idx: list[int]) -> InputStats:
-        mods = {self.names[i]: self.model.get_submodule(self.names[i]) for i in idx}
+    def _stats(self, idx: list[int], keys: list[Optional[str]]) -> InputStats:
+        """Hooks on the matrices of `idx` whose entries are still missing (none: no statistics)."""
+        mods = {self.names[i]: self.model.get_submodule(self.names[i]) for i in idx
+                if keys[i] is not None and not self.cache.has(keys[i])}
         return InputStats(mods, gram=self.factorization == "whitened", abs_sum=self.factorization == "scaled")
 
     def _finish(self, result: CalibratedSpectra) -> CalibratedSpectra:
@@ -315,7 +317,7 @@ class Calibrator:
                 if L > last:
                     break
                 idx = self.by_layer.get(L, [])
-                with self._stats(idx) as stats:
+                with self._stats(idx, keys) as stats:
                     inputs.run(layer, stats, update=L < last)
                 result.forward_passes += 1
                 self._factorize_layer(stats, idx, [keys[i] for i in idx], result)
@@ -335,23 +337,24 @@ class Calibrator:
             keys += [self.key(i, "sequential:" + p) if only is None or i in only else None for i in idx]
             prefix += [f"{self.names[i]}={kept[i]}" for i in idx]
         result = CalibratedSpectra(self.names, keys, [])
-        need = any(k is not None and not self.cache.has(k) for k in keys)
-        inputs = LayerInputs(self.model, self.calibration.tokens, self.should_stop) if need else None
+        last = max((layer_index(self.names[i]) for i, k in enumerate(keys)
+                    if k is not None and not self.cache.has(k)), default=-1)
+        inputs = LayerInputs(self.model, self.calibration.tokens, self.should_stop) if last >= 0 else None
         for L, layer in enumerate(self.layers):
             idx = self.by_layer.get(L, [])
-            if inputs is not None:
-                with self._stats(idx) as stats:
-                    inputs.run(layer, stats, update=False)
+            if inputs is not None and L <= last:
+                with self._stats(idx, keys) as stats:
+                    if stats.modules:  # dense layer L on compressed-prefix inputs: statistics only
+                        inputs.run(layer, stats, update=False)
+                        result.forward_passes += 1
                 self._factorize_layer(stats, idx, [keys[i] for i in idx], result)
                 del stats
             for i in idx:
                 if keys[i] is not None:
                     apply(self.names[i], keys[i])
-            if inputs is not None:
+            if inputs is not None and L < last:
+                inputs.run(layer, None, update=True)  # compressed layer L feeds layer L+1
                 result.forward_passes += 1
-                if L < len(self.layers) - 1:
-                    inputs.run(layer, None, update=True)  # compressed layer L feeds layer L+1
-                    result.forward_passes += 1
             self.progress(ProgressEvent("calibrate", L + 1, len(self.layers), message=f"layer {L} (sequential)",
                                         metrics={"factorized": result.factorized}))
         return self._finish(result)

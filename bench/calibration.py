@@ -1,0 +1,260 @@
+"""Calibration-aware WeLore on SmolLM2-135M: perplexity on text held out from calibration,
+seconds and peak memory, for ERR 0.1 (min_ratio 0), 0.3 and 0.5 (min_ratio 0.5) ×
+{plain, whitened with weight ranks, whitened with activation ranks, scaled}; then the levers
+(calibration tokens, sequential mode, damping) and ERR 0.5 whitened + WeLore-COFT.
+
+Data (written once under the cache directory, from ../shared/data):
+  calibration      BoolQ dev passages, first half (Wikipedia)       → also the COFT training text
+  held-out BoolQ   BoolQ dev passages, second half (same domain, unseen)
+  other domain     CommonsenseQA dev: question, lettered choices and answer, one item a line
+
+Each configuration runs in its own process (clean peak RSS / GPU memory); results are
+appended to BENCHMARKS.md (section "calibration") as they come. Usage:
+    python bench/calibration.py [--samples 32] [--windows 8] [--coft-steps 150] [--skip-levers]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.report import machine, table, write_section  # noqa: E402
+
+MODEL = "smollm2-135m"
+MAIN = [(0.1, 0.0), (0.3, 0.5), (0.5, 0.5)]
+VARIANTS = {  # label → compress_model keyword arguments
+    "plain": {},
+    "whitened, weight ranks": {"factorization": "whitened", "rank_from": "weights"},
+    "whitened, activation ranks": {"factorization": "whitened", "rank_from": "activations"},
+    "scaled (α 0.5)": {"factorization": "scaled", "rank_from": "weights"},
+}
+GOALS = {0.1: 1.05, 0.3: 2.0, 0.5: 15.0}
+
+
+def data_files() -> dict[str, Path]:
+    from welore_core.corpus import iter_jsonl, resolve_data
+    from welore_core.settings import get_core_settings
+
+    d = Path(get_core_settings().cache_dir) / "bench-calibration"
+    d.mkdir(parents=True, exist_ok=True)
+    files = {"calib": d / "boolq_calib.jsonl", "boolq": d / "boolq_heldout.jsonl", "csqa": d / "csqa_dev.jsonl"}
+    if not all(f.is_file() for f in files.values()):
+        passages = []
+        for _, obj in iter_jsonl(resolve_data("boolq")):
+            if obj["passage"] not in passages:
+                passages.append(obj["passage"])
+        half = len(passages) // 2
+        for f, part in ((files["calib"], passages[:half]), (files["boolq"], passages[half:])):
+            f.write_text("".join(json.dumps({"text": p}) + "\n" for p in part))
+        lines = []
+        for _, obj in iter_jsonl(resolve_data("commonsenseqa-dev")):
+            q = obj["question"]
+            choices = " ".join(f"({c['label']}) {c['text']}" for c in q["choices"])
+            answer = next((c["text"] for c in q["choices"] if c["label"] == obj.get("answerKey")), "")
+            lines.append(json.dumps({"text": f"Question: {q['stem']} Choices: {choices} Answer: {answer}"}))
+        files["csqa"].write_text("\n".join(lines) + "\n")
+    return files
+
+
+def child(cfg: dict) -> dict:
+    """One configuration: load, (compress), (fine-tune), evaluate on both held-out corpora."""
+    import torch
+
+    from welore_core.calibration import load_calibration
+    from welore_core.compress import compress_model
+    from welore_core.corpus import read_texts
+    from welore_core.evaluate import perplexity
+    from welore_core.loading import load_model
+
+    files = {k: Path(v) for k, v in cfg["files"].items()}
+    loaded = load_model(MODEL)
+    model, tok = loaded.model, loaded.tokenizer
+    out = {"label": cfg["label"]}
+    t0 = time.perf_counter()
+    if cfg.get("err") is not None:
+        kw = dict(cfg.get("kw", {}))
+        if kw.get("factorization"):
+            kw["calibration"] = load_calibration(tok, str(files["calib"]), cfg["samples"], cfg["seq_len"])
+        report = compress_model(model, err=cfg["err"], min_ratio=cfg["min_ratio"], **kw)
+        out.update(err=report.err_achieved, params_kept=report.params_kept_achieved, n_lrc=report.n_lrc,
+                   calibration=report.calibration)
+        if cfg.get("coft_steps"):
+            from welore_core.checkpoint import save_checkpoint
+            from welore_core.finetune.pipeline import finetune_checkpoint
+
+            ckpt = Path(cfg["workdir"]) / "coft-src"
+            save_checkpoint(model, tok, ckpt, {"kind": "compressed", **report.to_dict()}, overwrite=True)
+            out["compress_seconds"] = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            ft = finetune_checkpoint(str(ckpt), Path(cfg["workdir"]) / "coft-out", data=str(files["calib"]),
+                                     method="welore", steps=cfg["coft_steps"], batch_size=cfg["coft_batch"],
+                                     seq_len=cfg["coft_seq_len"], val_sequences=8, overwrite=True)
+            out["coft_seconds"] = time.perf_counter() - t1
+            out["coft"] = {k: ft.get(k) for k in ("trainable_params", "final_loss", "tokens_per_second") if k in ft}
+            model = load_model(str(Path(cfg["workdir"]) / "coft-out")).model
+    out.setdefault("compress_seconds", time.perf_counter() - t0)
+    for name in ("csqa", "boolq"):
+        r = perplexity(model, tok, read_texts(str(files[name])), cfg["eval_seq_len"], cfg["windows"])
+        out[f"ppl_{name}"] = r.perplexity
+        out[f"tokens_{name}"] = r.tokens
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if torch.cuda.is_available():
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    return out
+
+
+def run_child(cfg: dict) -> dict:
+    t = time.perf_counter()
+    p = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)], capture_output=True, text=True,
+                       cwd=str(ROOT))
+    if p.returncode != 0:
+        print(p.stderr[-3000:], file=sys.stderr)
+        return {"label": cfg["label"], "failed": p.stderr.strip().splitlines()[-1] if p.stderr.strip() else "failed"}
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    r["wall_seconds"] = time.perf_counter() - t
+    return r
+
+
+def fmt_row(r: dict, dense: dict, err=None, mr=None) -> list:
+    if "failed" in r:
+        return [err if err is not None else "-", mr if mr is not None else "-", r["label"], "failed: " + r["failed"][:80],
+                "", "", "", "", "", "", ""]
+    mem = r.get("peak_gpu_mb") or r["peak_rss_mb"]
+    return [err if err is not None else "-", mr if mr is not None else "-", r["label"],
+            f"{r['err']:.3f}" if "err" in r else "-", f"{r['params_kept']:.3f}" if "params_kept" in r else "1",
+            f"{r['ppl_csqa']:,.2f}", f"{r['ppl_csqa'] / dense['ppl_csqa']:,.3f}×",
+            f"{r['ppl_boolq']:,.2f}", f"{r['ppl_boolq'] / dense['ppl_boolq']:,.3f}×",
+            f"{r['compress_seconds']:.0f}" + (f" ({r['calibration']['factorized']} new)" if r.get("calibration") else ""),
+            f"{mem:,.0f}"]
+
+
+HEADERS = ["ERR", "min_ratio", "variant", "ERR achieved", "params kept", "ppl other-domain (CSQA)", "× dense",
+           "ppl held-out BoolQ", "× dense", "compress s", "peak MB"]
+
+
+def render(args, main_rows, lever_rows, coft_rows, notes) -> str:
+    body = [
+        "## Calibration-aware WeLore (whitened / scaled factorisation under WeLore ranks)",
+        "",
+        f"`python bench/calibration.py` — {machine()}. SmolLM2-135M ({MODEL}), float32. Calibration: the "
+        f"first {args.samples} windows × {args.seq_len} tokens of the first half of the BoolQ dev passages "
+        f"(Wikipedia). Perplexity on {args.windows} windows × {args.eval_seq_len} tokens (fewer than the "
+        "standard 24, to fit this shared 2-core CPU) of text held out from calibration: "
+        "**other domain** = CommonsenseQA dev questions with their lettered choices and answer; "
+        "**held-out BoolQ** = the second half of the BoolQ passages. `compress s` = spectra (cached), "
+        "calibration and factorisation; calibrated SVDs are cached like plain ones (key: weights, "
+        "model, calibration tokens, dtype, factorisation), so `(n new)` counts the W·S SVDs computed by "
+        "that row — rows that reuse cached ones are faster than a cold run; peak MB = the process's peak RSS "
+        "(model load + compression + evaluation; GPU: peak allocated).",
+        "",
+        table(HEADERS, main_rows),
+    ]
+    if lever_rows:
+        body += ["", "### Levers at fixed ranks", "", table(HEADERS, lever_rows)]
+    if coft_rows:
+        body += ["", "### Then WeLore-COFT (only the LRC factors trained)", "", table(HEADERS, coft_rows)]
+    if notes:
+        body += [""] + notes
+    return "\n".join(body)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--child")
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--eval-seq-len", type=int, default=512)
+    ap.add_argument("--coft-steps", type=int, default=150)
+    ap.add_argument("--coft-batch", type=int, default=2)
+    ap.add_argument("--coft-seq-len", type=int, default=256)
+    ap.add_argument("--skip-levers", action="store_true")
+    ap.add_argument("--skip-coft", action="store_true")
+    args = ap.parse_args()
+    if args.child:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        print(json.dumps(child(json.loads(args.child)), default=str))
+        return 0
+
+    files = {k: str(v) for k, v in data_files().items()}
+    workdir = Path(files["calib"]).parent
+    base = {"files": files, "samples": args.samples, "seq_len": args.seq_len, "windows": args.windows,
+            "eval_seq_len": args.eval_seq_len, "workdir": str(workdir)}
+    results: dict = {}
+    main_rows, lever_rows, coft_rows, notes = [], [], [], []
+
+    def save():
+        write_section("calibration", render(args, main_rows, lever_rows, coft_rows, notes))
+        (workdir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+
+    dense = run_child({**base, "label": "dense"})
+    results["dense"] = dense
+    print("dense", dense, flush=True)
+    main_rows.append(fmt_row(dense, dense))
+    for err, mr in MAIN:
+        for label, kw in VARIANTS.items():
+            r = run_child({**base, "label": label, "err": err, "min_ratio": mr, "kw": kw})
+            results[f"{err}/{label}"] = r
+            print(err, label, r, flush=True)
+            main_rows.append(fmt_row(r, dense, err, mr))
+            save()
+
+    def best_whitened(err):
+        cands = [(results[f"{err}/{l}"].get("ppl_csqa", float("inf")), l) for l in VARIANTS if "whitened" in l]
+        return min(cands)[1]
+
+    if not args.skip_coft:
+        label = best_whitened(0.5)
+        r = run_child({**base, "label": f"{label} + {args.coft_steps} COFT steps", "err": 0.5, "min_ratio": 0.5,
+                       "kw": VARIANTS[label], "coft_steps": args.coft_steps, "coft_batch": args.coft_batch,
+                       "coft_seq_len": args.coft_seq_len})
+        results["coft"] = r
+        print("coft", r, flush=True)
+        coft_rows.append(fmt_row(results[f"0.5/{label}"], dense, 0.5, 0.5))
+        coft_rows.append(fmt_row(r, dense, 0.5, 0.5))
+        notes.append(f"COFT: {args.coft_steps} steps × {args.coft_batch} sequences × {args.coft_seq_len} tokens "
+                     "of the calibration text (BoolQ passages, first half), `finetune_checkpoint(method=\"welore\")` "
+                     f"defaults otherwise; fine-tuning took {r.get('coft_seconds', float('nan')):.0f} s.")
+        save()
+
+    if not args.skip_levers:
+        levers = [
+            (0.5, f"whitened, weight ranks, {max(args.samples // 4, 1)} samples", {"factorization": "whitened"},
+             {"samples": max(args.samples // 4, 1)}),
+            (0.5, f"whitened, weight ranks, {args.samples * 3} samples", {"factorization": "whitened"},
+             {"samples": args.samples * 3}),
+            (0.5, "whitened, weight ranks, sequential", {"factorization": "whitened", "sequential": True}, {}),
+            (0.5, "whitened, activation ranks, sequential",
+             {"factorization": "whitened", "rank_from": "activations", "sequential": True}, {}),
+            (0.3, "whitened, weight ranks, damp 1e-4", {"factorization": "whitened", "damp": 1e-4}, {}),
+            (0.5, "whitened, weight ranks, damp 1e-4", {"factorization": "whitened", "damp": 1e-4}, {}),
+        ]
+        for err, label, kw, extra in levers:
+            r = run_child({**base, **extra, "label": label, "err": err, "min_ratio": 0.5, "kw": kw})
+            results[f"lever/{err}/{label}"] = r
+            print("lever", err, label, r, flush=True)
+            lever_rows.append(fmt_row(r, dense, err, 0.5))
+            save()
+
+    for err, goal in GOALS.items():
+        ratios = [results[f"{err}/{l}"].get("ppl_csqa", float("inf")) / dense["ppl_csqa"] for l in VARIANTS]
+        notes.append(f"Goal ERR {err}: ≤ {goal}× dense on held-out text — best here {min(ratios):.3f}× "
+                     f"({'met' if min(ratios) <= goal else 'not met'}).")
+    save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
