@@ -4,7 +4,7 @@ works directly; `welore worker` wraps it. Importing this module imports celery, 
 from __future__ import annotations
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from api.settings import Settings, get_settings
 
@@ -21,8 +21,11 @@ def make_celery(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         task_time_limit=hard,
         task_soft_time_limit=max(hard - 60, 1),
-        task_queues=[Queue(gpu), Queue(light)],
+        # One direct exchange per queue: a message goes to exactly one queue.
+        task_queues=[Queue(q, Exchange(q, type="direct"), routing_key=q) for q in (gpu, light)],
         task_default_queue=light,
+        task_default_exchange=light,
+        task_default_routing_key=light,
         task_routes={"welore.run_job": {"queue": gpu}, "welore.reap": {"queue": light}},
         broker_transport_options={"visibility_timeout": hard + 600},
         broker_connection_retry_on_startup=True,

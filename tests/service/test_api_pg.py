@@ -278,3 +278,17 @@ def test_layering_api_imports_no_torch_and_core_no_web_stack():
                            "'starlette') if m in sys.modules])"], capture_output=True, text=True, timeout=120)
     assert core.returncode == 0, core.stderr
     assert core.stdout.strip() == "[]"
+
+
+def test_a_job_is_enqueued_once_on_the_gpu_queue(idle_client, key, settings):
+    import redis
+
+    prefix = settings.queue_prefix + "_idle"
+    r = redis.Redis.from_url(settings.redis_url)
+    before = {q: r.llen(f"{prefix}.{q}") for q in ("gpu", "light")}
+    job = _eval(idle_client, key).json()
+    after = {q: r.llen(f"{prefix}.{q}") for q in ("gpu", "light")}
+    assert after == {"gpu": before["gpu"] + 1, "light": before["light"]}
+    message = json.loads(r.lindex(f"{prefix}.gpu", 0))
+    assert message["headers"]["task"] == "welore.run_job" and job["id"] in message["headers"]["argsrepr"]
+    r.close()
