@@ -292,3 +292,17 @@ def test_a_job_is_enqueued_once_on_the_gpu_queue(idle_client, key, settings):
     message = json.loads(r.lindex(f"{prefix}.gpu", 0))
     assert message["headers"]["task"] == "welore.run_job" and job["id"] in message["headers"]["argsrepr"]
     r.close()
+
+
+def test_broker_down_is_not_ready_and_submit_fails_cleanly(settings, key):
+    """With the broker unreachable, /readyz says so and a submit answers 503 with the job failed
+    (never left queued forever)."""
+    down = settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
+    with make_client(down) as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["checks"]["broker"].startswith("error")
+        assert r.json()["checks"]["database"] == "ok"
+        r = c.post("/v1/jobs", json={"type": "evaluate", "model": "tiny", "params": {}}, headers=key)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "enqueue_failed"
+        job = c.get(f"/v1/jobs/{r.json()['error']['job_id']}", headers=key).json()
+        assert job["status"] == "failed" and job["error"]["code"] == "enqueue_failed"

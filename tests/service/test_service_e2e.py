@@ -11,7 +11,7 @@ import tarfile
 import pytest
 import torch
 
-from helpers import read_sse, sha256, wait_for
+from helpers import parse_sse, read_sse, sha256, wait_for
 
 pytestmark = pytest.mark.service
 
@@ -50,6 +50,9 @@ def test_compress_job_streams_events_and_succeeds(client, keys, compressed):
     # The history persists in Postgres: the JSON view equals what the stream delivered.
     history = client.get(f"/v1/jobs/{job_id}/events", params={"format": "json"}, headers=keys["A"]).json()
     assert [e["seq"] for e in history] == seqs
+    with client.stream("GET", f"/v1/jobs/{job_id}/events", headers={**keys["A"], "Last-Event-ID": "3"}) as r:
+        resumed = [e["seq"] for e in parse_sse(r.read().decode())]
+    assert resumed == seqs[4:]
     metrics = client.get(f"/v1/jobs/{job_id}/metrics", headers=keys["A"]).json()
     assert metrics["series"]["rss_mb"] and metrics["final"]["rss_peak_mb"] > 0
 
