@@ -32,10 +32,8 @@ class CeleryDispatcher:
             return False
 
     def close(self) -> None:
-        try:
-            self.app.pool.force_close_all()
-        except Exception:
-            pass
+        """Nothing to do: kombu's connection pools are shared per broker URL by every Celery app
+        of the process, so closing them here would break other apps (e.g. a second API instance)."""
 
 
 class ThreadDispatcher:
