@@ -8,7 +8,9 @@ Phase 1, same steps: every row trains --steps steps; tokens/s, peak memory, perp
 Phase 2, same wall time: T = dense full FT's training time in phase 1; each faster row
 trains again for round(T / its step time) steps (its own cosine schedule over those steps).
 Goal run: WeLore-COFT for --goal-steps steps (the issue's perplexity goal), started at the
-beginning in a parallel process (it takes one core; rows' timings are noted as shared).
+beginning in a parallel process (it takes one core; rows' timings are noted as shared), or
+read from --goal-result (the `--json` output / metrics.json of the same command run earlier
+with the same settings, e.g. to let it run in the background for long).
 """
 
 from __future__ import annotations
@@ -100,6 +102,48 @@ def flop_model(compressed: str, seq_tokens: int) -> dict:
     return {k: v for k, v in rows.items()}
 
 
+def profile_steps(args, models: dict, names: list[str]) -> dict:
+    """Where one training step's time goes, per row (torch.profiler, CPU, in this process)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from welore_core.finetune.config import FinetuneConfig
+    from welore_core.finetune.data import BatchStream, build_dataset
+    from welore_core.finetune.methods import apply_method, base_causal_lm
+    from welore_core.finetune.trainer import Trainer
+    from welore_core.loading import load_model
+
+    torch.set_num_threads(args.threads)
+    out = {}
+    for n in names:
+        key, method = ROWS[n]
+        loaded = load_model(models[key], device="cpu", dtype=torch.float32)
+        cfg = FinetuneConfig(method=method, steps=100, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
+                             lora_rank=args.lora_rank)
+        ds = build_dataset(loaded.tokenizer, args.data, seq_len=args.seq_len, val_fraction=0.1, val_sequences=1,
+                           choice_examples=0)
+        model = apply_method(loaded.model, cfg)
+        tr = Trainer(model, base_causal_lm(model), cfg, BatchStream(ds.train, args.batch_size, 0, 0),
+                     torch.device("cpu"), val=[], pad_id=0)
+        tr.train_step()  # warm-up: optimizer state allocated
+        tr.state.step += 1
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            tr.train_step()
+            total = time.perf_counter() - t0
+        ev = prof.key_averages()
+        self_s = lambda pred: sum(e.self_cpu_time_total for e in ev if pred(e.key)) / 1e6
+        opt = sum(e.cpu_time_total for e in ev if e.key.startswith("Optimizer.step")) / 1e6
+        mm = self_s(lambda k: k in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"))
+        attn = self_s(lambda k: "scaled_dot_product" in k or "flash_attention" in k)
+        emb = self_s(lambda k: "embedding" in k and "backward" in k)
+        out[n] = {"step_s": total, "matmul_s": mm, "attention_s": attn, "optimizer_s": opt, "embedding_grad_s": emb,
+                  "other_s": max(0.0, total - mm - attn - opt - emb)}
+        print(f"profile {n}: " + ", ".join(f"{k} {v:.2f}" for k, v in out[n].items()), file=sys.stderr, flush=True)
+        del tr, model, loaded
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -109,15 +153,17 @@ def main() -> None:
     ap.add_argument("--data", default="boolq-passages")
     ap.add_argument("--steps", type=int, default=20, help="same-steps comparison (the issue asks 150; see notes)")
     ap.add_argument("--goal-steps", type=int, default=150, help="COFT steps for the perplexity goal (0: skip)")
+    ap.add_argument("--goal-result", help="metrics.json (or --json output) of a finished goal run to use instead")
     ap.add_argument("--no-same-time", action="store_true", help="skip phase 2")
-    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--val-sequences", type=int, default=32)
+    ap.add_argument("--val-sequences", type=int, default=16)
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per row (OMP_NUM_THREADS)")
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of: " + ", ".join(ROWS))
     ap.add_argument("--workdir", default="/tmp/welore-bench-finetune")
+    ap.add_argument("--no-profile", action="store_true", help="skip the per-step time profile")
     ap.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md alone")
     args = ap.parse_args()
 
@@ -130,11 +176,25 @@ def main() -> None:
     models = {"dense": args.model, "compressed": compressed}
     names = [n.strip() for n in args.rows.split(",") if n.strip()]
 
-    goal_proc = None
-    if args.goal_steps and "WeLore-COFT" in names:
+    goal_proc, goal = None, None
+    if args.goal_result:
+        text = Path(args.goal_result).read_text().strip()
+        try:
+            goal = json.loads(text)  # metrics.json
+        except json.JSONDecodeError:
+            goal = json.loads(text.splitlines()[-1])  # --json output: the last line
+        c = goal["config"]
+        mismatch = {k: (c[k], v) for k, v in (("lr", args.lr), ("batch_size", args.batch_size), ("seq_len", args.seq_len),
+                                              ("val_sequences", args.val_sequences), ("method", "welore"))
+                    if c[k] != v}
+        if mismatch or goal["data"]["spec"] != args.data:
+            raise SystemExit(f"--goal-result was run with other settings: {mismatch}")
+    elif args.goal_steps and "WeLore-COFT" in names:
         cmd = finetune_cmd(args, compressed, "welore", args.goal_steps, work / "goal-coft")
         print(f"[{time.strftime('%H:%M:%S')}] goal run in parallel: {' '.join(cmd[3:])}", file=log, flush=True)
         goal_proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env(args))
+
+    prof = {} if args.no_profile else profile_steps(args, models, names)
 
     same_steps = {n: run_row(args, models[ROWS[n][0]], ROWS[n][1], args.steps, work / f"steps-{i}", log)
                   for i, n in enumerate(names)}
@@ -150,7 +210,6 @@ def main() -> None:
             same_time[n] = (k, r if k == r["steps"] else
                             run_row(args, models[ROWS[n][0]], ROWS[n][1], k, work / f"time-{i}", log))
 
-    goal = None
     if goal_proc is not None:
         stdout, _ = goal_proc.communicate()
         if goal_proc.returncode == 0:
@@ -185,7 +244,7 @@ def main() -> None:
     lines = [
         "## Fine-tuning: WeLore-COFT vs full fine-tuning vs LoRA", "",
         f"`python -m bench.finetune --steps {args.steps} --goal-steps {args.goal_steps} --threads {args.threads}"
-        f" --lr {args.lr}`. {args.model} compressed at ERR {args.err} with min_ratio {args.min_ratio} "
+        f" --lr {args.lr} --val-sequences {args.val_sequences}`. {args.model} compressed at ERR {args.err} with min_ratio {args.min_ratio} "
         f"({same_steps.get('WeLore-COFT', {}).get('params', {}).get('total', 0) / 1e6:.1f}M parameters). Data "
         f"`{args.data}`" + (" (BoolQ passages as plain text: causal LM on every token, packed)"
                             if args.data == "boolq-passages" else "") +
@@ -212,9 +271,16 @@ def main() -> None:
                   + (f" = {g['val_perplexity_after'] / dense_ppl:.1f}× the dense model's {dense_ppl:.1f}" if dense_ppl else "")
                   + f" (goal ≤ 10×; reference 417 = 20.7×). {g['tokens_per_s']:.1f} tokens/s while sharing the CPU "
                   f"with phase 1/2; {g['throughput']['train_seconds'] / 60:.1f} min of training."]
+    if prof:
+        ph = ["method", "step s (profiled)", "matmul", "attention", "optimizer (AdamW)", "embedding grad", "other"]
+        pr = [[n, round(v["step_s"], 2)] + [f"{v[k] / v['step_s']:.0%}" for k in
+                                              ("matmul_s", "attention_s", "optimizer_s", "embedding_grad_s", "other_s")]
+              for n, v in prof.items()]
+        lines += ["", "Where one step's time goes (torch.profiler, one step after one warm-up step, same process "
+                  "and threads; self time of the ops; other = norms, activations, loss, copies):", "", table(ph, pr)]
     body = "\n".join(lines)
     (work / "results.json").write_text(json.dumps({"same_steps": same_steps, "same_time": {k: v[1] for k, v in same_time.items()},
-                                                    "goal": goal, "flops_per_token": flops}, default=str))
+                                                    "goal": goal, "flops_per_token": flops, "profile": prof}, default=str))
     print(body)
     if not args.no_write:
         notes = Path(__file__).with_name("finetune_notes.md")
