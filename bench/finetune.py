@@ -144,6 +144,26 @@ def profile_steps(args, models: dict, names: list[str]) -> dict:
     return out
 
 
+def read_goal(args, path: Path, log, wait_s: float = 3600.0) -> dict:
+    """The result of a goal run started separately (waits for its metrics.json / --json output)."""
+    t0 = time.time()
+    while not (path.is_file() and path.stat().st_size) and time.time() - t0 < wait_s:
+        time.sleep(20)
+    text = path.read_text().strip()
+    try:
+        goal = json.loads(text)  # metrics.json
+    except json.JSONDecodeError:
+        goal = json.loads(text.splitlines()[-1])  # --json output: the last line
+    c = goal["config"]
+    mismatch = {k: (c[k], v) for k, v in (("lr", args.lr), ("batch_size", args.batch_size), ("seq_len", args.seq_len),
+                                          ("val_sequences", args.val_sequences), ("method", "welore"))
+                if c[k] != v}
+    if mismatch or goal["data"]["spec"] != args.data:
+        raise SystemExit(f"--goal-result was run with other settings: {mismatch}")
+    print(f"goal run read from {path}", file=log)
+    return goal
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -178,17 +198,7 @@ def main() -> None:
 
     goal_proc, goal = None, None
     if args.goal_result:
-        text = Path(args.goal_result).read_text().strip()
-        try:
-            goal = json.loads(text)  # metrics.json
-        except json.JSONDecodeError:
-            goal = json.loads(text.splitlines()[-1])  # --json output: the last line
-        c = goal["config"]
-        mismatch = {k: (c[k], v) for k, v in (("lr", args.lr), ("batch_size", args.batch_size), ("seq_len", args.seq_len),
-                                              ("val_sequences", args.val_sequences), ("method", "welore"))
-                    if c[k] != v}
-        if mismatch or goal["data"]["spec"] != args.data:
-            raise SystemExit(f"--goal-result was run with other settings: {mismatch}")
+        text = None  # read at the end: the background run may still be going
     elif args.goal_steps and "WeLore-COFT" in names:
         cmd = finetune_cmd(args, compressed, "welore", args.goal_steps, work / "goal-coft")
         print(f"[{time.strftime('%H:%M:%S')}] goal run in parallel: {' '.join(cmd[3:])}", file=log, flush=True)
@@ -210,6 +220,8 @@ def main() -> None:
             same_time[n] = (k, r if k == r["steps"] else
                             run_row(args, models[ROWS[n][0]], ROWS[n][1], k, work / f"time-{i}", log))
 
+    if args.goal_result:
+        goal = read_goal(args, Path(args.goal_result), log)
     if goal_proc is not None:
         stdout, _ = goal_proc.communicate()
         if goal_proc.returncode == 0:
@@ -270,7 +282,13 @@ def main() -> None:
                   f"{g['val_perplexity_before']:,.0f} → {g['val_perplexity_after']:.1f}"
                   + (f" = {g['val_perplexity_after'] / dense_ppl:.1f}× the dense model's {dense_ppl:.1f}" if dense_ppl else "")
                   + f" (goal ≤ 10×; reference 417 = 20.7×). {g['tokens_per_s']:.1f} tokens/s while sharing the CPU "
-                  f"with phase 1/2; {g['throughput']['train_seconds'] / 60:.1f} min of training."]
+                  f"with phase 1/2; {g['throughput']['train_seconds'] / 60:.1f} min of training"
+                  + (" (run in the background as `welore finetune ... --json`, read with --goal-result)"
+                     if args.goal_result else "") + "."]
+        if g["val"].get("curve"):
+            lines += ["", "Goal run, held-out perplexity along the way: " + ", ".join(
+                f"step {s}: {p:,.1f}" for s, _, p in g["val"]["curve"]) + f", step {g['steps']}: "
+                f"{g['val_perplexity_after']:,.1f}."]
     if prof:
         ph = ["method", "step s (profiled)", "matmul", "attention", "optimizer (AdamW)", "embedding grad", "other"]
         pr = [[n, round(v["step_s"], 2)] + [f"{v[k] / v['step_s']:.0%}" for k in

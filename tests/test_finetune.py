@@ -395,3 +395,26 @@ def test_core_never_imports_the_web_stack():
             "bad = [m for m in ('fastapi', 'sqlalchemy', 'celery', 'redis') if m in sys.modules]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_choice_accuracy_picks_the_most_likely_option(tiny):
+    """Accuracy compares the summed log-likelihood of each option's tokens given the prompt."""
+    from welore_core.finetune.metrics import choice_accuracy
+
+    tok = tiny["tok"]
+    model = _load(tiny["dense"]).model
+    exs = [Example(f"the cat sat on the mat {i}. Answer:", "", f"g{i}", [" yes", " no", " red mat"], g)
+           for i, g in enumerate([0, 1, 2, 0, 2])]
+
+    def loglik(prompt, option):
+        p = tok(prompt, add_special_tokens=False)["input_ids"]
+        o = tok(option, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([p + o])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+        return sum(float(logp[len(p) - 1 + j, t]) for j, t in enumerate(o))
+
+    expected = sum(max(range(3), key=lambda k: loglik(e.prompt, e.options[k])) == e.gold for e in exs)
+    r = choice_accuracy(model, tok, exs, seq_len=64, pad_id=tok.pad_token_id, device=torch.device("cpu"),
+                        batch_size=4)
+    assert r["examples"] == 5 and r["correct"] == expected
