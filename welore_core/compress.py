@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .allocation import TOLERANCE, Allocation, MatrixPlan, allocate_uniform, allocate_welore, relative_error
+from .checkpoint import all_finite
 from .errors import InvalidArgument, NonFiniteWeights
 from .factorize import factors, truncated
 from .lowrank import LowRankLinear, swap_module
@@ -89,7 +90,7 @@ def model_fingerprint(model: nn.Module, spectra: Spectra) -> str:
 
 def check_finite(model: nn.Module, what: str) -> None:
     for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
+        if p.is_floating_point() and not all_finite(p):
             raise NonFiniteWeights(f"{what}: parameter {name} holds NaN or Inf values; refusing to "
                                    "continue. Check the source checkpoint (re-download or re-export it).")
 
@@ -240,7 +241,6 @@ def compress_model(model: nn.Module, *, err: Optional[float] = None, params_kept
             label="LRC" if plan.lrc else "N-LRC", storage="factors" if plan.factored else "dense",
             rel_error=rel_error, calib_error=calib_error))
         progress(ProgressEvent("factorize", i + 1, len(names), message=name))
-    check_finite(model, "compressed model")
     return CompressionReport(
         method=method, tau=alloc.tau, min_ratio=alloc.min_ratio,
         err_requested=err, err_achieved=alloc.err,
