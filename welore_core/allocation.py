@@ -159,7 +159,7 @@ def allocate_welore(spectra: Sequence[torch.Tensor], shapes: Sequence[tuple[int,
         raise InvalidArgument(f"min_ratio must be in [0, 1); received {min_ratio}")
     z_asc = [torch.flip(normalise(S), dims=[0]).contiguous() for S in spectra]
     candidates = torch.unique(torch.cat(z_asc + [torch.tensor([0.0, 1.0], dtype=torch.float64)]))
-    candidates = [float(c) for c in candidates if c <= 1.0]
+    candidates = candidates[candidates <= 1.0].tolist()
 
     def measure(tau: float) -> float:
         plans = welore_plans(z_asc, shapes, tau, min_ratio)

@@ -27,12 +27,11 @@ class LowRankLinear(nn.Module):
         k, n = A.shape
         m, k2 = B.shape
         assert k == k2, f"factor ranks differ: A is {tuple(A.shape)}, B is {tuple(B.shape)}"
-        mod = cls(n, m, k, bias=bias is not None, device=A.device, dtype=A.dtype)
-        with torch.no_grad():
-            mod.A.copy_(A)
-            mod.B.copy_(B)
-            if bias is not None:
-                mod.bias.copy_(bias)
+        mod = cls(n, m, 0, bias=False, device="meta", dtype=A.dtype)  # allocate nothing, then adopt
+        mod.rank = k
+        mod.A = nn.Parameter(A.detach().contiguous())
+        mod.B = nn.Parameter(B.detach().contiguous())
+        mod.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
         return mod
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
