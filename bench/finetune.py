@@ -40,11 +40,11 @@ def loadavg() -> str:
         return "?"
 
 
-def finetune_cmd(args, model: str, method: str, steps: int, out: Path) -> list[str]:
+def finetune_cmd(args, model: str, method: str, steps: int, out: Path, extra: list[str] = ()) -> list[str]:
     return [sys.executable, "-m", "welore_core.cli", "finetune", model, "--data", args.data, "--method", method,
             "--steps", str(steps), "--lr", str(args.lr), "--batch-size", str(args.batch_size),
             "--seq-len", str(args.seq_len), "--val-sequences", str(args.val_sequences),
-            "--lora-rank", str(args.lora_rank), "--seed", "0", "--out", str(out), "--overwrite", "--json"]
+            "--lora-rank", str(args.lora_rank), "--seed", "0", "--out", str(out), "--overwrite", "--json", *extra]
 
 
 def env(args) -> dict:
@@ -55,14 +55,14 @@ def env(args) -> dict:
     return e
 
 
-def run_row(args, model: str, method: str, steps: int, out: Path, log) -> dict:
-    cmd = finetune_cmd(args, model, method, steps, out)
+def run_row(args, model: str, method: str, steps: int, out: Path, log, extra: list[str] = ()) -> dict:
+    cmd = finetune_cmd(args, model, method, steps, out, list(extra))
     print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd[3:])}  (load {loadavg()})", file=log, flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env(args))
     if proc.returncode != 0:
         raise SystemExit(f"row failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
     r = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f"    -> {r['tokens_per_s']:.1f} tok/s, ppl {r['val_perplexity_before']:.4g} -> "
+    print(f"    -> {r['tokens_per_s'] or 0:.1f} tok/s, ppl {r['val_perplexity_before']:.4g} -> "
           f"{r['val_perplexity_after']:.4g}, peak {r['memory']['peak_mb']:.0f} MB", file=log, flush=True)
     return r
 
@@ -183,10 +183,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per row (OMP_NUM_THREADS)")
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of: " + ", ".join(ROWS))
     ap.add_argument("--workdir", default="/tmp/welore-bench-finetune")
+    ap.add_argument("--gc-steps", type=int, default=4,
+                    help="steps of dense full FT and COFT with gradient checkpointing, for memory (0: skip)")
+    ap.add_argument("--from-results", help="re-render the section from a results.json of an earlier run")
     ap.add_argument("--no-profile", action="store_true", help="skip the per-step time profile")
     ap.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md alone")
     args = ap.parse_args()
 
+    if args.from_results:
+        publish(args, json.loads(Path(args.from_results).read_text()))
+        return
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     log = sys.stderr
@@ -209,7 +215,7 @@ def main() -> None:
     same_steps = {n: run_row(args, models[ROWS[n][0]], ROWS[n][1], args.steps, work / f"steps-{i}", log)
                   for i, n in enumerate(names)}
 
-    same_time: dict[str, tuple[int, dict]] = {}
+    same_time: dict[str, list] = {}
     budget = None
     if not args.no_same_time and "dense full FT" in same_steps:
         budget = same_steps["dense full FT"]["throughput"]["train_seconds"]
@@ -217,8 +223,8 @@ def main() -> None:
             r = same_steps[n]
             per_step = r["throughput"]["train_seconds"] / r["steps"]
             k = max(1, round(budget / per_step))
-            same_time[n] = (k, r if k == r["steps"] else
-                            run_row(args, models[ROWS[n][0]], ROWS[n][1], k, work / f"time-{i}", log))
+            same_time[n] = [k, r if k == r["steps"] else
+                            run_row(args, models[ROWS[n][0]], ROWS[n][1], k, work / f"time-{i}", log)]
 
     if args.goal_result:
         goal = read_goal(args, Path(args.goal_result), log)
@@ -229,12 +235,36 @@ def main() -> None:
         else:
             print("goal run failed", file=log)
 
-    # ---------------------------------------------------------------- the table
+    gc_memory = {}
+    if args.gc_steps:
+        for i, n in enumerate(x for x in ("dense full FT", "WeLore-COFT") if x in names):
+            gc_memory[n] = run_row(args, models[ROWS[n][0]], ROWS[n][1], args.gc_steps, work / f"gc-{i}", log,
+                                   extra=["--gradient-checkpointing"])
+
+    ctx = {"same_steps": same_steps, "same_time": same_time, "goal": goal, "profile": prof, "gc_memory": gc_memory,
+           "flops_per_token": flop_model(compressed, args.batch_size * args.seq_len), "budget": budget,
+           "load_start": load_start, "load_end": loadavg(), "minutes": (time.time() - t_start) / 60,
+           "machine": machine(), "names": names}
+    (work / "results.json").write_text(json.dumps(ctx, default=str))
+    publish(args, ctx)
+
+
+def _mem(r: dict) -> float:
+    """Weights + growth of the resident set while training: the CPU analogue of the GPU's
+    max_memory_allocated (leaves out the process's libraries and data)."""
+    m = r["memory"]
+    return m["model_param_bytes"] / 2**20 + m["peak_growth_mb"]
+
+
+def render(args, ctx: dict) -> str:
+    same_steps, same_time, goal, prof = ctx["same_steps"], ctx["same_time"], ctx["goal"], ctx["profile"]
+    names, flops, budget = ctx["names"], ctx["flops_per_token"], ctx["budget"]
     base = same_steps.get("dense full FT")
     dense_ppl = base["val_perplexity_before"] if base else None
-    flops = flop_model(compressed, args.batch_size * args.seq_len)
+    ratio = lambda a, b: f"{a / b:.2f}×" if b else "-"
     headers = ["method", "trainable params", "tokens/s", "× dense FT", "predicted × (FLOPs)", "peak RSS MB",
-               "× dense FT", "trainable+grad+Adam MB", f"val ppl before", f"val ppl after {args.steps} steps"]
+               "weights + growth MB", "× dense FT", "trainable+grad+Adam MB", "val ppl before",
+               f"val ppl after {args.steps} steps"]
     if same_time:
         headers += [f"steps in {budget:.3g} s", f"val ppl after {budget:.3g} s"]
     rows = []
@@ -243,11 +273,10 @@ def main() -> None:
         p, m = r["params"], r["memory"]
         state_mb = (m["trainable_param_bytes"] + m["grad_bytes"] + m["optimizer_state_bytes"]) / 2**20
         row = [n, f"{p['trainable'] / 1e6:.1f}M / {p['total'] / 1e6:.1f}M ({p['trainable_pct']:.1f}%)",
-               round(r["tokens_per_s"], 1),
-               f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}×" if base else "-",
-               f"{flops['dense full FT'] / flops[n]:.2f}×",
-               round(m["peak_mb"]), f"{m['peak_mb'] / base['memory']['peak_mb']:.2f}×" if base else "-",
-               round(state_mb), round(r["val_perplexity_before"], 1), round(r["val_perplexity_after"], 1)]
+               round(r["tokens_per_s"], 1), ratio(r["tokens_per_s"], base["tokens_per_s"]) if base else "-",
+               f"{flops['dense full FT'] / flops[n]:.2f}×", round(m["peak_mb"]), round(_mem(r)),
+               ratio(_mem(r), _mem(base)) if base else "-", round(state_mb),
+               round(r["val_perplexity_before"], 1), round(r["val_perplexity_after"], 1)]
         if same_time:
             k, rt = same_time[n]
             row += [k, round(rt["val_perplexity_after"], 1)]
@@ -255,24 +284,27 @@ def main() -> None:
 
     lines = [
         "## Fine-tuning: WeLore-COFT vs full fine-tuning vs LoRA", "",
-        f"`python -m bench.finetune --steps {args.steps} --goal-steps {args.goal_steps} --threads {args.threads}"
-        f" --lr {args.lr} --val-sequences {args.val_sequences}`. {args.model} compressed at ERR {args.err} with min_ratio {args.min_ratio} "
-        f"({same_steps.get('WeLore-COFT', {}).get('params', {}).get('total', 0) / 1e6:.1f}M parameters). Data "
-        f"`{args.data}`" + (" (BoolQ passages as plain text: causal LM on every token, packed)"
-                            if args.data == "boolq-passages" else "") +
+        f"`python -m bench.finetune --steps {args.steps} --threads {args.threads} --lr {args.lr} --val-sequences "
+        f"{args.val_sequences} --gc-steps {args.gc_steps}`. {args.model} compressed at ERR {args.err} with min_ratio "
+        f"{args.min_ratio} ({same_steps.get('WeLore-COFT', {}).get('params', {}).get('total', 0) / 1e6:.1f}M "
+        f"parameters). Data `{args.data}`" + (" (BoolQ passages as plain text: causal LM on every token, packed)"
+                                              if args.data == "boolq-passages" else "") +
         f"; held-out documents chosen by content hash (validation: up to {args.val_sequences} sequences of "
-        f"{args.seq_len} tokens). Every row: AdamW lr {args.lr}, 6% warm-up then "
-        f"cosine to 10%, clipping 1.0, batch {args.batch_size}×{args.seq_len} tokens, fp32, seed 0, LoRA rank "
-        f"{args.lora_rank} (alpha 16) on q,k,v,o,gate,up,down; each row in its own process with "
-        f"{args.threads} torch thread(s).", "",
-        f"Machine: {machine()}. Load average at start {load_start}, at end {loadavg()} (the 2 cores were shared with "
-        f"other engineers' jobs and, while it lasted, with the goal run: absolute tokens/s are noisy, ratios less so). "
-        f"Total bench time {(time.time() - t_start) / 60:.0f} min.", "",
+        f"{args.seq_len} tokens). Every row: AdamW lr {args.lr}, 6% warm-up then cosine to 10%, clipping 1.0, "
+        f"batch {args.batch_size}×{args.seq_len} tokens, fp32, seed 0, LoRA rank {args.lora_rank} (alpha 16) on "
+        f"q,k,v,o,gate,up,down; each row in its own process with {args.threads} torch thread(s).", "",
+        f"Machine: {ctx['machine']}. Load average at start {ctx['load_start']}, at end {ctx['load_end']}: the 2 cores "
+        "were shared with other engineers' jobs and with the goal run, so absolute tokens/s are several times below an "
+        f"idle machine's and noisy; ratios less so. Total bench time {ctx['minutes']:.0f} min.", "",
+        f"Same steps ({args.steps}; the issue asks 150, reduced for CPU time on the shared machine) and same wall "
+        + (f"time ({budget:.0f} s = dense full FT's training time for its {args.steps} steps; each faster row runs "
+           "again with as many steps as fit, on its own cosine schedule):" if same_time else "time: skipped"), "",
         table(headers, rows), "",
-        "tokens/s excludes each run's first 2 steps; peak RSS is the process's peak resident set while training "
-        "(weights included); trainable+grad+Adam is exact tensor bytes. \"predicted ×\" is dense full FT's matmul "
-        "FLOPs per token divided by the row's (forward 2·W, input-gradients 2·W, weight-gradients 2·W_trainable; "
-        "attention products left out).",
+        "tokens/s excludes each run's first 2 steps. Peak RSS: the process's peak resident set while training; "
+        "weights + growth: parameter bytes plus the growth of the resident set during training (the CPU analogue of "
+        "GPU max_memory_allocated, without the ~0.5 GB of libraries and data every process holds); "
+        "trainable+grad+Adam: exact tensor bytes. \"predicted ×\": dense full FT's matmul FLOPs per token over the "
+        "row's (forward 2·W, input-gradients 2·W, weight-gradients 2·W_trainable; attention products left out).",
     ]
     if dense_ppl:
         lines += ["", f"Dense model, no training, same held-out windows: perplexity {dense_ppl:.1f}."]
@@ -281,24 +313,39 @@ def main() -> None:
         lines += ["", f"**Goal run** — WeLore-COFT, {g['steps']} steps, same settings: held-out perplexity "
                   f"{g['val_perplexity_before']:,.0f} → {g['val_perplexity_after']:.1f}"
                   + (f" = {g['val_perplexity_after'] / dense_ppl:.1f}× the dense model's {dense_ppl:.1f}" if dense_ppl else "")
-                  + f" (goal ≤ 10×; reference 417 = 20.7×). {g['tokens_per_s']:.1f} tokens/s while sharing the CPU "
-                  f"with phase 1/2; {g['throughput']['train_seconds'] / 60:.1f} min of training"
-                  + (" (run in the background as `welore finetune ... --json`, read with --goal-result)"
+                  + f" (goal ≤ 10×; reference 417 = 20.7×). {g['tokens_per_s']:.1f} tokens/s while sharing the CPU; "
+                  f"{g['throughput']['train_seconds'] / 60:.1f} min of training"
+                  + (" (run in the background as `welore finetune ... --eval-every 25 --json`, read with --goal-result)"
                      if args.goal_result else "") + "."]
         if g["val"].get("curve"):
             lines += ["", "Goal run, held-out perplexity along the way: " + ", ".join(
                 f"step {s}: {p:,.1f}" for s, _, p in g["val"]["curve"]) + f", step {g['steps']}: "
                 f"{g['val_perplexity_after']:,.1f}."]
+    if ctx.get("gc_memory"):
+        gm = ctx["gc_memory"]
+        gb = gm.get("dense full FT")
+        gh = ["method (gradient checkpointing on)", "peak RSS MB", "× dense FT", "weights + growth MB", "× dense FT",
+              "tokens/s"]
+        gr = [[n, round(r["memory"]["peak_mb"]), ratio(r["memory"]["peak_mb"], gb["memory"]["peak_mb"]) if gb else "-",
+               round(_mem(r)), ratio(_mem(r), _mem(gb)) if gb else "-",
+               round(r["tokens_per_s"], 1) if r["tokens_per_s"] else "-"]
+              for n, r in gm.items()]
+        lines += ["", f"Memory with `--gradient-checkpointing` on both rows ({args.gc_steps} steps each; activations "
+                  "recomputed in the backward pass, so weights, gradients and optimizer state dominate):", "",
+                  table(gh, gr)]
     if prof:
         ph = ["method", "step s (profiled)", "matmul", "attention", "optimizer (AdamW)", "embedding grad", "other"]
         pr = [[n, round(v["step_s"], 2)] + [f"{v[k] / v['step_s']:.0%}" for k in
                                               ("matmul_s", "attention_s", "optimizer_s", "embedding_grad_s", "other_s")]
               for n, v in prof.items()]
-        lines += ["", "Where one step's time goes (torch.profiler, one step after one warm-up step, same process "
-                  "and threads; self time of the ops; other = norms, activations, loss, copies):", "", table(ph, pr)]
-    body = "\n".join(lines)
-    (work / "results.json").write_text(json.dumps({"same_steps": same_steps, "same_time": {k: v[1] for k, v in same_time.items()},
-                                                    "goal": goal, "flops_per_token": flops, "profile": prof}, default=str))
+        lines += ["", "Where one step's time goes (torch.profiler, one step after one warm-up step, in the bench "
+                  "process, same threads; self time of the ops; other = norms, activations, loss, copies):", "",
+                  table(ph, pr)]
+    return "\n".join(lines)
+
+
+def publish(args, ctx: dict) -> None:
+    body = render(args, ctx)
     print(body)
     if not args.no_write:
         notes = Path(__file__).with_name("finetune_notes.md")
