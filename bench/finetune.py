@@ -186,12 +186,19 @@ def main() -> None:
     ap.add_argument("--gc-steps", type=int, default=4,
                     help="steps of dense full FT and COFT with gradient checkpointing, for memory (0: skip)")
     ap.add_argument("--from-results", help="re-render the section from a results.json of an earlier run")
+    ap.add_argument("--cpu-results", help="with --from-results: results.json of a short run (e.g. --steps 6 "
+                    "--no-same-time) whose CPU-time throughput is shown as a second throughput table")
     ap.add_argument("--no-profile", action="store_true", help="skip the per-step time profile")
     ap.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md alone")
     args = ap.parse_args()
 
     if args.from_results:
-        publish(args, json.loads(Path(args.from_results).read_text()))
+        ctx = json.loads(Path(args.from_results).read_text())
+        if args.cpu_results:
+            extra = json.loads(Path(args.cpu_results).read_text())
+            ctx["cpu_throughput"] = {"rows": extra["same_steps"], "load_start": extra["load_start"],
+                                     "load_end": extra["load_end"], "minutes": extra["minutes"]}
+        publish(args, ctx)
         return
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -333,6 +340,23 @@ def render(args, ctx: dict) -> str:
         lines += ["", f"Memory with `--gradient-checkpointing` on both rows ({args.gc_steps} steps each; activations "
                   "recomputed in the backward pass, so weights, gradients and optimizer state dominate):", "",
                   table(gh, gr)]
+    cpu = ctx.get("cpu_throughput")
+    if cpu:
+        rows_c = cpu["rows"]
+        b = rows_c.get("dense full FT")
+        ch = ["method", "steps (timed)", "tokens/s (wall)", "× dense FT", "tokens per CPU-second", "× dense FT",
+              "predicted × (FLOPs)"]
+        cr = []
+        for n, r in rows_c.items():
+            t = r["throughput"]
+            cr.append([n, f"{r['steps']} ({t['timed_steps']})", round(t["tokens_per_s"], 1),
+                       ratio(t["tokens_per_s"], b["throughput"]["tokens_per_s"]) if b else "-",
+                       round(t["tokens_per_cpu_s"], 1), ratio(t["tokens_per_cpu_s"], b["throughput"]["tokens_per_cpu_s"])
+                       if b else "-", f"{flops['dense full FT'] / flops[n]:.2f}×"])
+        lines += ["", "Throughput measured again by CPU time (a separate short run, same settings, rows one after "
+                  f"another, load average {cpu['load_start']} → {cpu['load_end']}, {cpu['minutes']:.0f} min): with one "
+                  "torch thread per process the CPU time a step consumes is what the step costs, whatever else the "
+                  "machine runs, so these ratios are the ones to trust on this shared machine:", "", table(ch, cr)]
     if prof:
         ph = ["method", "step s (profiled)", "matmul", "attention", "optimizer (AdamW)", "embedding grad", "other"]
         pr = [[n, round(v["step_s"], 2)] + [f"{v[k] / v['step_s']:.0%}" for k in

@@ -209,6 +209,7 @@ def finetune_checkpoint(model: str, out: str | Path, *, data: str, method: str =
     memory["device"] = dev.type
     throughput = {"tokens_per_s": state.timed_tokens / state.timed_seconds if state.timed_seconds else None,
                   "step_seconds": state.timed_seconds / state.timed_steps if state.timed_steps else None,
+                  "tokens_per_cpu_s": state.timed_tokens / state.timed_cpu_seconds if state.timed_cpu_seconds else None,
                   "timed_steps": state.timed_steps, "timing_warmup_steps": cfg.timing_warmup_steps,
                   "tokens": state.tokens, "train_seconds": state.train_seconds}
     result = {

@@ -43,6 +43,7 @@ class TrainState:
     timed_steps: int = 0  # steps counted in throughput (timing warm-up excluded per session)
     timed_tokens: int = 0
     timed_seconds: float = 0.0
+    timed_cpu_seconds: float = 0.0  # process CPU time of the timed steps (robust on a shared machine)
     state_bytes: dict = field(default_factory=dict)
     resumed_at: list = field(default_factory=list)
 
@@ -103,10 +104,10 @@ class Trainer:
                 raise Cancelled(f"fine-tuning stopped at the caller's request before step {st.step + 1} of "
                                 f"{cfg.steps}; only complete checkpoints (if any) were written")
             self._sync()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             loss, tokens = self.train_step()
             self._sync()
-            dt = time.perf_counter() - t0
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
             st.step += 1
             self._session_steps += 1
             st.tokens += tokens
@@ -115,6 +116,7 @@ class Trainer:
                 st.timed_steps += 1
                 st.timed_tokens += tokens
                 st.timed_seconds += dt
+                st.timed_cpu_seconds += dc
             lr = self.opt.param_groups[0]["lr"]
             st.loss_curve.append([st.step, loss, lr])
             if not math.isfinite(loss):
