@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__
@@ -161,9 +160,9 @@ def read_meta(path: Path | str) -> dict:
 def load_checkpoint(path: Path | str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                     source=None):
     """Rebuild the compressed model from config + `factored` and load every tensor strictly."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    from .loading import LoadedModel, ModelSource, load_tokenizer
+    from .loading import LoadedModel, ModelSource, build_model, load_tokenizer, read_safetensors
 
     path = Path(path)
     meta = read_meta(path)
@@ -171,31 +170,10 @@ def load_checkpoint(path: Path | str, device: torch.device | str = "cpu", dtype:
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:
         raise CorruptCheckpoint(f"cannot read {path}/config.json: {exc}") from exc
-    try:
-        state = load_file(str(path / WEIGHTS))
-    except (FileNotFoundError, SafetensorError, OSError) as exc:
-        raise CorruptCheckpoint(f"cannot read {path}/{WEIGHTS}: {exc}. The checkpoint is damaged; "
-                                "re-create or re-download it") from exc
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    for name, rank in meta["factored"].items():
-        try:
-            old = model.get_submodule(name)
-        except AttributeError as exc:
-            raise CorruptCheckpoint(f"{META} names module {name!r}, which the config's architecture "
-                                    "does not have") from exc
-        swap_module(model, name, LowRankLinear(old.in_features, old.out_features, int(rank),
-                                               bias=old.bias is not None))
-    tied = _tied_keys(model)
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:
-        raise CorruptCheckpoint(f"{path}: tensor shapes disagree with {META}: {exc}") from exc
-    missing = [k for k in missing if k not in tied]
-    if missing or unexpected:
-        raise CorruptCheckpoint(f"{path}: weights do not match {META} (missing: {missing[:5]}, "
-                                f"unexpected: {unexpected[:5]}); the checkpoint is damaged")
-    model.tie_weights()
-    model = model.to(device=device, dtype=dtype).eval()
+    state = read_safetensors(path)
+    if state is None:
+        raise CorruptCheckpoint(f"{path}/{WEIGHTS} is missing; the checkpoint is incomplete")
+    model = build_model(config, state, meta["factored"], device, dtype)
     tokenizer = load_tokenizer(str(path))
     source = source or ModelSource(str(path), "welore", str(path))
     return LoadedModel(model, tokenizer, source, meta)

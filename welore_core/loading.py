@@ -136,13 +136,115 @@ def load_hf(path: str, device: torch.device, dtype: torch.dtype, local_only: boo
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModel(f"{path}: model_type {model_type!r} is not supported; expected one of "
                                f"{', '.join(SUPPORTED_MODEL_TYPES)} (Llama-family decoders)")
+    state = read_safetensors(Path(path)) if Path(path).is_dir() else None
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local_only)
+        if state is not None:
+            model = build_model(config, state, {}, device, dtype)
+        else:  # a hub-cache id or .bin weights: let transformers find and read the files
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local_only)
+    except CorruptCheckpoint:
+        raise
     except Exception as exc:
         raise CorruptCheckpoint(f"cannot load the model in {path}: {exc}. Re-export or re-download "
                                 "it (config.json + *.safetensors + tokenizer files).") from exc
     decoder_layers(model)
     return model.to(device).eval(), load_tokenizer(path, local_only)
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path: Path) -> Optional[dict[str, torch.Tensor]]:
+    """All tensors of `model.safetensors` (or its shards); None if there is no such file.
+
+    Read with plain file reads into memory of their own, not memory-mapped: a mapped file stays
+    resident in full once touched, so matrices replaced by compression would never be freed.
+    """
+    index = path / "model.safetensors.index.json"
+    files = sorted(set(read_json(index)["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    if not (path / files[0]).is_file():
+        return None
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        state.update(_read_safetensors_file(path / name))
+    return state
+
+
+def _read_safetensors_file(file: Path) -> dict[str, torch.Tensor]:
+    def damaged(why: str) -> CorruptCheckpoint:
+        return CorruptCheckpoint(f"cannot read {file}: {why}. The file is damaged; re-create or "
+                                 "re-download it")
+    out: dict[str, torch.Tensor] = {}
+    try:
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) != 8:
+                raise damaged("too short for a safetensors header")
+            size = int.from_bytes(head, "little")
+            try:
+                header = json.loads(f.read(size))
+            except (json.JSONDecodeError, UnicodeDecodeError, MemoryError, OverflowError) as exc:
+                raise damaged(f"invalid header ({exc})") from exc
+            base = 8 + size
+            for key, info in header.items():
+                if key == "__metadata__":
+                    continue
+                dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
+                if dtype is None:
+                    raise damaged(f"tensor {key} has unsupported dtype {info.get('dtype')!r}")
+                t = torch.empty(info["shape"], dtype=dtype)
+                start, end = info["data_offsets"]
+                if end - start != t.numel() * t.element_size():
+                    raise damaged(f"tensor {key}: {end - start} bytes for shape {info['shape']}")
+                f.seek(base + start)
+                if t.numel() and f.readinto(t.reshape(-1).view(torch.uint8).numpy()) != end - start:
+                    raise damaged(f"tensor {key} is truncated")
+                out[key] = t
+    except OSError as exc:
+        raise damaged(str(exc)) from exc
+    return out
+
+
+def build_model(config, state: dict[str, torch.Tensor], factored: dict[str, int],
+                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model of `config` holding exactly `state`, with `factored` modules low-rank.
+
+    Built on the meta device and given the loaded tensors (no random initialisation, no second
+    copy of the weights), so a replaced matrix later frees its memory. Strict: every parameter
+    must come from `state` (a tied LM head from its embedding) and nothing may be left over.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from .lowrank import LowRankLinear, swap_module
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        for name, rank in factored.items():
+            try:
+                old = model.get_submodule(name)
+            except AttributeError as exc:
+                raise CorruptCheckpoint(f"welore.json names module {name!r}, which the config's "
+                                        "architecture does not have") from exc
+            swap_module(model, name, LowRankLinear(old.in_features, old.out_features, int(rank),
+                                                   bias=old.bias is not None))
+    try:
+        _, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as exc:
+        raise CorruptCheckpoint(f"tensor shapes disagree with the model's config/welore.json: {exc}") from exc
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    missing = [n for n, p in model.named_parameters(remove_duplicate=False) if p.is_meta]
+    if missing or unexpected:
+        raise CorruptCheckpoint(f"weights do not match the model (missing: {missing[:5]}, unexpected: "
+                                f"{unexpected[:5]}); the checkpoint is damaged")
+    for name, module in list(model.named_modules()):  # non-persistent buffers (RoPE) are rebuilt
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            if not hasattr(module, "inv_freq"):
+                raise UnsupportedModel(f"cannot rebuild the buffers of {name} ({type(module).__name__})")
+            swap_module(model, name, type(module)(config=module.config))
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def load_tokenizer(path: str, local_only: bool = True):

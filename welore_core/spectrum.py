@@ -119,13 +119,9 @@ class Spectra:
 def compute_spectra(model: nn.Module, cache: SpectrumCache, progress: ProgressFn = no_progress,
                     should_stop: StopFn | None = None, device: str | torch.device | None = None,
                     names: list[str] | None = None) -> Spectra:
-    """Singular values of every target matrix; decomposes (and caches) only cache misses.
-
-    Writing a fresh entry to disk overlaps with the next decomposition.
-    """
+    """Singular values of every target matrix; decomposes (and caches) only cache misses."""
     names = names or target_names(model)
     shapes, values, keys = [], [], []
-    writer: threading.Thread | None = None
     n_computed = 0
     for i, name in enumerate(names):
         check_stop(should_stop)
@@ -134,10 +130,7 @@ def compute_spectra(model: nn.Module, cache: SpectrumCache, progress: ProgressFn
         S = cache.singular_values(key)
         if S is None:
             U, S, Vh = svd(W.to(device) if device is not None else W)
-            if writer is not None:
-                writer.join()
-            writer = threading.Thread(target=cache.put, args=(key, U, S, Vh))
-            writer.start()
+            cache.put(key, U, S, Vh)  # synchronous: a writer thread's malloc arena kept ~160 MB
             S = S.cpu()
             n_computed += 1
         shapes.append(tuple(W.shape))
@@ -145,7 +138,5 @@ def compute_spectra(model: nn.Module, cache: SpectrumCache, progress: ProgressFn
         keys.append(key)
         progress(ProgressEvent("spectrum", i + 1, len(names), message=name,
                                metrics={"decomposed": n_computed}))
-    if writer is not None:
-        writer.join()
     model_hash = hashlib.sha256("|".join(keys).encode()).hexdigest()
     return Spectra(names, shapes, values, keys, model_hash, n_computed)
