@@ -353,10 +353,11 @@ def render(args, ctx: dict) -> str:
                        ratio(t["tokens_per_s"], b["throughput"]["tokens_per_s"]) if b else "-",
                        round(t["tokens_per_cpu_s"], 1), ratio(t["tokens_per_cpu_s"], b["throughput"]["tokens_per_cpu_s"])
                        if b else "-", f"{flops['dense full FT'] / flops[n]:.2f}×"])
-        lines += ["", "Throughput measured again by CPU time (a separate short run, same settings, rows one after "
-                  f"another, load average {cpu['load_start']} → {cpu['load_end']}, {cpu['minutes']:.0f} min): with one "
-                  "torch thread per process the CPU time a step consumes is what the step costs, whatever else the "
-                  "machine runs, so these ratios are the ones to trust on this shared machine:", "", table(ch, cr)]
+        lines += ["", "Throughput again, from a separate short run with the same settings, rows one after another "
+                  f"(load average {cpu['load_start']} → {cpu['load_end']}, {cpu['minutes']:.0f} min), with CPU time "
+                  "beside wall time (one torch thread per process, so CPU time is what a step costs; when the two "
+                  "agree the process had a core to itself). See the notes below for how these compare with the "
+                  "other measurements:", "", table(ch, cr)]
     if prof:
         ph = ["method", "step s (profiled)", "matmul", "attention", "optimizer (AdamW)", "embedding grad", "other"]
         pr = [[n, round(v["step_s"], 2)] + [f"{v[k] / v['step_s']:.0%}" for k in
