@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import make_tiny_llama
+from tiny_llama import make_tiny_llama
 
 
 def welore(*args, check=True, env=None):

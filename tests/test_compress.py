@@ -16,7 +16,7 @@ from welore_core.loading import load_model
 from welore_core.lowrank import LowRankLinear
 from welore_core.targets import target_names
 
-from conftest import make_tiny_llama
+from tiny_llama import make_tiny_llama
 
 
 def _logits(model, seed=0):

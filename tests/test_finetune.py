@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_tiny_llama
+from tiny_llama import make_tiny_llama
 from welore_core.errors import Cancelled, InvalidArgument, InvalidData, OutputExists
 from welore_core.finetune import FinetuneConfig, finetune_checkpoint
 from welore_core.finetune.data import (IGNORE, BatchStream, Example, build_dataset, encode_example, pack,

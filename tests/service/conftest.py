@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import make_client, service_env
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # tinymodel, client helpers
 
@@ -116,27 +118,6 @@ def settings(pg_url, redis_url, queue_prefix, artifact_dir, models_dir, tmp_path
                     upload_max_bytes=256 * 1024)
 
 
-def service_env(settings) -> dict[str, str]:
-    """The environment a worker (or `welore` command) needs to share the tests' services."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WELORE_")}
-    env.update({
-        "WELORE_DATABASE_URL": settings.database_url,
-        "WELORE_REDIS_URL": settings.redis_url,
-        "WELORE_ARTIFACT_DIR": str(settings.artifact_dir),
-        "WELORE_MODELS_DIR": str(settings.models_dir),
-        "WELORE_QUEUE_PREFIX": settings.queue_prefix,
-        "WELORE_HEARTBEAT_S": str(settings.heartbeat_s),
-        "WELORE_STATE_DIR": str(settings.state_dir),
-        "WELORE_CACHE_DIR": os.environ["WELORE_CACHE_DIR"],
-        "WELORE_DATA_DIR": os.environ["WELORE_DATA_DIR"],
-        "WELORE_DEVICE": os.environ.get("WELORE_DEVICE", "auto"),
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONUNBUFFERED": "1",
-    })
-    return env
-
-
 @pytest.fixture(scope="session")
 def celery_worker(settings, tmp_path_factory):
     """A real `celery worker` process (prefork, one child) on the tests' queues."""
@@ -165,14 +146,6 @@ def celery_worker(settings, tmp_path_factory):
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
         log.close()
-
-
-def make_client(settings):
-    from fastapi.testclient import TestClient
-
-    from api.app import create_app
-
-    return TestClient(create_app(settings))
 
 
 @pytest.fixture(scope="session")

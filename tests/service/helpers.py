@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -39,3 +40,32 @@ def read_sse(client, job_id: str, headers: dict) -> list[dict]:
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def service_env(settings) -> dict[str, str]:
+    """The environment a worker (or `welore` command) needs to share the tests' services."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WELORE_")}
+    env.update({
+        "WELORE_DATABASE_URL": settings.database_url,
+        "WELORE_REDIS_URL": settings.redis_url,
+        "WELORE_ARTIFACT_DIR": str(settings.artifact_dir),
+        "WELORE_MODELS_DIR": str(settings.models_dir),
+        "WELORE_QUEUE_PREFIX": settings.queue_prefix,
+        "WELORE_HEARTBEAT_S": str(settings.heartbeat_s),
+        "WELORE_STATE_DIR": str(settings.state_dir),
+        "WELORE_CACHE_DIR": os.environ["WELORE_CACHE_DIR"],
+        "WELORE_DATA_DIR": os.environ["WELORE_DATA_DIR"],
+        "WELORE_DEVICE": os.environ.get("WELORE_DEVICE", "auto"),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+def make_client(settings):
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    return TestClient(create_app(settings))

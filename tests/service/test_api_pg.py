@@ -10,8 +10,7 @@ import sys
 
 import pytest
 
-from conftest import make_client, service_env
-from helpers import parse_sse
+from helpers import make_client, parse_sse, service_env
 
 pytestmark = pytest.mark.service
 

@@ -18,6 +18,15 @@ def emit(result: dict, as_json: bool, human: str) -> None:
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident set. Linux's VmHWM starts afresh at exec; ru_maxrss would
+    carry over the peak of the parent that started us."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
