@@ -112,7 +112,7 @@ def memory_row(work: Path) -> list:
         r = cli("compress", MODEL, "--err", "0.3", "--out", work / "mem", "--overwrite", env=env)
     probe = ("import resource, torch, transformers, transformers.models.llama.modeling_llama, tokenizers, "
              "welore_core.pipelines, welore_core.cli.compress;"
-             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024)")
+             "from welore_core.cli.common import peak_rss_mb; print(peak_rss_mb())")
     base = float(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.split()[-1])
     model_mb = r["params_before"] * 4 / 2**20
     return [f"{model_mb:.0f}", f"{base:.0f}", f"{r['peak_rss_mb']:.0f}", f"{r['peak_rss_mb'] - base:.0f}",
