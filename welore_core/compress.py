@@ -227,7 +227,12 @@ def compress_model(model: nn.Module, *, err: Optional[float] = None, params_kept
         check_stop(should_stop)
         calib_error = None
         if factorization == "plain":
-            if plan.lrc:
+            if plan.lrc and not plan.factored:  # Ŵ = W − U_tail·S_tail·V_tailᵀ: m·n·(r−k), not m·n·k
+                U_t, S_t, Vh_t = cache.tail(key, plan.kept)
+                with torch.no_grad():
+                    weight = model.get_submodule(name).weight
+                    weight.sub_(truncated(U_t, S_t, Vh_t, len(S_t)).to(device, weight.dtype))
+            elif plan.lrc:
                 _swap_in(model, name, plan, *cache.factors(key, plan.kept), device)
             rel_error = relative_error(S, plan.kept) if plan.lrc else 0.0
         else:

@@ -98,6 +98,11 @@ class SpectrumCache:
             Vh = f.get_slice("Vh")[:k]
         return U, S, Vh
 
+    def tail(self, key: str, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The dropped triplets beyond the k-th: U[:, k:], S[k:], Vh[k:]."""
+        with safe_open(str(self.path(key)), framework="pt") as f:
+            return f.get_slice("U")[:, k:], f.get_slice("S")[k:], f.get_slice("Vh")[k:]
+
 
 def dense_weight(module: nn.Module) -> torch.Tensor:
     """W of an nn.Linear, or B·A of a LowRankLinear (a compressed checkpoint's spectrum)."""
