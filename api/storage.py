@@ -7,9 +7,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
+
+from welore_core.hashing import file_sha256 as sha256_file
 
 from .settings import Settings
 
@@ -36,14 +37,6 @@ def tmp_dir(settings: Settings) -> Path:
     d = root(settings) / ".tmp"
     d.mkdir(parents=True, exist_ok=True)
     return d
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def safe_child(base: Path, name: str) -> Path | None:

@@ -7,10 +7,10 @@ A `.txt` file is one text. A `.jsonl` file has one JSON object a line with a `te
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
+from .hashing import file_sha256
 from .errors import DataNotFound, InvalidData
 from .settings import get_core_settings
 
@@ -81,8 +81,4 @@ def read_texts(spec: str | Path) -> list[str]:
 
 def data_hash(spec: str | Path) -> str:
     """SHA-256 of the resolved data file's bytes (identifies calibration/eval data)."""
-    h = hashlib.sha256()
-    with open(resolve_data(spec), "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
+    return file_sha256(resolve_data(spec))

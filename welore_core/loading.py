@@ -7,7 +7,6 @@ so later loads take about a second instead of ~20 s. Nothing is ever downloaded.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -19,6 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .hashing import file_sha256
 from .errors import CorruptCheckpoint, InvalidArgument, ModelNotFound, UnsupportedModel
 from .settings import get_core_settings
 from .targets import decoder_layers
@@ -84,14 +84,6 @@ def _in_hf_cache(model_id: str) -> bool:
         return isinstance(try_to_load_from_cache(model_id, "config.json"), str)
     except Exception:
         return False
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def gguf_to_safetensors(gguf: Path, cache_dir: Path | None = None) -> Path:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..hashing import file_sha256
 from ..checkpoint import META, save_checkpoint
 from ..errors import CorruptCheckpoint, InvalidArgument, OutputExists
 from ..loading import load_model, pick_device, read_json
@@ -34,16 +35,6 @@ STATE_FILE = "trainer_state.pt"
 METRICS_FILE = "metrics.json"
 _COPIED_META = {"format_version", "welore_version", "created_at", "factored", "training", "kind",
                 "training_history"}
-
-
-def _file_sha256(path: str) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _publish(out: Path, model, tokenizer, meta: dict, extra: dict[str, object]) -> None:
@@ -160,7 +151,7 @@ def finetune_checkpoint(model: str, out: str | Path, *, data: str, method: str =
     params = count_parameters(train_model)
     stream = BatchStream(dataset.train, cfg.batch_size, cfg.seed, pad_id)
     trainer = Trainer(train_model, lm, cfg, stream, dev, val=dataset.val, pad_id=pad_id)
-    data_info = {**dataset.summary(), "sha256": _file_sha256(dataset.path)}
+    data_info = {**dataset.summary(), "sha256": file_sha256(dataset.path)}
 
     def accuracy():
         return choice_accuracy(lm, tok, dataset.choices, seq_len=cfg.seq_len, pad_id=pad_id, device=dev,
