@@ -1,16 +1,17 @@
 """Fine-tuning benchmark: dense full FT, compressed full FT, WeLore-COFT and LoRA on the same
-data, sequence length and batch, all rows in one run, each row in its own process (so its
-peak memory is its own). Writes the `finetune` section of BENCHMARKS.md.
+data, sequence length and batch, all rows in one run, one after another, each in its own
+process (so its peak memory is its own). Writes the `finetune` section of BENCHMARKS.md.
 
-  python -m bench.finetune [--steps 20] [--goal-steps 150] [--threads 1] [--lr 2e-4]
+  python -m bench.finetune [--steps 150] [--threads 2] [--lr 5e-4] [--eval-every 10]
 
-Phase 1, same steps: every row trains --steps steps; tokens/s, peak memory, perplexity.
-Phase 2, same wall time: T = dense full FT's training time in phase 1; each faster row
-trains again for round(T / its step time) steps (its own cosine schedule over those steps).
-Goal run: WeLore-COFT for --goal-steps steps (the issue's perplexity goal), started at the
-beginning in a parallel process (it takes one core; rows' timings are noted as shared), or
-read from --goal-result (the `--json` output / metrics.json of the same command run earlier
-with the same settings, e.g. to let it run in the background for long).
+Rows run in fp32 (the CPU default) and, for dense full FT and COFT, also with
+`--precision bf16` (bf16 autocast: matrix products in bf16, fp32 master weights, gradients
+and AdamW state), so each ratio can be read at equal precision and against the fp32 baseline.
+Same steps: every row trains --steps steps (validation every --eval-every steps, time left
+out of training time). Same wall time: each row's held-out perplexity at the last validation
+inside T = the training time of --same-time-of's --steps steps (read from its curve, so on
+its own --steps cosine schedule). Then a few steps with --gradient-checkpointing for memory,
+and a one-step profile per row.
 """
 
 from __future__ import annotations
@@ -25,12 +26,16 @@ from pathlib import Path
 
 from bench.report import machine, table, write_section
 
-ROWS = {  # name → (model key, method)
-    "dense full FT": ("dense", "full"),
-    "compressed full FT": ("compressed", "full"),
-    "WeLore-COFT": ("compressed", "welore"),
-    "LoRA (dense)": ("dense", "lora"),
+ROWS = {  # name → (model key, method, precision)
+    "dense full FT": ("dense", "full", "fp32"),
+    "compressed full FT": ("compressed", "full", "fp32"),
+    "WeLore-COFT": ("compressed", "welore", "fp32"),
+    "LoRA (dense)": ("dense", "lora", "fp32"),
+    "dense full FT (bf16)": ("dense", "full", "bf16"),
+    "WeLore-COFT (bf16)": ("compressed", "welore", "bf16"),
 }
+BASELINE = "dense full FT"
+GC_ROWS = ("dense full FT", "WeLore-COFT", "dense full FT (bf16)", "WeLore-COFT (bf16)")
 
 
 def loadavg() -> str:
@@ -40,11 +45,13 @@ def loadavg() -> str:
         return "?"
 
 
-def finetune_cmd(args, model: str, method: str, steps: int, out: Path, extra: list[str] = ()) -> list[str]:
+def finetune_cmd(args, model: str, method: str, precision: str, steps: int, out: Path,
+                 extra: list[str] = ()) -> list[str]:
     return [sys.executable, "-m", "welore_core.cli", "finetune", model, "--data", args.data, "--method", method,
-            "--steps", str(steps), "--lr", str(args.lr), "--batch-size", str(args.batch_size),
-            "--seq-len", str(args.seq_len), "--val-sequences", str(args.val_sequences),
-            "--lora-rank", str(args.lora_rank), "--seed", "0", "--out", str(out), "--overwrite", "--json", *extra]
+            "--precision", precision, "--steps", str(steps), "--lr", str(args.lr),
+            "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
+            "--val-sequences", str(args.val_sequences), "--lora-rank", str(args.lora_rank), "--seed", "0",
+            "--out", str(out), "--overwrite", "--json", *extra]
 
 
 def env(args) -> dict:
@@ -55,8 +62,9 @@ def env(args) -> dict:
     return e
 
 
-def run_row(args, model: str, method: str, steps: int, out: Path, log, extra: list[str] = ()) -> dict:
-    cmd = finetune_cmd(args, model, method, steps, out, list(extra))
+def run_row(args, models: dict, name: str, steps: int, out: Path, log, extra: list[str] = ()) -> dict:
+    key, method, precision = ROWS[name]
+    cmd = finetune_cmd(args, models[key], method, precision, steps, out, list(extra))
     print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd[3:])}  (load {loadavg()})", file=log, flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env(args))
     if proc.returncode != 0:
@@ -79,10 +87,10 @@ def ensure_compressed(args, log) -> str:
     return str(out)
 
 
-def flop_model(compressed: str, seq_tokens: int) -> dict:
-    """Matmul FLOPs per training token (attention score/value products left out) from the
-    checkpoint's shapes: forward 2·Σ(weights in matmuls); backward input-gradients as much
-    again; weight-gradients 2·(trainable weights in matmuls)."""
+def flop_model(compressed: str) -> dict:
+    """Matmul FLOPs per training token per (model key, method) (attention score/value products
+    left out) from the checkpoint's shapes: forward 2·Σ(weights in matmuls); backward
+    input-gradients as much again; weight-gradients 2·(trainable weights in matmuls)."""
     meta = json.loads((Path(compressed) / "welore.json").read_text())
     cfg = json.loads((Path(compressed) / "config.json").read_text())
     dense = comp = lrc = 0
@@ -97,9 +105,12 @@ def flop_model(compressed: str, seq_tokens: int) -> dict:
             comp += rows * cols
     head = cfg["vocab_size"] * cfg["hidden_size"]
     f = lambda fwd, wgrad: 2 * fwd + 2 * fwd + 2 * wgrad
-    rows = {"dense full FT": f(dense + head, dense + head), "compressed full FT": f(comp + head, comp + head),
-            "WeLore-COFT": f(comp + head, lrc), "LoRA (dense)": f(dense + head, 0)}
-    return {k: v for k, v in rows.items()}
+    return {"dense/full": f(dense + head, dense + head), "compressed/full": f(comp + head, comp + head),
+            "compressed/welore": f(comp + head, lrc), "dense/lora": f(dense + head, 0)}
+
+
+def predicted(flops: dict, name: str) -> float:
+    return flops["/".join(ROWS[BASELINE][:2])] / flops["/".join(ROWS[name][:2])]
 
 
 def profile_steps(args, models: dict, names: list[str]) -> dict:
@@ -116,10 +127,10 @@ def profile_steps(args, models: dict, names: list[str]) -> dict:
     torch.set_num_threads(args.threads)
     out = {}
     for n in names:
-        key, method = ROWS[n]
+        key, method, precision = ROWS[n]
         loaded = load_model(models[key], device="cpu", dtype=torch.float32)
         cfg = FinetuneConfig(method=method, steps=100, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
-                             lora_rank=args.lora_rank)
+                             lora_rank=args.lora_rank, precision=precision)
         ds = build_dataset(loaded.tokenizer, args.data, seq_len=args.seq_len, val_fraction=0.1, val_sequences=1,
                            choice_examples=0)
         model = apply_method(loaded.model, cfg)
@@ -136,32 +147,25 @@ def profile_steps(args, models: dict, names: list[str]) -> dict:
         opt = sum(e.cpu_time_total for e in ev if e.key.startswith("Optimizer.step")) / 1e6
         mm = self_s(lambda k: k in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"))
         attn = self_s(lambda k: "scaled_dot_product" in k or "flash_attention" in k)
-        emb = self_s(lambda k: "embedding" in k and "backward" in k)
-        out[n] = {"step_s": total, "matmul_s": mm, "attention_s": attn, "optimizer_s": opt, "embedding_grad_s": emb,
-                  "other_s": max(0.0, total - mm - attn - opt - emb)}
+        cast = self_s(lambda k: k in ("aten::copy_", "aten::_to_copy"))
+        out[n] = {"step_s": total, "matmul_s": mm, "attention_s": attn, "optimizer_s": opt, "cast_copy_s": cast,
+                  "other_s": max(0.0, total - mm - attn - opt - cast)}
         print(f"profile {n}: " + ", ".join(f"{k} {v:.2f}" for k, v in out[n].items()), file=sys.stderr, flush=True)
         del tr, model, loaded
     return out
 
 
-def read_goal(args, path: Path, log, wait_s: float = 3600.0) -> dict:
-    """The result of a goal run started separately (waits for its metrics.json / --json output)."""
-    t0 = time.time()
-    while not (path.is_file() and path.stat().st_size) and time.time() - t0 < wait_s:
-        time.sleep(20)
-    text = path.read_text().strip()
-    try:
-        goal = json.loads(text)  # metrics.json
-    except json.JSONDecodeError:
-        goal = json.loads(text.splitlines()[-1])  # --json output: the last line
-    c = goal["config"]
-    mismatch = {k: (c[k], v) for k, v in (("lr", args.lr), ("batch_size", args.batch_size), ("seq_len", args.seq_len),
-                                          ("val_sequences", args.val_sequences), ("method", "welore"))
-                if c[k] != v}
-    if mismatch or goal["data"]["spec"] != args.data:
-        raise SystemExit(f"--goal-result was run with other settings: {mismatch}")
-    print(f"goal run read from {path}", file=log)
-    return goal
+def at_time(r: dict, budget: float) -> tuple[int, float, float]:
+    """(steps done, their training seconds, held-out perplexity) at the last validation inside
+    `budget` training seconds: the row's final result if it finished within it."""
+    total = r["throughput"]["train_seconds"]
+    if total <= budget:
+        return r["steps"], total, r["val_perplexity_after"]
+    best = (0, 0.0, r["val_perplexity_before"])
+    for step, _, ppl, seconds in r["val"]["curve"]:
+        if seconds <= budget:
+            best = (step, seconds, ppl)
+    return best
 
 
 def main() -> None:
@@ -171,85 +175,48 @@ def main() -> None:
     ap.add_argument("--err", type=float, default=0.5)
     ap.add_argument("--min-ratio", type=float, default=0.5)
     ap.add_argument("--data", default="boolq-passages")
-    ap.add_argument("--steps", type=int, default=20, help="same-steps comparison (the issue asks 150; see notes)")
-    ap.add_argument("--goal-steps", type=int, default=150, help="COFT steps for the perplexity goal (0: skip)")
-    ap.add_argument("--goal-result", help="metrics.json (or --json output) of a finished goal run to use instead")
-    ap.add_argument("--no-same-time", action="store_true", help="skip phase 2")
+    ap.add_argument("--steps", type=int, default=150, help="steps of every row (the issue's goal: 150)")
+    ap.add_argument("--eval-every", type=int, default=10, help="validation every N steps (same-wall-time reading)")
+    ap.add_argument("--same-time-of", default="WeLore-COFT", choices=list(ROWS),
+                    help="the row whose training time is the same-wall-time budget")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--val-sequences", type=int, default=16)
     ap.add_argument("--lora-rank", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per row (OMP_NUM_THREADS)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads per row (OMP_NUM_THREADS)")
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of: " + ", ".join(ROWS))
     ap.add_argument("--workdir", default="/tmp/welore-bench-finetune")
     ap.add_argument("--gc-steps", type=int, default=4,
                     help="steps of dense full FT and COFT with gradient checkpointing, for memory (0: skip)")
-    ap.add_argument("--from-results", help="re-render the section from a results.json of an earlier run")
-    ap.add_argument("--cpu-results", help="with --from-results: results.json of a short run (e.g. --steps 6 "
-                    "--no-same-time) whose CPU-time throughput is shown as a second throughput table")
+    ap.add_argument("--from-results", help="re-render the section from the results.json of an earlier run")
     ap.add_argument("--no-profile", action="store_true", help="skip the per-step time profile")
-    ap.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md alone")
+    ap.add_argument("--no-write", action="store_true", help="print the tables, leave BENCHMARKS.md alone")
     args = ap.parse_args()
 
     if args.from_results:
-        ctx = json.loads(Path(args.from_results).read_text())
-        if args.cpu_results:
-            extra = json.loads(Path(args.cpu_results).read_text())
-            ctx["cpu_throughput"] = {"rows": extra["same_steps"], "load_start": extra["load_start"],
-                                     "load_end": extra["load_end"], "minutes": extra["minutes"]}
-        publish(args, ctx)
+        publish(args, json.loads(Path(args.from_results).read_text()))
         return
+    names = [n.strip() for n in args.rows.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}; choose from: {', '.join(ROWS)}")
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     log = sys.stderr
-    t_start = time.time()
-    load_start = loadavg()
+    t_start, load_start = time.time(), loadavg()
     compressed = ensure_compressed(args, log)
     models = {"dense": args.model, "compressed": compressed}
-    names = [n.strip() for n in args.rows.split(",") if n.strip()]
 
-    goal_proc, goal = None, None
-    if args.goal_result:
-        text = None  # read at the end: the background run may still be going
-    elif args.goal_steps and "WeLore-COFT" in names:
-        cmd = finetune_cmd(args, compressed, "welore", args.goal_steps, work / "goal-coft")
-        print(f"[{time.strftime('%H:%M:%S')}] goal run in parallel: {' '.join(cmd[3:])}", file=log, flush=True)
-        goal_proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env(args))
-
+    same_steps = {n: run_row(args, models, n, args.steps, work / f"steps-{i}", log,
+                             ["--eval-every", str(args.eval_every)] if args.eval_every else [])
+                  for i, n in enumerate(names)}
+    gc_memory = {n: run_row(args, models, n, args.gc_steps, work / f"gc-{i}", log, ["--gradient-checkpointing"])
+                 for i, n in enumerate(x for x in GC_ROWS if x in names)} if args.gc_steps else {}
     prof = {} if args.no_profile else profile_steps(args, models, names)
 
-    same_steps = {n: run_row(args, models[ROWS[n][0]], ROWS[n][1], args.steps, work / f"steps-{i}", log)
-                  for i, n in enumerate(names)}
-
-    same_time: dict[str, list] = {}
-    budget = None
-    if not args.no_same_time and "dense full FT" in same_steps:
-        budget = same_steps["dense full FT"]["throughput"]["train_seconds"]
-        for i, n in enumerate(names):
-            r = same_steps[n]
-            per_step = r["throughput"]["train_seconds"] / r["steps"]
-            k = max(1, round(budget / per_step))
-            same_time[n] = [k, r if k == r["steps"] else
-                            run_row(args, models[ROWS[n][0]], ROWS[n][1], k, work / f"time-{i}", log)]
-
-    if args.goal_result:
-        goal = read_goal(args, Path(args.goal_result), log)
-    if goal_proc is not None:
-        stdout, _ = goal_proc.communicate()
-        if goal_proc.returncode == 0:
-            goal = json.loads(stdout.strip().splitlines()[-1])
-        else:
-            print("goal run failed", file=log)
-
-    gc_memory = {}
-    if args.gc_steps:
-        for i, n in enumerate(x for x in ("dense full FT", "WeLore-COFT") if x in names):
-            gc_memory[n] = run_row(args, models[ROWS[n][0]], ROWS[n][1], args.gc_steps, work / f"gc-{i}", log,
-                                   extra=["--gradient-checkpointing"])
-
-    ctx = {"same_steps": same_steps, "same_time": same_time, "goal": goal, "profile": prof, "gc_memory": gc_memory,
-           "flops_per_token": flop_model(compressed, args.batch_size * args.seq_len), "budget": budget,
+    ctx = {"args": vars(args), "same_steps": same_steps, "gc_memory": gc_memory, "profile": prof,
+           "flops_per_token": flop_model(compressed),
            "load_start": load_start, "load_end": loadavg(), "minutes": (time.time() - t_start) / 60,
            "machine": machine(), "names": names}
     (work / "results.json").write_text(json.dumps(ctx, default=str))
@@ -263,114 +230,105 @@ def _mem(r: dict) -> float:
     return m["model_param_bytes"] / 2**20 + m["peak_growth_mb"]
 
 
-def render(args, ctx: dict) -> str:
-    same_steps, same_time, goal, prof = ctx["same_steps"], ctx["same_time"], ctx["goal"], ctx["profile"]
-    names, flops, budget = ctx["names"], ctx["flops_per_token"], ctx["budget"]
-    base = same_steps.get("dense full FT")
+def _ratio(a, b) -> str:
+    return f"{a / b:.2f}×" if a and b else "-"
+
+
+def render(ctx: dict) -> str:
+    a = ctx["args"]
+    same_steps, prof, names, flops = ctx["same_steps"], ctx["profile"], ctx["names"], ctx["flops_per_token"]
+    base = same_steps.get(BASELINE)
     dense_ppl = base["val_perplexity_before"] if base else None
-    ratio = lambda a, b: f"{a / b:.2f}×" if b else "-"
-    headers = ["method", "trainable params", "tokens/s", "× dense FT", "predicted × (FLOPs)", "peak RSS MB",
-               "weights + growth MB", "× dense FT", "trainable+grad+Adam MB", "val ppl before",
-               f"val ppl after {args.steps} steps"]
-    if same_time:
-        headers += [f"steps in {budget:.3g} s", f"val ppl after {budget:.3g} s"]
+    ref = same_steps.get(a["same_time_of"])
+    budget = ref["throughput"]["train_seconds"] if ref else None
+    steps = a["steps"]
+    headers = ["method", "precision", "trainable params", "tokens/s", "× dense FT (fp32)", "tokens per CPU-s",
+               "× dense FT (fp32)", "predicted × (FLOPs)", "peak RSS MB", "weights + growth MB", "× dense FT (fp32)",
+               "trainable+grad+Adam MB", "val ppl before", f"val ppl after {steps} steps"]
+    if budget:
+        headers += [f"steps in {budget:.0f} s", f"val ppl at {budget:.0f} s"]
     rows = []
     for n in names:
         r = same_steps[n]
-        p, m = r["params"], r["memory"]
+        p, m, t = r["params"], r["memory"], r["throughput"]
         state_mb = (m["trainable_param_bytes"] + m["grad_bytes"] + m["optimizer_state_bytes"]) / 2**20
-        row = [n, f"{p['trainable'] / 1e6:.1f}M / {p['total'] / 1e6:.1f}M ({p['trainable_pct']:.1f}%)",
-               round(r["tokens_per_s"], 1), ratio(r["tokens_per_s"], base["tokens_per_s"]) if base else "-",
-               f"{flops['dense full FT'] / flops[n]:.2f}×", round(m["peak_mb"]), round(_mem(r)),
-               ratio(_mem(r), _mem(base)) if base else "-", round(state_mb),
+        bt = base["throughput"] if base else {}
+        row = [n.replace(" (bf16)", ""), ROWS[n][2], f"{p['trainable'] / 1e6:.1f}M / {p['total'] / 1e6:.1f}M "
+               f"({p['trainable_pct']:.1f}%)", round(t["tokens_per_s"], 1), _ratio(t["tokens_per_s"], bt.get("tokens_per_s")),
+               round(t["tokens_per_cpu_s"], 1), _ratio(t["tokens_per_cpu_s"], bt.get("tokens_per_cpu_s")),
+               f"{predicted(flops, n):.2f}×", round(m["peak_mb"]), round(_mem(r)),
+               _ratio(_mem(r), _mem(base)) if base else "-", round(state_mb),
                round(r["val_perplexity_before"], 1), round(r["val_perplexity_after"], 1)]
-        if same_time:
-            k, rt = same_time[n]
-            row += [k, round(rt["val_perplexity_after"], 1)]
+        if budget:
+            k, _, ppl = at_time(r, budget)
+            row += [k, round(ppl, 1)]
         rows.append(row)
-
+    same_prec = [(n, f"{n} (bf16)") for n in ("WeLore-COFT",) if n in same_steps and f"{n} (bf16)" in same_steps]
     lines = [
         "## Fine-tuning: WeLore-COFT vs full fine-tuning vs LoRA", "",
-        f"`python -m bench.finetune --steps {args.steps} --threads {args.threads} --lr {args.lr} --val-sequences "
-        f"{args.val_sequences} --gc-steps {args.gc_steps}`. {args.model} compressed at ERR {args.err} with min_ratio "
-        f"{args.min_ratio} ({same_steps.get('WeLore-COFT', {}).get('params', {}).get('total', 0) / 1e6:.1f}M "
-        f"parameters). Data `{args.data}`" + (" (BoolQ passages as plain text: causal LM on every token, packed)"
-                                              if args.data == "boolq-passages" else "") +
-        f"; held-out documents chosen by content hash (validation: up to {args.val_sequences} sequences of "
-        f"{args.seq_len} tokens). Every row: AdamW lr {args.lr}, 6% warm-up then cosine to 10%, clipping 1.0, "
-        f"batch {args.batch_size}×{args.seq_len} tokens, fp32, seed 0, LoRA rank {args.lora_rank} (alpha 16) on "
-        f"q,k,v,o,gate,up,down; each row in its own process with {args.threads} torch thread(s).", "",
-        f"Machine: {ctx['machine']}. Load average at start {ctx['load_start']}, at end {ctx['load_end']}: the 2 cores "
-        "were shared with other engineers' jobs and with the goal run, so absolute tokens/s are several times below an "
-        f"idle machine's and noisy; ratios less so. Total bench time {ctx['minutes']:.0f} min.", "",
-        f"Same steps ({args.steps}; the issue asks 150, reduced for CPU time on the shared machine) and same wall "
-        + (f"time ({budget:.0f} s = dense full FT's training time for its {args.steps} steps; each faster row runs "
-           "again with as many steps as fit, on its own cosine schedule):" if same_time else "time: skipped"), "",
+        f"`python -m bench.finetune --steps {steps} --threads {a['threads']} --lr {a['lr']} --eval-every "
+        f"{a['eval_every']} --val-sequences {a['val_sequences']} --gc-steps {a['gc_steps']}`. {a['model']} "
+        f"compressed at ERR {a['err']} with min_ratio {a['min_ratio']}. Data `{a['data']}`"
+        + (" (BoolQ passages as plain text: causal LM on every token, packed)" if a["data"] == "boolq-passages" else "")
+        + f"; held-out documents chosen by content hash (validation: {a['val_sequences']} sequences of "
+        f"{a['seq_len']} tokens). Every row: AdamW lr {a['lr']}, 6% warm-up then cosine to 10%, clipping 1.0, batch "
+        f"{a['batch_size']}×{a['seq_len']} tokens, seed 0; LoRA rank {a['lora_rank']} (alpha 16) on "
+        f"q,k,v,o,gate,up,down; rows one after another, each in its own process with {a['threads']} torch threads. "
+        "bf16 = `--precision bf16`: bf16 autocast, fp32 master weights, gradients and AdamW state.", "",
+        f"Machine: {ctx['machine']}. Load average at start {ctx['load_start']}, at end {ctx['load_end']}. "
+        f"Total bench time {ctx['minutes']:.0f} min.", "",
+        f"Same steps ({steps}) and same wall time ({budget:.0f} s of training = {a['same_time_of']}'s {steps} steps; "
+        "each row's perplexity at its last validation inside that time, on its own schedule):" if budget else
+        f"Same steps ({steps}):", "",
         table(headers, rows), "",
-        "tokens/s excludes each run's first 2 steps. Peak RSS: the process's peak resident set while training; "
-        "weights + growth: parameter bytes plus the growth of the resident set during training (the CPU analogue of "
-        "GPU max_memory_allocated, without the ~0.5 GB of libraries and data every process holds); "
+        "tokens/s excludes each run's first 2 steps and all validation time; tokens per CPU-second is the same "
+        "count over process CPU time. Peak RSS: the process's peak resident set while training; weights + growth: "
+        "parameter bytes plus the growth of the resident set during training (the CPU analogue of GPU "
+        "max_memory_allocated, without the ~0.5 GB of libraries and data every process holds); "
         "trainable+grad+Adam: exact tensor bytes. \"predicted ×\": dense full FT's matmul FLOPs per token over the "
-        "row's (forward 2·W, input-gradients 2·W, weight-gradients 2·W_trainable; attention products left out).",
+        "row's (forward 2·W, input-gradients 2·W, weight-gradients 2·W_trainable; attention products left out), "
+        "the same at either precision.",
     ]
+    if base and "dense full FT (bf16)" in same_steps:
+        b16 = same_steps["dense full FT (bf16)"]["tokens_per_s"]
+        lines += ["", "At equal precision: " + "; ".join(
+            f"{hi} / dense full FT (bf16) = {_ratio(same_steps[hi]['tokens_per_s'], b16)}" for _, hi in same_prec)
+            + "; " + "; ".join(f"{lo} / dense full FT = {_ratio(same_steps[lo]['tokens_per_s'], base['tokens_per_s'])}"
+                               for lo, _ in same_prec) + "."]
     if dense_ppl:
         lines += ["", f"Dense model, no training, same held-out windows: perplexity {dense_ppl:.1f}."]
-    if goal:
-        g = goal
-        lines += ["", f"**Goal run** — WeLore-COFT, {g['steps']} steps, same settings: held-out perplexity "
-                  f"{g['val_perplexity_before']:,.0f} → {g['val_perplexity_after']:.1f}"
-                  + (f" = {g['val_perplexity_after'] / dense_ppl:.1f}× the dense model's {dense_ppl:.1f}" if dense_ppl else "")
-                  + f" (goal ≤ 10×; reference 417 = 20.7×). {g['tokens_per_s']:.1f} tokens/s while sharing the CPU; "
-                  f"{g['throughput']['train_seconds'] / 60:.1f} min of training"
-                  + (" (run in the background as `welore finetune ... --eval-every 25 --json`, read with --goal-result)"
-                     if args.goal_result else "") + "."]
-        if g["val"].get("curve"):
-            lines += ["", "Goal run, held-out perplexity along the way: " + ", ".join(
-                f"step {s}: {p:,.1f}" for s, _, p in g["val"]["curve"]) + f", step {g['steps']}: "
-                f"{g['val_perplexity_after']:,.1f}."]
-    if ctx.get("gc_memory"):
-        gm = ctx["gc_memory"]
-        gb = gm.get("dense full FT")
-        gh = ["method (gradient checkpointing on)", "peak RSS MB", "× dense FT", "weights + growth MB", "× dense FT",
-              "tokens/s"]
-        gr = [[n, round(r["memory"]["peak_mb"]), ratio(r["memory"]["peak_mb"], gb["memory"]["peak_mb"]) if gb else "-",
-               round(_mem(r)), ratio(_mem(r), _mem(gb)) if gb else "-",
-               round(r["tokens_per_s"], 1) if r["tokens_per_s"] else "-"]
-              for n, r in gm.items()]
-        lines += ["", f"Memory with `--gradient-checkpointing` on both rows ({args.gc_steps} steps each; activations "
-                  "recomputed in the backward pass, so weights, gradients and optimizer state dominate):", "",
-                  table(gh, gr)]
-    cpu = ctx.get("cpu_throughput")
-    if cpu:
-        rows_c = cpu["rows"]
-        b = rows_c.get("dense full FT")
-        ch = ["method", "steps (timed)", "tokens/s (wall)", "× dense FT", "tokens per CPU-second", "× dense FT",
-              "predicted × (FLOPs)"]
-        cr = []
-        for n, r in rows_c.items():
-            t = r["throughput"]
-            cr.append([n, f"{r['steps']} ({t['timed_steps']})", round(t["tokens_per_s"], 1),
-                       ratio(t["tokens_per_s"], b["throughput"]["tokens_per_s"]) if b else "-",
-                       round(t["tokens_per_cpu_s"], 1), ratio(t["tokens_per_cpu_s"], b["throughput"]["tokens_per_cpu_s"])
-                       if b else "-", f"{flops['dense full FT'] / flops[n]:.2f}×"])
-        lines += ["", "Throughput again, from a separate short run with the same settings, rows one after another "
-                  f"(load average {cpu['load_start']} → {cpu['load_end']}, {cpu['minutes']:.0f} min), with CPU time "
-                  "beside wall time (one torch thread per process, so CPU time is what a step costs; when the two "
-                  "agree the process had a core to itself). See the notes below for how these compare with the "
-                  "other measurements:", "", table(ch, cr)]
+    for n in ("WeLore-COFT", "WeLore-COFT (bf16)"):
+        r = same_steps.get(n)
+        if r and dense_ppl:
+            curve = ", ".join(f"{c[0]}: {c[2]:,.1f}" for c in r["val"]["curve"] if c[0] % 25 == 0)
+            lines += ["", f"**{n}**, {r['steps']} steps: held-out perplexity {r['val_perplexity_before']:,.0f} → "
+                      f"{r['val_perplexity_after']:.1f} = {r['val_perplexity_after'] / dense_ppl:.2f}× the dense "
+                      f"model's {dense_ppl:.1f} (goal ≤ 10×; reference 417 = 20.7×); along the way (step: ppl) {curve}."]
+    gm = ctx.get("gc_memory") or {}
+    if gm:
+        gb = gm.get(BASELINE)
+        gh = ["method (gradient checkpointing on)", "precision", "peak RSS MB", "× dense FT (fp32)",
+              "weights + growth MB", "× dense FT (fp32)", "tokens/s"]
+        gr = [[n.replace(" (bf16)", ""), ROWS[n][2], round(r["memory"]["peak_mb"]),
+               _ratio(r["memory"]["peak_mb"], gb["memory"]["peak_mb"]) if gb else "-",
+               round(_mem(r)), _ratio(_mem(r), _mem(gb)) if gb else "-",
+               round(r["tokens_per_s"], 1) if r["tokens_per_s"] else "-"] for n, r in gm.items()]
+        lines += ["", f"Memory with `--gradient-checkpointing` ({a['gc_steps']} steps each; activations recomputed in "
+                  "the backward pass, so weights, gradients and optimizer state dominate):", "", table(gh, gr)]
     if prof:
-        ph = ["method", "step s (profiled)", "matmul", "attention", "optimizer (AdamW)", "embedding grad", "other"]
-        pr = [[n, round(v["step_s"], 2)] + [f"{v[k] / v['step_s']:.0%}" for k in
-                                              ("matmul_s", "attention_s", "optimizer_s", "embedding_grad_s", "other_s")]
-              for n, v in prof.items()]
+        ph = ["method", "precision", "step s (profiled)", "matmul", "attention", "optimizer (AdamW)", "casts/copies",
+              "other"]
+        pr = [[n.replace(" (bf16)", ""), ROWS[n][2], round(v["step_s"], 2)] + [
+            f"{v[k] / v['step_s']:.0%}" for k in ("matmul_s", "attention_s", "optimizer_s", "cast_copy_s", "other_s")]
+            for n, v in prof.items()]
         lines += ["", "Where one step's time goes (torch.profiler, one step after one warm-up step, in the bench "
-                  "process, same threads; self time of the ops; other = norms, activations, loss, copies):", "",
+                  "process, same threads; self time of the ops; other = norms, activations, loss, embedding):", "",
                   table(ph, pr)]
     return "\n".join(lines)
 
 
 def publish(args, ctx: dict) -> None:
-    body = render(args, ctx)
+    body = render(ctx)
     print(body)
     if not args.no_write:
         notes = Path(__file__).with_name("finetune_notes.md")

@@ -37,7 +37,7 @@ def lr_at(step: int, cfg: FinetuneConfig) -> float:
 class TrainState:
     step: int = 0
     loss_curve: list = field(default_factory=list)  # [step, mean loss per scored token, lr]
-    val_curve: list = field(default_factory=list)  # [step, loss, perplexity]
+    val_curve: list = field(default_factory=list)  # [step, loss, perplexity, training seconds so far]
     tokens: int = 0  # input tokens processed (padding excluded)
     train_seconds: float = 0.0  # all steps, all sessions
     timed_steps: int = 0  # steps counted in throughput (timing warm-up excluded per session)
@@ -128,7 +128,7 @@ class Trainer:
             if cfg.eval_every and st.step % cfg.eval_every == 0 and st.step < cfg.steps:
                 progress(ProgressEvent("eval", 0, 1, message=f"step {st.step}"))
                 v = self.evaluate(should_stop)
-                st.val_curve.append([st.step, v["loss"], v["perplexity"]])
+                st.val_curve.append([st.step, v["loss"], v["perplexity"], st.train_seconds])
                 progress(ProgressEvent("eval", 1, 1, message=f"step {st.step}",
                                        metrics={"val_loss": v["loss"], "val_ppl": v["perplexity"]}))
             if on_save is not None and cfg.save_every and st.step % cfg.save_every == 0 and st.step < cfg.steps:
