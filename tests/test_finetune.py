@@ -190,6 +190,22 @@ def test_loss_decreases_on_a_learnable_corpus(tiny, tmp_path):
     assert r["val_perplexity_after"] < r["val_perplexity_before"]
 
 
+def test_bf16_precision_on_cpu_learns_and_keeps_fp32_weights(tiny, tmp_path):
+    """`--precision bf16` (autocast) on the CPU: the loss still falls, the checkpoint keeps
+    fp32 weights, and the frozen ones are unchanged bit for bit."""
+    out = tmp_path / "bf16"
+    r = finetune_checkpoint(tiny["comp"], out, data=tiny["data"], steps=25, lr=3e-3, precision="bf16", **FAST)
+    assert r["config"]["precision"] == "bf16"
+    assert r["val"]["after"]["loss"] < r["val"]["before"]["loss"] - 0.3
+    before = load_file(str(Path(tiny["comp"]) / "model.safetensors"))
+    after = load_file(str(out / "model.safetensors"))
+    assert all(t.dtype == torch.float32 for t in after.values())
+    for k, t in before.items():
+        lrc_factor = k.endswith((".A", ".B"))
+        norm = "norm" in k
+        assert torch.equal(t, after[k]) == (not (lrc_factor or norm)), k
+
+
 def test_resume_equals_uninterrupted_run(tiny, tmp_path):
     kw = dict(data=tiny["data"], steps=6, lr=5e-3, save_every=2, **FAST)
     full = finetune_checkpoint(tiny["comp"], tmp_path / "a", **kw)

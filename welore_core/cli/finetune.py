@@ -65,7 +65,8 @@ def register(sub) -> None:
                    help="held-out multiple-choice items scored for accuracy (BoolQ/CommonsenseQA; default 100)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="auto: bf16 autocast on GPU, fp32 on CPU")
+                   help="auto: bf16 autocast on GPU, fp32 on CPU; bf16: autocast on either (fp32 weights and "
+                        "optimizer state; ~2x faster on CPUs with AVX-512 BF16)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     add_device_flag(p)
     add_json_flag(p)
