@@ -11,6 +11,10 @@ Data (written once under the cache directory, from ../shared/data):
 Each configuration runs in its own process (clean peak RSS / GPU memory); results are
 appended to BENCHMARKS.md (section "calibration") as they come. Usage:
     python bench/calibration.py [--samples 32] [--windows 8] [--coft-steps 150] [--skip-levers]
+    python bench/calibration.py --sequential-study [--samples 16] [--windows 4]
+`--sequential-study` runs only the sequential mode (and its `match_dense` refit) at every ERR,
+then WeLore-COFT from the best ERR 0.5 compression, into its own section
+("calibration-sequential") so the main table above stays as measured.
 """
 
 from __future__ import annotations
@@ -97,7 +101,8 @@ def child(cfg: dict) -> dict:
             t1 = time.perf_counter()
             ft = finetune_checkpoint(str(ckpt), Path(cfg["workdir"]) / "coft-out", data=str(files["calib"]),
                                      method="welore", steps=cfg["coft_steps"], batch_size=cfg["coft_batch"],
-                                     seq_len=cfg["coft_seq_len"], val_sequences=8, overwrite=True)
+                                     seq_len=cfg["coft_seq_len"], val_sequences=8, overwrite=True,
+                                     **cfg.get("coft_options", {}))
             out["coft_seconds"] = time.perf_counter() - t1
             out["coft"] = {k: ft.get(k) for k in ("trainable_params", "final_loss", "tokens_per_second") if k in ft}
             model = load_model(str(Path(cfg["workdir"]) / "coft-out")).model
@@ -221,6 +226,10 @@ def main() -> int:
     ap.add_argument("--coft-seq-len", type=int, default=256)
     ap.add_argument("--skip-levers", action="store_true")
     ap.add_argument("--skip-coft", action="store_true")
+    ap.add_argument("--sequential-study", action="store_true",
+                    help="only the sequential / match-dense rows and COFT from them (section calibration-sequential)")
+    ap.add_argument("--coft-lr", type=float, default=5e-4, help="--sequential-study: COFT peak learning rate")
+    ap.add_argument("--coft-precision", default="bf16", help="--sequential-study: COFT precision (fp32|bf16)")
     ap.add_argument("--render-only", action="store_true",
                     help="re-render BENCHMARKS.md from the last run's results.json (run with the same flags)")
     args = ap.parse_args()
@@ -240,6 +249,8 @@ def main() -> int:
     main_rows, lever_rows, coft_rows, notes = [], [], [], []
     if args.render_only:
         return render_saved(args, workdir)
+    if args.sequential_study:
+        return sequential_study(args, base)
 
     def save():
         write_section("calibration", render(args, main_rows, lever_rows, coft_rows, notes))
@@ -299,6 +310,66 @@ def main() -> int:
         notes.append(f"Goal ERR {err}: ≤ {goal}× dense on held-out text — best here {min(ratios):.3f}× "
                      f"({'met' if min(ratios) <= goal else 'not met'}).")
     save()
+    return 0
+
+
+SEQUENTIAL = {"factorization": "whitened", "sequential": True}
+STUDY = [  # (ERR, min_ratio, label, compress_model keyword arguments, extra child settings)
+    (0.1, 0.0, "whitened, weight ranks, sequential", SEQUENTIAL, {}),
+    (0.1, 0.0, "whitened, weight ranks, sequential, match dense", {**SEQUENTIAL, "match_dense": True}, {}),
+    (0.3, 0.5, "whitened, weight ranks, sequential", SEQUENTIAL, {}),
+    (0.3, 0.5, "whitened, weight ranks, sequential, match dense", {**SEQUENTIAL, "match_dense": True}, {}),
+    (0.5, 0.5, "whitened, weight ranks, sequential", SEQUENTIAL, {}),
+    (0.5, 0.5, "whitened, weight ranks, sequential, match dense", {**SEQUENTIAL, "match_dense": True}, {}),
+]
+
+
+def sequential_study(args, base: dict) -> int:
+    workdir = Path(base["workdir"])
+    results: dict = {}
+    dense = run_child({**base, "label": "dense"})
+    rows, coft_rows = [fmt_row(dense, dense)], []
+
+    def save(notes=()):
+        body = ["## Calibration-aware WeLore: the sequential mode at every ERR, then WeLore-COFT", "",
+                f"`python bench/calibration.py --sequential-study --samples {args.samples} --windows {args.windows}` "
+                f"— {machine()}. Same model, calibration text, held-out corpora and evaluation windows as the "
+                "section above (so the dense row and the ratios compare with it); every row compresses cold "
+                "(its sequential SVDs are new).", "", table(HEADERS, rows)]
+        if coft_rows:
+            body += ["", f"Then WeLore-COFT: {args.coft_steps} steps × {args.coft_batch} × {args.coft_seq_len} tokens "
+                     f"of the calibration text, lr {args.coft_lr}, `--precision {args.coft_precision}`:", "",
+                     table(HEADERS, coft_rows)]
+        body += ["", *notes]
+        write_section("calibration-sequential", "\n".join(body))
+        (workdir / "sequential-study.json").write_text(json.dumps(results, indent=2, default=str))
+
+    for err, mr, label, kw, extra in STUDY:
+        r = run_child({**base, **extra, "label": label, "err": err, "min_ratio": mr, "kw": kw})
+        results[f"{err}/{label}"] = r
+        print(err, label, r, flush=True)
+        rows.append(fmt_row(r, dense, err, mr))
+        save()
+    best = min((r.get("ppl_csqa", float("inf")), label, kw) for (err, _, label, kw, _), r in
+               zip(STUDY, results.values()) if err == 0.5)
+    if args.coft_steps:
+        r = run_child({**base, "label": f"{best[1]} + {args.coft_steps} COFT steps", "err": 0.5, "min_ratio": 0.5,
+                       "kw": best[2], "coft_steps": args.coft_steps, "coft_batch": args.coft_batch,
+                       "coft_seq_len": args.coft_seq_len,
+                       "coft_options": {"lr": args.coft_lr, "precision": args.coft_precision}})
+        results["coft"] = r
+        print("coft", r, flush=True)
+        coft_rows += [fmt_row(results[f"0.5/{best[1]}"], dense, 0.5, 0.5), fmt_row(r, dense, 0.5, 0.5)]
+    notes = []
+    for err, goal in GOALS.items():
+        ratios = [r.get("ppl_csqa", float("inf")) / dense["ppl_csqa"] for k, r in results.items()
+                  if k.startswith(f"{err}/")]
+        notes.append(f"Goal ERR {err}: ≤ {goal}× dense on other-domain text — best here {min(ratios):.3f}× "
+                     f"({'met' if min(ratios) <= goal else 'not met'}).")
+    extra = Path(__file__).with_name("calibration_notes.md")
+    if extra.is_file():
+        notes.append(extra.read_text().strip())
+    save(notes)
     return 0
 
 
