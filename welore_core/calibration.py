@@ -44,7 +44,6 @@ DEFAULT_SAMPLES = 64
 DEFAULT_SEQ_LEN = 512
 BATCH_TOKENS = 4096  # calibration windows per forward: ⌈BATCH_TOKENS / seq_len⌉
 RANK_SOURCES = ("weights", "activations")
-RESIDUAL = False
 
 
 @dataclass(frozen=True)
@@ -106,16 +105,12 @@ class InputStats:
     """
 
     def __init__(self, modules: dict[str, nn.Module], gram: bool = True, abs_sum: bool = False,
-                 paired: bool = False, residuals: Optional[dict[str, nn.Module]] = None):
+                 paired: bool = False):
         self.modules = modules
         self.want_gram, self.want_abs, self.paired = gram, abs_sum, paired
         self.capturing = False
         self._reference: dict[str, torch.Tensor] = {}
         self.cross: list[Optional[torch.Tensor]] = []
-        self.residuals = residuals or {}  # module name → the norm whose input is the residual it adds to
-        self._res_ref: dict[str, torch.Tensor] = {}
-        self._res_now: dict[str, torch.Tensor] = {}
-        self.res_cross: dict[str, torch.Tensor] = {}
         self.group_of: dict[str, int] = {}
         self.groups: list[list[str]] = []
         self.gram: list[Optional[torch.Tensor]] = []
@@ -128,15 +123,7 @@ class InputStats:
     def __enter__(self) -> "InputStats":
         for name, mod in self.modules.items():
             self._handles.append(mod.register_forward_pre_hook(self._hook(name)))
-        for name, norm in self.residuals.items():
-            if name in self.modules:
-                self._handles.append(norm.register_forward_pre_hook(self._res_hook(name)))
         return self
-
-    def _res_hook(self, name: str):
-        def pre(module, args):
-            (self._res_ref if self.capturing else self._res_now)[name] = args[0]
-        return pre
 
     def __exit__(self, *exc) -> None:
         for h in self._handles:
@@ -147,8 +134,6 @@ class InputStats:
     def end_call(self) -> None:
         self._seen.clear()
         self._reference.clear()
-        self._res_ref.clear()
-        self._res_now.clear()
 
     def cross_for(self, name: str) -> Optional[torch.Tensor]:
         """C = XᵀX̃ of `name`'s input group (paired statistics only)."""
@@ -193,10 +178,6 @@ class InputStats:
                                   "(the paired forward must run first)")
             add = ref.detach().reshape(-1, x.shape[-1]).double().T @ x  # XᵀX̃, n×n
             self.cross[g] = add if self.cross[g] is None else self.cross[g].add_(add)
-            if name in self.residuals:
-                e = self._res_now[name].double() - self._res_ref[name].double()
-                add = e.reshape(-1, e.shape[-1]).T @ x  # EᵀX̃, out×n
-                self.res_cross[name] = add if name not in self.res_cross else self.res_cross[name].add_(add)
         if self.want_abs:
             add = x.abs().sum(0)  # n
             self.abs_sum[g] = add if self.abs_sum[g] is None else self.abs_sum[g].add_(add)
@@ -349,7 +330,7 @@ class Calibrator:
             check_stop(self.should_stop)
             T = stats.transform(name, self.factorization, self.alpha, self.damp)
             W = self.model.get_submodule(name).weight
-            U, S, Vh = transformed_svd(W, T, stats.cross_for(name), stats.res_cross.get(name))
+            U, S, Vh = transformed_svd(W, T, stats.cross_for(name))
             self.cache.put(key, U.float(), S.float(), Vh.float(), metadata={"how": T.how})
             result.factorized += 1
 
@@ -357,16 +338,8 @@ class Calibrator:
         """Hooks on the matrices of `idx` whose entries are still missing (none: no statistics)."""
         mods = {self.names[i]: self.model.get_submodule(self.names[i]) for i in idx
                 if keys[i] is not None and not self.cache.has(keys[i])}
-        res = {}
-        if paired and RESIDUAL:
-            for n in mods:
-                layer = self.layers[layer_index(n)]
-                if n.endswith("o_proj"):
-                    res[n] = layer.input_layernorm
-                elif n.endswith("down_proj"):
-                    res[n] = layer.post_attention_layernorm
         return InputStats(mods, gram=self.factorization == "whitened", abs_sum=self.factorization == "scaled",
-                          paired=paired, residuals=res)
+                          paired=paired)
 
     def _finish(self, result: CalibratedSpectra) -> CalibratedSpectra:
         for name, key in zip(result.names, result.keys):

@@ -108,8 +108,8 @@ def abs_mean_scale(abs_mean: torch.Tensor, alpha: float = ALPHA) -> Transform:
     return Transform("scaled", s.clamp_min(MIN_SCALE * top), "diagonal")
 
 
-def transformed_svd(W: torch.Tensor, T: Transform, cross: torch.Tensor | None = None,
-                    residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def transformed_svd(W: torch.Tensor, T: Transform,
+                    cross: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(U, Σ, Vh_eff) of W·S in float64, Vh_eff = Vᵀ·S⁻¹; Σ descending, r = min(m, n).
     With `cross` = C = XᵀX̃ (whitened only), of W·(C + δ·I)·S⁻ᵀ instead: matched to the dense
     outputs (module docstring)."""
@@ -120,10 +120,7 @@ def transformed_svd(W: torch.Tensor, T: Transform, cross: torch.Tensor | None = 
         if T.kind != "whitened" or T.S.dim() != 2:
             raise InvalidArgument("matching the dense outputs needs the whitened factorisation")
         C = cross.double().to(T.S.device)
-        WC = W @ (C + T.delta * torch.eye(C.shape[0], dtype=C.dtype, device=C.device))
-        if residual is not None:
-            WC = WC - residual.double().to(WC.device)
-        M = T.right_inverse_transpose(WC)
+        M = T.right_inverse_transpose(W @ (C + T.delta * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)))
     if M.shape[0] >= M.shape[1]:
         U, S, Vh = torch.linalg.svd(M, full_matrices=False)
     else:
