@@ -12,9 +12,9 @@ Each configuration runs in its own process (clean peak RSS / GPU memory); result
 appended to BENCHMARKS.md (section "calibration") as they come. Usage:
     python bench/calibration.py [--samples 32] [--windows 8] [--coft-steps 150] [--skip-levers]
     python bench/calibration.py --sequential-study [--samples 16] [--windows 4]
-`--sequential-study` runs only the sequential mode (and its `match_dense` refit) at every ERR,
-then WeLore-COFT from the best ERR 0.5 compression, into its own section
-("calibration-sequential") so the main table above stays as measured.
+`--sequential-study` runs the second round of levers (sequential mode at every ERR, 64
+calibration windows, damping), then WeLore-COFT from the best ERR 0.5 compression, into its
+own section ("calibration-sequential") so the main table above stays as measured.
 """
 
 from __future__ import annotations
@@ -227,7 +227,7 @@ def main() -> int:
     ap.add_argument("--skip-levers", action="store_true")
     ap.add_argument("--skip-coft", action="store_true")
     ap.add_argument("--sequential-study", action="store_true",
-                    help="only the sequential / match-dense rows and COFT from them (section calibration-sequential)")
+                    help="the second round of levers and COFT from them (section calibration-sequential)")
     ap.add_argument("--coft-lr", type=float, default=5e-4, help="--sequential-study: COFT peak learning rate")
     ap.add_argument("--coft-precision", default="bf16", help="--sequential-study: COFT precision (fp32|bf16)")
     ap.add_argument("--render-only", action="store_true",
@@ -314,13 +314,15 @@ def main() -> int:
 
 
 SEQUENTIAL = {"factorization": "whitened", "sequential": True}
+WHITENED = {"factorization": "whitened"}
 STUDY = [  # (ERR, min_ratio, label, compress_model keyword arguments, extra child settings)
     (0.1, 0.0, "whitened, weight ranks, sequential", SEQUENTIAL, {}),
-    (0.1, 0.0, "whitened, weight ranks, sequential, match dense", {**SEQUENTIAL, "match_dense": True}, {}),
+    (0.1, 0.0, "whitened, weight ranks, 64 samples", WHITENED, {"samples": 64}),
+    (0.1, 0.0, "whitened, weight ranks, 64 samples, damp 1e-3", {**WHITENED, "damp": 1e-3}, {"samples": 64}),
     (0.3, 0.5, "whitened, weight ranks, sequential", SEQUENTIAL, {}),
-    (0.3, 0.5, "whitened, weight ranks, sequential, match dense", {**SEQUENTIAL, "match_dense": True}, {}),
+    (0.3, 0.5, "whitened, weight ranks, 64 samples", WHITENED, {"samples": 64}),
     (0.5, 0.5, "whitened, weight ranks, sequential", SEQUENTIAL, {}),
-    (0.5, 0.5, "whitened, weight ranks, sequential, match dense", {**SEQUENTIAL, "match_dense": True}, {}),
+    (0.5, 0.5, "whitened, weight ranks, sequential, 64 samples", SEQUENTIAL, {"samples": 64}),
 ]
 
 
@@ -331,11 +333,12 @@ def sequential_study(args, base: dict) -> int:
     rows, coft_rows = [fmt_row(dense, dense)], []
 
     def save(notes=()):
-        body = ["## Calibration-aware WeLore: the sequential mode at every ERR, then WeLore-COFT", "",
+        body = ["## Calibration-aware WeLore, second round: sequential mode at every ERR, more calibration tokens, then WeLore-COFT", "",
                 f"`python bench/calibration.py --sequential-study --samples {args.samples} --windows {args.windows}` "
-                f"— {machine()}. Same model, calibration text, held-out corpora and evaluation windows as the "
-                "section above (so the dense row and the ratios compare with it); every row compresses cold "
-                "(its sequential SVDs are new).", "", table(HEADERS, rows)]
+                f"— {machine()}. Same model, calibration text and held-out corpora as the section above, evaluated "
+                f"on {args.windows} windows × {args.eval_seq_len} tokens per corpus (compare ratios within this "
+                "table: the section above used its own window count); every row compresses cold (its "
+                "sequential SVDs are new).", "", table(HEADERS, rows)]
         if coft_rows:
             body += ["", f"Then WeLore-COFT: {args.coft_steps} steps × {args.coft_batch} × {args.coft_seq_len} tokens "
                      f"of the calibration text, lr {args.coft_lr}, `--precision {args.coft_precision}`:", "",

@@ -69,42 +69,6 @@ def test_full_rank_reproduces_W(kind, shape):
     torch.testing.assert_close(B @ A, W, rtol=1e-9, atol=1e-9)
 
 
-def perturbed(X: torch.Tensor, seed: int = 7) -> torch.Tensor:
-    """X̃: the inputs after earlier layers were compressed (X plus a correlated error)."""
-    g = torch.Generator().manual_seed(seed)
-    return X @ (torch.eye(X.shape[1], dtype=X.dtype) + 0.2 * torch.randn(X.shape[1], X.shape[1], generator=g,
-                                                                         dtype=X.dtype))
-
-
-def test_matching_dense_outputs_with_unchanged_inputs_is_the_whitened_factorisation():
-    W = torch.randn(20, 12, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
-    X = non_white_inputs(100, 12, seed=9)
-    T = gram_root(X.T @ X)
-    for a, b in zip(transformed_svd(W, T), transformed_svd(W, T, cross=X.T @ X)):
-        torch.testing.assert_close(a.abs(), b.abs(), rtol=1e-7, atol=1e-9)  # singular vectors up to sign
-
-
-def test_matching_dense_outputs_beats_whitening_on_the_compressed_inputs_at_every_rank():
-    """Target W·Xᵀ from inputs X̃ ≠ X: the matched truncation's error ‖W·Xᵀ − Ŵ·X̃ᵀ‖ is below the
-    whitened-on-X̃ truncation's at every rank, and at full rank it is the ridge solution."""
-    W = torch.randn(24, 16, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
-    X = non_white_inputs(300, 16, seed=11)
-    Xt = perturbed(X)
-    G, C = Xt.T @ Xt, X.T @ Xt
-    T = gram_root(G, damp=1e-6)
-    plain_seq = transformed_svd(W, T)
-    matched = transformed_svd(W, T, cross=C)
-    err = lambda W_hat: float(torch.linalg.matrix_norm(W @ X.T - W_hat @ Xt.T))
-    for k in range(1, 17):
-        e_match, e_seq = err(truncated(*matched, k)), err(truncated(*plain_seq, k))
-        assert e_match < e_seq, (k, e_match, e_seq)
-    eye = torch.eye(16, dtype=torch.float64)
-    ridge = W @ (C + T.delta * eye) @ torch.linalg.inv(G + T.delta * eye)
-    torch.testing.assert_close(truncated(*matched, 16), ridge, rtol=1e-6, atol=1e-8)
-    with pytest.raises(InvalidArgument, match="whitened"):
-        transformed_svd(W, abs_mean_scale(Xt.abs().mean(0)), cross=C)
-
-
 def test_cholesky_fallback_for_rank_deficient_gram():
     """Fewer tokens than inputs and a dead channel: G is singular, plain Cholesky fails, damping
     rescues it; the result still reproduces W at full rank and beats plain on the tokens."""
@@ -275,59 +239,6 @@ def test_rank_from_activations_and_sequential(tiny_llama, fresh_cache):
     assert again.calibration["layer_forwards"] == 0
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=t).logits).all()
-
-
-def _inputs_of(model, names, t):
-    """Each named module's input on tokens `t` (tokens×n, float64)."""
-    got = {}
-    hooks = [model.get_submodule(n).register_forward_pre_hook(
-        lambda m, a, n=n: got.__setitem__(n, a[0].reshape(-1, a[0].shape[-1]).double())) for n in names]
-    with torch.no_grad():
-        model(input_ids=t)
-    for h in hooks:
-        h.remove()
-    return got
-
-
-def test_sequential_matching_dense_outputs(tiny_llama, fresh_cache):
-    """Same ranks as sequential, its own cache entries, two streams per layer; every matrix of
-    layer 1 gets closer to the dense outputs W·Xᵀ from the inputs X̃ that layer 0's compression
-    leaves it (what it is fitted for; whether the whole model gains is measured on real models)."""
-    t = tokens(n=12)
-    dense = tiny_llama(layers=3)
-    layer1 = [n for n in target_names(dense) if ".layers.1." in n]
-    X = _inputs_of(dense, layer1, t)
-
-    def run(**kw):
-        model = tiny_llama(layers=3)
-        r = compress_model(model, err=0.4, min_ratio=0.0, cache=fresh_cache, calibration=calib(t), sequential=True,
-                           tolerance=0.05, **kw)
-        prefix = tiny_llama(layers=3)  # layer 0 compressed, the rest dense: what layer 1 was fitted on
-        prefix.model.layers[0] = model.model.layers[0]
-        Xt = _inputs_of(prefix, layer1, t)
-        errors = {}
-        for n in layer1:
-            W, mod = dense.get_submodule(n).weight.detach().double(), model.get_submodule(n)
-            W_hat = (mod.B @ mod.A if hasattr(mod, "A") else mod.weight).detach().double()
-            errors[n] = float(torch.linalg.matrix_norm(W @ X[n].T - W_hat @ Xt[n].T))
-        return r, errors
-
-    seq, e_seq = run()
-    match, e_match = run(match_dense=True)
-    assert match.calibration["match_dense"] and not seq.calibration["match_dense"]
-    assert [m.kept_rank for m in match.matrices] == [m.kept_rank for m in seq.matrices]
-    assert match.calibration["factorized"] == match.n_lrc  # not served from the sequential entries
-    # layers 0, 1, 2 gather on both streams (2 forwards each); compressed layers 0 and 1 feed the next
-    assert match.calibration["layer_forwards"] == 2 * 3 + 2
-    assert all(e_match[n] < e_seq[n] for n in layer1), (e_match, e_seq)
-    again, _ = run(match_dense=True)
-    assert again.calibration["factorized"] == 0 and again.calibration["layer_forwards"] == 0
-    with pytest.raises(InvalidArgument, match="--sequential"):
-        compress_model(tiny_llama(), err=0.4, min_ratio=0.0, cache=fresh_cache, calibration=calib(t),
-                       match_dense=True, tolerance=0.05)
-    with pytest.raises(InvalidArgument, match="--sequential and --factorization whitened"):
-        compress_model(tiny_llama(), err=0.4, min_ratio=0.0, cache=fresh_cache, calibration=calib(t),
-                       sequential=True, factorization="scaled", match_dense=True, tolerance=0.05)
 
 
 def test_checkpoint_records_calibration(tiny_llama, fresh_cache, tmp_path, byte_tokenizer):

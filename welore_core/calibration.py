@@ -12,9 +12,6 @@ How the statistics are gathered (memory: one decoder layer's statistics at a tim
      become the next layer's inputs.
   3. `sequential`: layer L's statistics are gathered with layers 0..L−1 already compressed
      (each layer runs twice: dense for its statistics, then compressed to feed the next).
-     With `match_dense` a second stream of hidden states runs through the dense layers, and
-     each matrix also accumulates C = XᵀX̃ between its dense-stream inputs X and its
-     compressed-stream inputs X̃, so its factors are fitted to the dense outputs (whiten.py).
 
 Cache keys (`entry_key`) name the matrix, its weight hash, the model fingerprint, the tokens'
 hash (data, tokenizer, samples and sequence length), the dtype, the factorisation and its
@@ -99,18 +96,11 @@ class InputStats:
 
     Modules called in one forward with the very same input tensor object (q/k/v, gate/up)
     share one accumulator. Call `end_call()` after each forward of the layer.
-
-    `paired`: each forward on the compressed stream is preceded by one on the dense stream
-    with `capturing` set; those inputs X are kept and the cross products XᵀX̃ accumulated.
     """
 
-    def __init__(self, modules: dict[str, nn.Module], gram: bool = True, abs_sum: bool = False,
-                 paired: bool = False):
+    def __init__(self, modules: dict[str, nn.Module], gram: bool = True, abs_sum: bool = False):
         self.modules = modules
-        self.want_gram, self.want_abs, self.paired = gram, abs_sum, paired
-        self.capturing = False
-        self._reference: dict[str, torch.Tensor] = {}
-        self.cross: list[Optional[torch.Tensor]] = []
+        self.want_gram, self.want_abs = gram, abs_sum
         self.group_of: dict[str, int] = {}
         self.groups: list[list[str]] = []
         self.gram: list[Optional[torch.Tensor]] = []
@@ -133,18 +123,10 @@ class InputStats:
 
     def end_call(self) -> None:
         self._seen.clear()
-        self._reference.clear()
-
-    def cross_for(self, name: str) -> Optional[torch.Tensor]:
-        """C = XᵀX̃ of `name`'s input group (paired statistics only)."""
-        return self.cross[self.group_of[name]] if self.paired else None
 
     def _hook(self, name: str):
         def pre(module, args):
             x = args[0]
-            if self.capturing:  # the dense stream's forward: keep the input as the reference
-                self._reference[name] = x
-                return None
             for seen, g in self._seen:
                 if seen is x:  # the same input as a module already called in this forward
                     if name not in self.group_of:
@@ -158,26 +140,18 @@ class InputStats:
                 self.groups.append([name])
                 self.gram.append(None)
                 self.abs_sum.append(None)
-                self.cross.append(None)
                 self.tokens.append(0)
-            self._accumulate(g, x, name)
+            self._accumulate(g, x)
             self._seen.append((x, g))
             return None
         return pre
 
     @torch.no_grad()
-    def _accumulate(self, g: int, x: torch.Tensor, name: str) -> None:
+    def _accumulate(self, g: int, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).double()  # tokens×n
         if self.want_gram:
             add = x.T @ x  # n×n
             self.gram[g] = add if self.gram[g] is None else self.gram[g].add_(add)
-        if self.paired:
-            ref = self._reference.pop(name, None)
-            if ref is None or ref.numel() != x.numel():
-                raise InvalidData(f"module {name}: no dense-stream input of the same shape to match "
-                                  "(the paired forward must run first)")
-            add = ref.detach().reshape(-1, x.shape[-1]).double().T @ x  # XᵀX̃, n×n
-            self.cross[g] = add if self.cross[g] is None else self.cross[g].add_(add)
         if self.want_abs:
             add = x.abs().sum(0)  # n
             self.abs_sum[g] = add if self.abs_sum[g] is None else self.abs_sum[g].add_(add)
@@ -243,28 +217,6 @@ class LayerInputs:
             if update:
                 self.hidden[i] = out[0] if isinstance(out, tuple) else out
 
-    def fork(self) -> "LayerInputs":
-        """A second stream starting from the same hidden states (advanced independently)."""
-        other = object.__new__(LayerInputs)
-        other.layers, other.should_stop = self.layers, self.should_stop
-        other.hidden, other.kwargs = list(self.hidden), self.kwargs
-        return other
-
-    @torch.no_grad()
-    def run_paired(self, layer: nn.Module, dense: "LayerInputs", stats: InputStats) -> None:
-        """`layer` (still dense) on the `dense` stream, its inputs captured as references, then
-        on this stream for the statistics; `dense` advances, this stream does not."""
-        for i, (h, kw) in enumerate(zip(self.hidden, self.kwargs)):
-            check_stop(self.should_stop)
-            stats.capturing = True
-            try:
-                out = layer(dense.hidden[i], **dense.kwargs[i])
-            finally:
-                stats.capturing = False
-            layer(h, **kw)
-            stats.end_call()
-            dense.hidden[i] = out[0] if isinstance(out, tuple) else out
-
 
 # ---------------------------------------------------------------------------------------------
 # Calibrated spectra: cache entries holding (U, Σ, Vᵀ·S⁻¹) of W·S
@@ -296,21 +248,18 @@ class Calibrator:
 
     def __init__(self, model: nn.Module, names: list[str], weight_keys: list[str], source_hash: str,
                  calibration: Calibration, factorization: str, cache: SpectrumCache, *,
-                 alpha: float = ALPHA, damp: float = DAMP, match_dense: bool = False,
-                 progress: ProgressFn = no_progress, should_stop: StopFn | None = None):
+                 alpha: float = ALPHA, damp: float = DAMP, progress: ProgressFn = no_progress,
+                 should_stop: StopFn | None = None):
         if factorization not in FACTORIZATIONS[1:]:
             raise InvalidArgument(f"factorization must be whitened or scaled for calibration; "
                                   f"received {factorization!r}")
-        if match_dense and factorization != "whitened":
-            raise InvalidArgument("match_dense fits each matrix to the dense outputs through the whitened "
-                                  f"factorisation; received factorization {factorization!r}")
         max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         if max_pos is not None and calibration.seq_len > max_pos:
             raise InvalidArgument(f"calib_seq_len {calibration.seq_len} exceeds the model's "
                                   f"max_position_embeddings {max_pos}; use a shorter --calib-seq-len")
         self.model, self.names, self.weight_keys = model, names, weight_keys
         self.source_hash, self.calibration, self.factorization = source_hash, calibration, factorization
-        self.cache, self.alpha, self.damp, self.match_dense = cache, alpha, damp, match_dense
+        self.cache, self.alpha, self.damp = cache, alpha, damp
         self.progress, self.should_stop = progress, should_stop
         self.dtype = next(model.parameters()).dtype
         self.layers = decoder_layers(model)
@@ -330,16 +279,15 @@ class Calibrator:
             check_stop(self.should_stop)
             T = stats.transform(name, self.factorization, self.alpha, self.damp)
             W = self.model.get_submodule(name).weight
-            U, S, Vh = transformed_svd(W, T, stats.cross_for(name))
+            U, S, Vh = transformed_svd(W, T)
             self.cache.put(key, U.float(), S.float(), Vh.float(), metadata={"how": T.how})
             result.factorized += 1
 
-    def _stats(self, idx: list[int], keys: list[Optional[str]], paired: bool = False) -> InputStats:
+    def _stats(self, idx: list[int], keys: list[Optional[str]]) -> InputStats:
         """Hooks on the matrices of `idx` whose entries are still missing (none: no statistics)."""
         mods = {self.names[i]: self.model.get_submodule(self.names[i]) for i in idx
                 if keys[i] is not None and not self.cache.has(keys[i])}
-        return InputStats(mods, gram=self.factorization == "whitened", abs_sum=self.factorization == "scaled",
-                          paired=paired)
+        return InputStats(mods, gram=self.factorization == "whitened", abs_sum=self.factorization == "scaled")
 
     def _finish(self, result: CalibratedSpectra) -> CalibratedSpectra:
         for name, key in zip(result.names, result.keys):
@@ -381,32 +329,23 @@ class Calibrator:
     def sequential(self, kept: list[int], apply: ApplyFn, only: Optional[set[int]] = None) -> CalibratedSpectra:
         """Entries for layer L from inputs through layers 0..L−1 already compressed with ranks
         `kept` (one per target, in order); `apply(name, key)` swaps a matrix in as it goes.
-        With `only`, just those targets are factorised (and applied). With `match_dense`, each
-        is fitted to the dense model's outputs on the dense model's inputs."""
+        With `only`, just those targets are factorised (and applied)."""
         prefix, keys = [], []
-        mode = "sequential-match-dense:" if self.match_dense else "sequential:"
         for L in range(len(self.layers)):
             idx = self.by_layer.get(L, [])
             p = hashlib.sha256(",".join(prefix).encode()).hexdigest()
-            keys += [self.key(i, mode + p) if only is None or i in only else None for i in idx]
+            keys += [self.key(i, "sequential:" + p) if only is None or i in only else None for i in idx]
             prefix += [f"{self.names[i]}={kept[i]}" for i in idx]
         result = CalibratedSpectra(self.names, keys, [])
         last = max((layer_index(self.names[i]) for i, k in enumerate(keys)
                     if k is not None and not self.cache.has(k)), default=-1)
         inputs = LayerInputs(self.model, self.calibration.tokens, self.should_stop) if last >= 0 else None
-        dense = inputs.fork() if inputs is not None and self.match_dense else None
         for L, layer in enumerate(self.layers):
             idx = self.by_layer.get(L, [])
             if inputs is not None and L <= last:
-                with self._stats(idx, keys, paired=dense is not None) as stats:
-                    if stats.modules and dense is not None:  # dense layer L on both streams
-                        inputs.run_paired(layer, dense, stats)
-                        result.forward_passes += 2
-                    elif stats.modules:  # dense layer L on compressed-prefix inputs: statistics only
+                with self._stats(idx, keys) as stats:
+                    if stats.modules:  # dense layer L on compressed-prefix inputs: statistics only
                         inputs.run(layer, stats, update=False)
-                        result.forward_passes += 1
-                    elif dense is not None and L < last:  # nothing to gather: the dense stream advances
-                        dense.run(layer, None, update=True)
                         result.forward_passes += 1
                 self._factorize_layer(stats, idx, [keys[i] for i in idx], result)
                 del stats

@@ -133,8 +133,7 @@ def _swap_in_calibrated(model: nn.Module, name: str, plan: MatrixPlan, cache: Sp
     return rel
 
 
-def _check_calibration_args(factorization: Optional[str], calibration, rank_from: str, sequential: bool,
-                            match_dense: bool = False) -> str:
+def _check_calibration_args(factorization: Optional[str], calibration, rank_from: str, sequential: bool) -> str:
     from .whiten import FACTORIZATIONS
     from .calibration import RANK_SOURCES
 
@@ -152,9 +151,6 @@ def _check_calibration_args(factorization: Optional[str], calibration, rank_from
     elif calibration is None:
         raise InvalidArgument(f"factorization {factorization!r} needs calibration data; pass --calibration DATA "
                               "(a .txt/.jsonl file or a built-in name such as boolq)")
-    if match_dense and not (sequential and factorization == "whitened"):
-        raise InvalidArgument("match_dense refits each matrix to the dense model's outputs from the inputs of the "
-                              "already-compressed earlier layers: it needs --sequential and --factorization whitened")
     return factorization
 
 
@@ -162,8 +158,8 @@ def compress_model(model: nn.Module, *, err: Optional[float] = None, params_kept
                    method: str = "welore", min_ratio: float = 0.5, cache: SpectrumCache | None = None,
                    tolerance: float = TOLERANCE, progress: ProgressFn = no_progress,
                    should_stop: StopFn | None = None, calibration=None, factorization: Optional[str] = None,
-                   rank_from: str = "weights", sequential: bool = False, match_dense: bool = False,
-                   alpha: Optional[float] = None, damp: Optional[float] = None) -> CompressionReport:
+                   rank_from: str = "weights", sequential: bool = False, alpha: Optional[float] = None,
+                   damp: Optional[float] = None) -> CompressionReport:
     """Compress `model` in place. Raises Cancelled (model then half-swapped: discard it).
 
     The achieved ERR (or parameter fraction) must land within `tolerance` of the request;
@@ -173,14 +169,12 @@ def compress_model(model: nn.Module, *, err: Optional[float] = None, params_kept
     `factorization` "whitened" (default when calibration is given) or "scaled" (`alpha`);
     `rank_from` "weights" | "activations"; `sequential` gathers layer L's statistics with
     layers 0..L−1 already compressed (with rank_from="activations" the ranks then come from
-    the dense model's activations, since a global τ needs every spectrum first);
-    `match_dense` (with sequential, whitened) fits each LRC to the dense model's outputs on
-    its own inputs instead of to W applied to the compressed-prefix inputs.
+    the dense model's activations, since a global τ needs every spectrum first).
     """
     t0 = time.perf_counter()
     if method not in METHODS:
         raise InvalidArgument(f"method must be one of {', '.join(METHODS)}; received {method!r}")
-    factorization = _check_calibration_args(factorization, calibration, rank_from, sequential, match_dense)
+    factorization = _check_calibration_args(factorization, calibration, rank_from, sequential)
     names = target_names(model)
     if any(isinstance(model.get_submodule(n), LowRankLinear) for n in names):
         raise InvalidArgument("this model is already WeLore-compressed; compress its dense source "
@@ -204,8 +198,7 @@ def compress_model(model: nn.Module, *, err: Optional[float] = None, params_kept
         damp = DAMP if damp is None else damp
         t_cal = time.perf_counter()
         cal = Calibrator(model, names, spectra.keys, source_hash, calibration, factorization, cache,
-                         alpha=alpha, damp=damp, match_dense=match_dense, progress=progress,
-                         should_stop=should_stop)
+                         alpha=alpha, damp=damp, progress=progress, should_stop=should_stop)
         if rank_from == "weights":  # ranks first: only the LRCs need calibrated SVDs
             alloc = allocate(spectra, method, err, params_kept, min_ratio, tolerance)
             if not sequential:
@@ -223,7 +216,7 @@ def compress_model(model: nn.Module, *, err: Optional[float] = None, params_kept
             calibrated = cal.sequential([p.kept for p in alloc.plans], apply,
                                         only={i for i, p in enumerate(alloc.plans) if p.lrc})
         keys = calibrated.keys
-        record = {**calibration.record(), "sequential": sequential, "match_dense": match_dense,
+        record = {**calibration.record(), "sequential": sequential,
                   **({"alpha": alpha} if factorization == "scaled" else {"damp": damp}),
                   "factorized": calibrated.factorized, "layer_forwards": calibrated.forward_passes,
                   "fallbacks": calibrated.how, "seconds": time.perf_counter() - t_cal}

@@ -14,13 +14,6 @@ W·S = U·Σ·Vᵀ and keep k triplets: Ŵ = U_k·Σ_k·V_kᵀ·S⁻¹, stored a
   eigendecomposition with clamped eigenvalues gives S = Q·√Λ. What was used is recorded.
 - scaled (ASVD, Yuan et al. 2023): S = diag(mean|x_j|^α), zero channels clamped.
 
-- matched to the dense outputs (sequential mode, `match_dense`): the inputs X̃ reach the matrix
-  through already-compressed earlier layers while the dense model saw X. Fit Ŵ to the dense
-  outputs W·Xᵀ rather than to W·X̃ᵀ, with a ridge towards W:
-      min ‖W·Xᵀ − Ŵ·X̃ᵀ‖² + δ‖Ŵ − W‖²  →  W' = W·(C + δ·I)·(G̃ + δ·I)⁻¹,  C = XᵀX̃, G̃ = X̃ᵀX̃,
-  and for S·Sᵀ = G̃ + δ·I the rank-k optimum truncates W'·S = W·(C + δ·I)·S⁻ᵀ. When X̃ = X,
-  C = G̃ and this is the whitened factorisation of W exactly.
-
 `transformed_svd` returns (U, Σ, Vh_eff) with Vh_eff = Vᵀ·S⁻¹, so the ordinary
 `factorize.factors` / `factorize.truncated` of the plain path build A, B and Ŵ unchanged.
 """
@@ -48,7 +41,6 @@ class Transform:
     S: torch.Tensor  # (n×n) lower-triangular or general (whitened), or (n,) diagonal (scaled); float64
     how: str  # "cholesky", "cholesky (damping ×1e4)", "eigh (clamped)", "diagonal", "identity"
     triangular: bool = True
-    delta: float = 0.0  # whitened: the damping δ in S·Sᵀ = G + δ·I
 
     def right(self, W: torch.Tensor) -> torch.Tensor:
         """W·S."""
@@ -61,14 +53,6 @@ class Transform:
         if self.triangular:
             return torch.linalg.solve_triangular(self.S, M, upper=False, left=False)
         return torch.linalg.solve(self.S.T, M.T).T  # (S⁻ᵀ·Mᵀ)ᵀ = M·S⁻¹
-
-    def right_inverse_transpose(self, M: torch.Tensor) -> torch.Tensor:
-        """M·S⁻ᵀ."""
-        if self.S.dim() == 1:
-            return M / self.S[None, :]
-        if self.triangular:
-            return torch.linalg.solve_triangular(self.S, M.T, upper=False).T  # (S⁻¹·Mᵀ)ᵀ
-        return torch.linalg.solve(self.S, M.T).T
 
 
 def gram_root(G: torch.Tensor, damp: float = DAMP) -> Transform:
@@ -89,12 +73,11 @@ def gram_root(G: torch.Tensor, damp: float = DAMP) -> Transform:
         L, info = torch.linalg.cholesky_ex(G + delta * eye)
         if int(info) == 0 and torch.isfinite(L).all() and float(L.diagonal().min()) > 0:
             how = "cholesky" if attempt == 0 else f"cholesky (damping {delta / scale:.0e}·mean diag)"
-            return Transform("whitened", L, how, delta=delta)
+            return Transform("whitened", L, how)
         delta = max(delta, 1e-10 * scale) * 100
     lam, Q = torch.linalg.eigh(G)
-    floor = max(damp, 1e-6) * scale
-    lam = lam.clamp_min(floor)
-    return Transform("whitened", Q * lam.sqrt()[None, :], "eigh (clamped)", triangular=False, delta=floor)
+    lam = lam.clamp_min(max(damp, 1e-6) * scale)
+    return Transform("whitened", Q * lam.sqrt()[None, :], "eigh (clamped)", triangular=False)
 
 
 def abs_mean_scale(abs_mean: torch.Tensor, alpha: float = ALPHA) -> Transform:
@@ -108,19 +91,10 @@ def abs_mean_scale(abs_mean: torch.Tensor, alpha: float = ALPHA) -> Transform:
     return Transform("scaled", s.clamp_min(MIN_SCALE * top), "diagonal")
 
 
-def transformed_svd(W: torch.Tensor, T: Transform,
-                    cross: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(U, Σ, Vh_eff) of W·S in float64, Vh_eff = Vᵀ·S⁻¹; Σ descending, r = min(m, n).
-    With `cross` = C = XᵀX̃ (whitened only), of W·(C + δ·I)·S⁻ᵀ instead: matched to the dense
-    outputs (module docstring)."""
+def transformed_svd(W: torch.Tensor, T: Transform) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U, Σ, Vh_eff) of W·S in float64, Vh_eff = Vᵀ·S⁻¹; Σ descending, r = min(m, n)."""
     W = W.detach().double().to(T.S.device)
-    if cross is None or T.how.startswith("identity"):  # no activation energy: nothing to match
-        M = T.right(W)
-    else:
-        if T.kind != "whitened" or T.S.dim() != 2:
-            raise InvalidArgument("matching the dense outputs needs the whitened factorisation")
-        C = cross.double().to(T.S.device)
-        M = T.right_inverse_transpose(W @ (C + T.delta * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)))
+    M = T.right(W)
     if M.shape[0] >= M.shape[1]:
         U, S, Vh = torch.linalg.svd(M, full_matrices=False)
     else:

@@ -28,8 +28,6 @@ class CompressParams(_Params):
     factorization: Optional[Literal["plain", "whitened", "scaled"]] = None
     rank_from: Optional[Literal["weights", "activations"]] = None
     sequential: Optional[bool] = None
-    match_dense: Optional[bool] = Field(None, description="with sequential (whitened): fit each matrix to the "
-                                        "dense model's outputs")
     alpha: Optional[float] = Field(None, gt=0, le=10, description="scaled: exponent of mean|x|")
     damp: Optional[float] = Field(None, ge=0, le=1)
 

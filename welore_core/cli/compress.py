@@ -33,9 +33,6 @@ def register(sub) -> None:
                      help="apply WeLore's tau to the spectra of W (the paper; default) or of W·S")
     cal.add_argument("--sequential", action="store_true",
                      help="gather layer L's statistics with layers 0..L-1 already compressed")
-    cal.add_argument("--match-dense", action="store_true",
-                     help="with --sequential (whitened): fit each matrix to the dense model's outputs from the "
-                          "compressed model's inputs, correcting the error of the layers before it")
     cal.add_argument("--alpha", type=float, default=None, help="scaled: exponent of mean|x| (default 0.5)")
     cal.add_argument("--damp", type=float, default=None,
                      help="whitened: Cholesky damping, fraction of the Gram's mean diagonal (default 0.01)")
@@ -73,7 +70,7 @@ def calibration_lines(c: dict | None) -> list[str]:
     if not c:
         return []
     lines = [f"calibration {c['data']} ({c['samples']} x {c['seq_len']} tokens, sha256 {c['data_hash'][:12]})"
-             f"{'  sequential' if c['sequential'] else ''}{'  match-dense' if c.get('match_dense') else ''}  matrices factorised now {c['factorized']}, "
+             f"{'  sequential' if c['sequential'] else ''}  matrices factorised now {c['factorized']}, "
              f"layer forwards {c['layer_forwards']}, {c['seconds']:.1f} s"]
     if c.get("fallbacks"):
         lines.append("whitening fallbacks: " + ", ".join(f"{k}: {v}" for k, v in c["fallbacks"].items()))
@@ -87,8 +84,7 @@ def run(args: argparse.Namespace) -> int:
                                  overwrite=args.overwrite, device=args.device, progress=bar,
                                  calibration=args.calibration, calib_samples=args.calib_samples,
                                  calib_seq_len=args.calib_seq_len, factorization=args.factorization,
-                                 rank_from=args.rank_from, sequential=args.sequential,
-                                 match_dense=args.match_dense, alpha=args.alpha,
+                                 rank_from=args.rank_from, sequential=args.sequential, alpha=args.alpha,
                                  damp=args.damp)
     bar.close()
     result["peak_rss_mb"] = peak_rss_mb()
