@@ -228,6 +228,8 @@ def main() -> int:
     ap.add_argument("--skip-coft", action="store_true")
     ap.add_argument("--sequential-study", action="store_true",
                     help="the second round of levers and COFT from them (section calibration-sequential)")
+    ap.add_argument("--resume-study", action="store_true",
+                    help="--sequential-study: reuse the rows of the last study run with the same settings")
     ap.add_argument("--coft-lr", type=float, default=5e-4, help="--sequential-study: COFT peak learning rate")
     ap.add_argument("--coft-precision", default="bf16", help="--sequential-study: COFT precision (fp32|bf16)")
     ap.add_argument("--render-only", action="store_true",
@@ -323,13 +325,25 @@ STUDY = [  # (ERR, min_ratio, label, compress_model keyword arguments, extra chi
     (0.3, 0.5, "whitened, weight ranks, 64 samples", WHITENED, {"samples": 64}),
     (0.5, 0.5, "whitened, weight ranks, sequential", SEQUENTIAL, {}),
     (0.5, 0.5, "whitened, weight ranks, sequential, 64 samples", SEQUENTIAL, {"samples": 64}),
+    (0.3, 0.5, "whitened, weight ranks, 256 samples", WHITENED, {"samples": 256}),
+    (0.5, 0.5, "whitened, weight ranks, sequential, 256 samples", SEQUENTIAL, {"samples": 256}),
 ]
 
 
 def sequential_study(args, base: dict) -> int:
     workdir = Path(base["workdir"])
-    results: dict = {}
-    dense = run_child({**base, "label": "dense"})
+    saved = workdir / "sequential-study.json"
+    results: dict = json.loads(saved.read_text()) if args.resume_study and saved.is_file() else {}
+
+    def measure(key: str, cfg: dict) -> dict:
+        """The row's result: from the saved results with --resume-study (same settings), else run."""
+        old = results.get(key)
+        if old is None or "failed" in old or old.get("settings") != cfg:
+            results[key] = {**run_child(cfg), "settings": cfg}
+            print(key, results[key], flush=True)
+        return results[key]
+
+    dense = measure("dense", {**base, "label": "dense"})
     rows, coft_rows = [fmt_row(dense, dense)], []
 
     def save(notes=()):
@@ -348,30 +362,26 @@ def sequential_study(args, base: dict) -> int:
         (workdir / "sequential-study.json").write_text(json.dumps(results, indent=2, default=str))
 
     for err, mr, label, kw, extra in STUDY:
-        r = run_child({**base, **extra, "label": label, "err": err, "min_ratio": mr, "kw": kw})
-        results[f"{err}/{label}"] = r
-        print(err, label, r, flush=True)
+        r = measure(f"{err}/{label}", {**base, **extra, "label": label, "err": err, "min_ratio": mr, "kw": kw})
         rows.append(fmt_row(r, dense, err, mr))
         save()
-    best = min((r.get("ppl_csqa", float("inf")), label, kw) for (err, _, label, kw, _), r in
-               zip(STUDY, results.values()) if err == 0.5)
+    _, _, label, kw, extra = min((row for row in STUDY if row[0] == 0.5),
+                                 key=lambda row: results[f"0.5/{row[2]}"].get("ppl_csqa", float("inf")))
     if args.coft_steps:
-        r = run_child({**base, "label": f"{best[1]} + {args.coft_steps} COFT steps", "err": 0.5, "min_ratio": 0.5,
-                       "kw": best[2], "coft_steps": args.coft_steps, "coft_batch": args.coft_batch,
-                       "coft_seq_len": args.coft_seq_len,
-                       "coft_options": {"lr": args.coft_lr, "precision": args.coft_precision}})
-        results["coft"] = r
-        print("coft", r, flush=True)
-        coft_rows += [fmt_row(results[f"0.5/{best[1]}"], dense, 0.5, 0.5), fmt_row(r, dense, 0.5, 0.5)]
+        r = measure("coft", {**base, **extra, "label": f"{label} + {args.coft_steps} COFT steps", "err": 0.5,
+                             "min_ratio": 0.5, "kw": kw, "coft_steps": args.coft_steps,
+                             "coft_batch": args.coft_batch, "coft_seq_len": args.coft_seq_len,
+                             "coft_options": {"lr": args.coft_lr, "precision": args.coft_precision}})
+        coft_rows += [fmt_row(results[f"0.5/{label}"], dense, 0.5, 0.5), fmt_row(r, dense, 0.5, 0.5)]
     notes = []
     for err, goal in GOALS.items():
         ratios = [r.get("ppl_csqa", float("inf")) / dense["ppl_csqa"] for k, r in results.items()
-                  if k.startswith(f"{err}/")]
+                  if k.startswith(f"{err}/")] or [float("inf")]
         notes.append(f"Goal ERR {err}: ≤ {goal}× dense on other-domain text — best here {min(ratios):.3f}× "
                      f"({'met' if min(ratios) <= goal else 'not met'}).")
-    extra = Path(__file__).with_name("calibration_notes.md")
-    if extra.is_file():
-        notes.append(extra.read_text().strip())
+    notes_file = Path(__file__).with_name("calibration_notes.md")
+    if notes_file.is_file():
+        notes.append(notes_file.read_text().strip())
     save(notes)
     return 0
 
