@@ -348,17 +348,17 @@ def sequential_study(args, base: dict) -> int:
 
     def save(notes=()):
         body = ["## Calibration-aware WeLore, second round: sequential mode at every ERR, more calibration tokens, then WeLore-COFT", "",
-                f"`python bench/calibration.py --sequential-study --samples {args.samples} --windows {args.windows}` "
+                f"`python bench/calibration.py --sequential-study --samples {args.samples} --windows {args.windows} "
+                f"--coft-batch {args.coft_batch} --coft-lr {args.coft_lr}` "
                 f"— {machine()}. Same model, calibration text and held-out corpora as the section above, evaluated "
                 f"on {args.windows} windows × {args.eval_seq_len} tokens per corpus (compare ratios within this "
-                "table: the section above used its own window count); every row compresses cold (its "
-                "sequential SVDs are new).", "", table(HEADERS, rows)]
+                "table: the section above used its own window count). `(n new)`: the SVDs a row computed; 0 when "
+                "an earlier run had cached them (its seconds are then mostly loading).", "", table(HEADERS, rows)]
         if coft_rows:
             body += ["", f"Then WeLore-COFT: {args.coft_steps} steps × {args.coft_batch} × {args.coft_seq_len} tokens "
                      f"of the calibration text, lr {args.coft_lr}, `--precision {args.coft_precision}`:", "",
                      table(HEADERS, coft_rows)]
-        body += ["", *notes]
-        write_section("calibration-sequential", "\n".join(body))
+        write_section("calibration-sequential", "\n".join(body) + "\n\n" + "\n\n".join(notes))
         (workdir / "sequential-study.json").write_text(json.dumps(results, indent=2, default=str))
 
     for err, mr, label, kw, extra in STUDY:
