@@ -359,7 +359,7 @@ def sequential_study(args, base: dict) -> int:
                      f"of the calibration text, lr {args.coft_lr}, `--precision {args.coft_precision}`:", "",
                      table(HEADERS, coft_rows)]
         write_section("calibration-sequential", "\n".join(body) + "\n\n" + "\n\n".join(notes))
-        (workdir / "sequential-study.json").write_text(json.dumps(results, indent=2, default=str))
+        saved.write_text(json.dumps(results, indent=2, default=str))
 
     for err, mr, label, kw, extra in STUDY:
         r = measure(f"{err}/{label}", {**base, **extra, "label": label, "err": err, "min_ratio": mr, "kw": kw})

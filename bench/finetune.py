@@ -263,7 +263,6 @@ def render(ctx: dict) -> str:
             k, _, ppl = at_time(r, budget)
             row += [k, round(ppl, 1)]
         rows.append(row)
-    same_prec = [(n, f"{n} (bf16)") for n in ("WeLore-COFT",) if n in same_steps and f"{n} (bf16)" in same_steps]
     lines = [
         "## Fine-tuning: WeLore-COFT vs full fine-tuning vs LoRA", "",
         f"`python -m bench.finetune --steps {steps} --threads {a['threads']} --lr {a['lr']} --eval-every "
@@ -289,12 +288,11 @@ def render(ctx: dict) -> str:
         "row's (forward 2·W, input-gradients 2·W, weight-gradients 2·W_trainable; attention products left out), "
         "the same at either precision.",
     ]
-    if base and "dense full FT (bf16)" in same_steps:
-        b16 = same_steps["dense full FT (bf16)"]["tokens_per_s"]
-        lines += ["", "At equal precision: " + "; ".join(
-            f"{hi} / dense full FT (bf16) = {_ratio(same_steps[hi]['tokens_per_s'], b16)}" for _, hi in same_prec)
-            + "; " + "; ".join(f"{lo} / dense full FT = {_ratio(same_steps[lo]['tokens_per_s'], base['tokens_per_s'])}"
-                               for lo, _ in same_prec) + "."]
+    tps = {n: r["tokens_per_s"] for n, r in same_steps.items()}
+    if all(n in tps for n in (BASELINE, "WeLore-COFT", "dense full FT (bf16)", "WeLore-COFT (bf16)")):
+        lines += ["", "At equal precision: WeLore-COFT / dense full FT = "
+                  f"{_ratio(tps['WeLore-COFT'], tps[BASELINE])} (fp32); WeLore-COFT (bf16) / dense full FT (bf16) = "
+                  f"{_ratio(tps['WeLore-COFT (bf16)'], tps['dense full FT (bf16)'])}."]
     if dense_ppl:
         lines += ["", f"Dense model, no training, same held-out windows: perplexity {dense_ppl:.1f}."]
     for n in ("WeLore-COFT", "WeLore-COFT (bf16)"):
