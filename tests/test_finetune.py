@@ -302,6 +302,53 @@ def test_chunked_loss_matches_plain_cross_entropy(monkeypatch):
         torch.testing.assert_close(fused[k], p.grad, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("mix", [1.0, 0.3])
+def test_distillation_loss_matches_ce_plus_kl(monkeypatch, mix):
+    """With a teacher, the fused loss and its gradients equal (1 − w)·CE + w·KL(teacher ‖ student)
+    computed from full logits; the teacher gets no gradient."""
+    from welore_core.finetune import loss as loss_mod
+    from welore_core.finetune.loss import Teacher
+
+    monkeypatch.setattr(loss_mod, "CHUNK_ELEMENTS", 256 * 7)
+    student, teacher = make_tiny_llama(vocab=256, seed=1).train(), make_tiny_llama(vocab=256, seed=2)
+    ids = torch.randint(2, 256, (2, 30), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[1, :7] = IGNORE
+    t_hidden = teacher.model(input_ids=ids).last_hidden_state.detach()
+    s, n = causal_lm_loss(student, ids, labels, teacher=Teacher(t_hidden, teacher.lm_head.weight, mix))
+    s.backward()
+    fused = {k: p.grad.clone() for k, p in student.named_parameters()}
+    assert all(p.grad is None for p in teacher.parameters())
+    student.zero_grad()
+    keep = labels[:, 1:].reshape(-1) != IGNORE
+    logq = torch.log_softmax(student(input_ids=ids).logits[:, :-1].reshape(-1, 256)[keep], -1)
+    logp = torch.log_softmax(teacher.lm_head(t_hidden)[:, :-1].reshape(-1, 256)[keep], -1)
+    ce = -logq.gather(1, labels[:, 1:].reshape(-1)[keep][:, None]).sum()
+    kl = (logp.exp() * (logp - logq)).sum()
+    ref = (1 - mix) * ce + mix * kl
+    ref.backward()
+    assert n == 2 * 29 - 6
+    torch.testing.assert_close(s.detach(), ref.detach(), rtol=1e-5, atol=1e-4)
+    for k, p in student.named_parameters():
+        torch.testing.assert_close(fused[k], p.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_distilling_from_a_teacher_teaches_what_it_knows(tiny, tmp_path):
+    """COFT with only the KL to a teacher (distill_weight 1: the labels are never used): a dense
+    model fine-tuned on the corpus teaches the compressed one, whose held-out loss falls; a teacher with another vocabulary is refused before anything is written."""
+    teacher = finetune_checkpoint(tiny["dense"], tmp_path / "teacher", data=tiny["data"], method="full",
+                                  steps=25, lr=3e-3, **FAST)
+    r = finetune_checkpoint(tiny["comp"], tmp_path / "kd", data=tiny["data"], steps=25, lr=3e-3,
+                            teacher=str(tmp_path / "teacher"), **FAST)
+    assert r["config"]["teacher"] == str(tmp_path / "teacher") and r["config"]["distill_weight"] == 1.0
+    assert teacher["val"]["after"]["loss"] < r["val"]["after"]["loss"] < r["val"]["before"]["loss"] - 0.3
+    other = tmp_path / "other"
+    make_tiny_llama(vocab=500).save_pretrained(other)
+    with pytest.raises(InvalidArgument, match="same tokenizer"):
+        finetune_checkpoint(tiny["comp"], tmp_path / "bad", data=tiny["data"], steps=1, teacher=str(other), **FAST)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_schedule_warms_up_then_decays_to_the_floor():
     cfg = FinetuneConfig(steps=100, lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
     lrs = [lr_at(s, cfg) for s in range(100)]

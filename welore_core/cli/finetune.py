@@ -67,6 +67,11 @@ def register(sub) -> None:
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16 autocast on GPU, fp32 on CPU; bf16: autocast on either (fp32 weights and "
                         "optimizer state; ~2x faster on CPUs with AVX-512 BF16)")
+    p.add_argument("--teacher", default="", metavar="MODEL",
+                   help="distil from MODEL (registry name or directory; same tokenizer), e.g. the model the "
+                        "checkpoint was compressed from: the loss matches its next-token distribution")
+    p.add_argument("--distill-weight", type=fraction, default=1.0,
+                   help="with --teacher: loss = (1-w)*cross-entropy + w*KL(teacher||model) (default 1.0)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     add_device_flag(p)
     add_json_flag(p)
@@ -117,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite, device=args.device, progress=bar, warmup_steps=args.warmup_steps,
             min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
             lora_alpha=args.lora_alpha, choice_examples=args.choice_examples,
-            gradient_checkpointing=args.gradient_checkpointing, precision=args.precision)
+            gradient_checkpointing=args.gradient_checkpointing, precision=args.precision,
+            teacher=args.teacher, distill_weight=args.distill_weight)
     finally:
         bar.close()
     result["peak_rss_mb"] = peak_rss_mb()

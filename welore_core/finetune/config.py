@@ -45,6 +45,8 @@ class FinetuneConfig:
     gradient_checkpointing: bool = False
     precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     timing_warmup_steps: int = 2  # steps left out of tokens/s and step time
+    teacher: str = ""  # distil from this model (spec as for load_model); "" = plain next-token loss
+    distill_weight: float = 1.0  # with a teacher: loss = (1 − w)·CE + w·KL(teacher ‖ student)
 
     def resolved_warmup(self) -> int:
         if self.warmup_steps >= 0:
@@ -80,6 +82,8 @@ class FinetuneConfig:
             bad("lora_dropout", "in [0, 1)")
         if not 0 < self.val_fraction < 1:
             bad("val_fraction", "strictly between 0 and 1 (e.g. 0.1)")
+        if not 0 < self.distill_weight <= 1:
+            bad("distill_weight", "in (0, 1] (1: match the teacher only; 0.5: half next-token loss)")
         if self.val_sequences < 1:
             bad("val_sequences", "a positive integer")
         return self

@@ -98,6 +98,21 @@ def _resume_point(out: Path, cfg: FinetuneConfig, model: str) -> dict | None:
     return {"state": state}
 
 
+def _load_teacher(spec: str, lm, tokenizer, dev: torch.device, progress: ProgressFn):
+    """The frozen model to distil from; its vocabulary must be the student's."""
+    progress(ProgressEvent("load", 0, 1, message=f"teacher {spec}"))
+    loaded = load_model(spec, device=str(dev), dtype=torch.float32)
+    teacher = loaded.model.eval().requires_grad_(False)
+    t_vocab, s_vocab = teacher.lm_head.weight.shape[0], lm.lm_head.weight.shape[0]
+    same_tokens = loaded.tokenizer is None or tokenizer.get_vocab() == loaded.tokenizer.get_vocab()
+    if t_vocab != s_vocab or not same_tokens:
+        raise InvalidArgument(f"the teacher {spec!r} predicts {t_vocab} tokens, the model being fine-tuned "
+                              f"{s_vocab}; distillation needs the same tokenizer. Pass the model this "
+                              "checkpoint was compressed from as --teacher")
+    progress(ProgressEvent("load", 1, 1, message=f"teacher {spec}"))
+    return teacher
+
+
 def finetune_checkpoint(model: str, out: str | Path, *, data: str, method: str = "welore", steps: int = 100,
                         lr: float = 2e-4, batch_size: int = 4, seq_len: int = 256, grad_accum: int = 1,
                         eval_every: int = 0, save_every: int = 0, resume: bool = False,
@@ -150,7 +165,8 @@ def finetune_checkpoint(model: str, out: str | Path, *, data: str, method: str =
     lm = base_causal_lm(train_model)
     params = count_parameters(train_model)
     stream = BatchStream(dataset.train, cfg.batch_size, cfg.seed, pad_id)
-    trainer = Trainer(train_model, lm, cfg, stream, dev, val=dataset.val, pad_id=pad_id)
+    teacher = _load_teacher(cfg.teacher, lm, tok, dev, progress) if cfg.teacher else None
+    trainer = Trainer(train_model, lm, cfg, stream, dev, val=dataset.val, pad_id=pad_id, teacher=teacher)
     data_info = {**dataset.summary(), "sha256": file_sha256(dataset.path)}
 
     def accuracy():

@@ -19,7 +19,7 @@ from ..errors import Cancelled, CorruptCheckpoint
 from ..progress import ProgressEvent, ProgressFn, StopFn, no_progress
 from .config import FinetuneConfig
 from .data import BatchStream, Sequence
-from .loss import causal_lm_loss
+from .loss import Teacher, causal_lm_loss
 from .methods import unique_parameters
 from .metrics import autocast_ctx, training_state_bytes, validation_loss
 
@@ -50,8 +50,9 @@ class TrainState:
 
 class Trainer:
     def __init__(self, model: nn.Module, lm: nn.Module, cfg: FinetuneConfig, stream: BatchStream,
-                 device: torch.device, *, val: list[Sequence], pad_id: int):
+                 device: torch.device, *, val: list[Sequence], pad_id: int, teacher: nn.Module | None = None):
         self.model, self.lm, self.cfg, self.stream, self.device = model, lm, cfg, stream, device
+        self.teacher = teacher  # a frozen causal LM to distil from (cfg.teacher), or None
         self.val, self.pad_id = val, pad_id
         named = [(n, p) for n, p in unique_parameters(model) if p.requires_grad]
         self.names = [n for n, _ in named]
@@ -78,9 +79,10 @@ class Trainer:
         total = 0.0
         for b in batches:
             mask = b["attention_mask"].to(self.device) if b["attention_mask"] is not None else None
+            ids = b["input_ids"].to(self.device)
             with autocast_ctx(self.device, self.bf16):
-                loss_sum, _ = causal_lm_loss(self.lm, b["input_ids"].to(self.device), b["labels"].to(self.device),
-                                             mask, self.compute_dtype)
+                loss_sum, _ = causal_lm_loss(self.lm, ids, b["labels"].to(self.device), mask, self.compute_dtype,
+                                             self._teacher(ids, mask))
             (loss_sum / n_targets).backward()  # frozen parameters: no .grad is ever allocated
             total += float(loss_sum.detach())
         if cfg.max_grad_norm > 0:
@@ -90,6 +92,13 @@ class Trainer:
             self.state.state_bytes = training_state_bytes(self.params, self.opt)
         self.opt.zero_grad(set_to_none=True)
         return total / n_targets, sum(b["tokens"] for b in batches)
+
+    @torch.no_grad()
+    def _teacher(self, ids: torch.Tensor, mask: torch.Tensor | None) -> Teacher | None:
+        if self.teacher is None:
+            return None
+        out = self.teacher.model(input_ids=ids, attention_mask=mask, use_cache=False)
+        return Teacher(out.last_hidden_state, self.teacher.lm_head.weight, self.cfg.distill_weight)
 
     def evaluate(self, should_stop: StopFn | None = None) -> dict:
         return validation_loss(self.lm, self.val, batch_size=self.cfg.batch_size, pad_id=self.pad_id,
