@@ -12,9 +12,13 @@ Each configuration runs in its own process (clean peak RSS / GPU memory); result
 appended to BENCHMARKS.md (section "calibration") as they come. Usage:
     python bench/calibration.py [--samples 32] [--windows 8] [--coft-steps 150] [--skip-levers]
     python bench/calibration.py --sequential-study [--samples 16] [--windows 4]
+    python bench/calibration.py --mixed-study [--windows 16] [--coft-batch 4] [--coft-lr 2e-4]
 `--sequential-study` runs the second round of levers (sequential mode at every ERR, 64
 calibration windows, damping), then WeLore-COFT from the best ERR 0.5 compression, into its
 own section ("calibration-sequential") so the main table above stays as measured.
+`--mixed-study` runs the third round: calibration text mixing domains (BoolQ passages
+interleaved with SVAMP and coin-flip items) against BoolQ alone, and WeLore-COFT distilled
+from the dense model (`teacher=`) against plain COFT (section "calibration-mixed").
 """
 
 from __future__ import annotations
@@ -50,7 +54,8 @@ def data_files() -> dict[str, Path]:
 
     d = Path(get_core_settings().cache_dir) / "bench-calibration"
     d.mkdir(parents=True, exist_ok=True)
-    files = {"calib": d / "boolq_calib.jsonl", "boolq": d / "boolq_heldout.jsonl", "csqa": d / "csqa_dev.jsonl"}
+    files = {"calib": d / "boolq_calib.jsonl", "boolq": d / "boolq_heldout.jsonl", "csqa": d / "csqa_dev.jsonl",
+             "mixed": d / "mixed_calib.jsonl"}
     if not all(f.is_file() for f in files.values()):
         passages = []
         for _, obj in iter_jsonl(resolve_data("boolq")):
@@ -66,7 +71,26 @@ def data_files() -> dict[str, Path]:
             answer = next((c["text"] for c in q["choices"] if c["label"] == obj.get("answerKey")), "")
             lines.append(json.dumps({"text": f"Question: {q['stem']} Choices: {choices} Answer: {answer}"}))
         files["csqa"].write_text("\n".join(lines) + "\n")
+        files["mixed"].write_text("".join(json.dumps({"text": t}) + "\n" for t in mixed_texts(passages[:half])))
     return files
+
+
+def mixed_texts(passages: list[str]) -> list[str]:
+    """Calibration text of several domains, interleaved so that any number of leading windows
+    holds all of them: each BoolQ passage (Wikipedia) is followed by two SVAMP math word problems
+    and one coin-flip puzzle, with their answers, until those run out. CommonsenseQA, the
+    other-domain evaluation text, is not in it."""
+    from welore_core.settings import get_core_settings
+
+    data = Path(get_core_settings().data_dir)
+    svamp = [f"{o['Body']} {o['Question']} Answer: {o['Answer']:g}"
+             for o in json.loads((data / "svamp" / "SVAMP.json").read_text())]
+    coins = [f"{o['question']} Answer: {o['answer']}"
+             for o in json.loads((data / "coin_flip" / "coin_flip.json").read_text())["examples"]]
+    out = []
+    for i, p in enumerate(passages):
+        out += [p, *svamp[2 * i:2 * i + 2], *coins[i:i + 1]]
+    return out
 
 
 def child(cfg: dict) -> dict:
@@ -80,6 +104,7 @@ def child(cfg: dict) -> dict:
     from welore_core.loading import load_model
 
     files = {k: Path(v) for k, v in cfg["files"].items()}
+    text = files[cfg.get("calib_text", "calib")]  # calibration (and COFT) text
     loaded = load_model(MODEL)
     model, tok = loaded.model, loaded.tokenizer
     out = {"label": cfg["label"]}
@@ -87,7 +112,7 @@ def child(cfg: dict) -> dict:
     if cfg.get("err") is not None:
         kw = dict(cfg.get("kw", {}))
         if kw.get("factorization"):
-            kw["calibration"] = load_calibration(tok, str(files["calib"]), cfg["samples"], cfg["seq_len"])
+            kw["calibration"] = load_calibration(tok, str(text), cfg["samples"], cfg["seq_len"])
         report = compress_model(model, err=cfg["err"], min_ratio=cfg["min_ratio"], **kw)
         out.update(err=report.err_achieved, params_kept=report.params_kept_achieved, n_lrc=report.n_lrc,
                    calibration=report.calibration)
@@ -99,12 +124,13 @@ def child(cfg: dict) -> dict:
             save_checkpoint(model, tok, ckpt, {"kind": "compressed", **report.to_dict()}, overwrite=True)
             out["compress_seconds"] = time.perf_counter() - t0
             t1 = time.perf_counter()
-            ft = finetune_checkpoint(str(ckpt), Path(cfg["workdir"]) / "coft-out", data=str(files["calib"]),
+            ft = finetune_checkpoint(str(ckpt), Path(cfg["workdir"]) / "coft-out", data=str(text),
                                      method="welore", steps=cfg["coft_steps"], batch_size=cfg["coft_batch"],
                                      seq_len=cfg["coft_seq_len"], val_sequences=8, overwrite=True,
                                      **cfg.get("coft_options", {}))
             out["coft_seconds"] = time.perf_counter() - t1
-            out["coft"] = {k: ft.get(k) for k in ("trainable_params", "final_loss", "tokens_per_second") if k in ft}
+            out["coft"] = {"tokens_per_s": ft["tokens_per_s"], "train_seconds": ft["throughput"]["train_seconds"],
+                           "final_loss": ft["loss_curve"][-1][1]}
             model = load_model(str(Path(cfg["workdir"]) / "coft-out")).model
     out.setdefault("compress_seconds", time.perf_counter() - t0)
     for name in ("csqa", "boolq"):
@@ -228,10 +254,13 @@ def main() -> int:
     ap.add_argument("--skip-coft", action="store_true")
     ap.add_argument("--sequential-study", action="store_true",
                     help="the second round of levers and COFT from them (section calibration-sequential)")
+    ap.add_argument("--mixed-study", action="store_true",
+                    help="the third round: mixed-domain calibration text, COFT distilled from the dense model "
+                         "(section calibration-mixed)")
     ap.add_argument("--resume-study", action="store_true",
-                    help="--sequential-study: reuse the rows of the last study run with the same settings")
-    ap.add_argument("--coft-lr", type=float, default=5e-4, help="--sequential-study: COFT peak learning rate")
-    ap.add_argument("--coft-precision", default="bf16", help="--sequential-study: COFT precision (fp32|bf16)")
+                    help="--sequential-study / --mixed-study: reuse the rows of the last run with the same settings")
+    ap.add_argument("--coft-lr", type=float, default=5e-4, help="studies: COFT peak learning rate")
+    ap.add_argument("--coft-precision", default="bf16", help="studies: COFT precision (fp32|bf16)")
     ap.add_argument("--render-only", action="store_true",
                     help="re-render BENCHMARKS.md from the last run's results.json (run with the same flags)")
     args = ap.parse_args()
@@ -252,7 +281,9 @@ def main() -> int:
     if args.render_only:
         return render_saved(args, workdir)
     if args.sequential_study:
-        return sequential_study(args, base)
+        return run_study(args, base, "calibration-sequential")
+    if args.mixed_study:
+        return run_study(args, base, "calibration-mixed")
 
     def save():
         write_section("calibration", render(args, main_rows, lever_rows, coft_rows, notes))
@@ -317,22 +348,53 @@ def main() -> int:
 
 SEQUENTIAL = {"factorization": "whitened", "sequential": True}
 WHITENED = {"factorization": "whitened"}
-STUDY = [  # (ERR, min_ratio, label, compress_model keyword arguments, extra child settings)
-    (0.1, 0.0, "whitened, weight ranks, sequential", SEQUENTIAL, {}),
-    (0.1, 0.0, "whitened, weight ranks, 64 samples", WHITENED, {"samples": 64}),
-    (0.1, 0.0, "whitened, weight ranks, 64 samples, damp 1e-3", {**WHITENED, "damp": 1e-3}, {"samples": 64}),
-    (0.3, 0.5, "whitened, weight ranks, sequential", SEQUENTIAL, {}),
-    (0.3, 0.5, "whitened, weight ranks, 64 samples", WHITENED, {"samples": 64}),
-    (0.5, 0.5, "whitened, weight ranks, sequential", SEQUENTIAL, {}),
-    (0.5, 0.5, "whitened, weight ranks, sequential, 64 samples", SEQUENTIAL, {"samples": 64}),
-    (0.3, 0.5, "whitened, weight ranks, 256 samples", WHITENED, {"samples": 256}),
-    (0.5, 0.5, "whitened, weight ranks, sequential, 256 samples", SEQUENTIAL, {"samples": 256}),
-]
+MIXED = {"samples": 64, "calib_text": "mixed"}
+# A study: compression rows (ERR, min_ratio, label, compress_model keyword arguments, extra child
+# settings), then COFT rows (label of the ERR 0.5 row it starts from, label, finetune options).
+STUDIES = {
+    "calibration-sequential": {
+        "title": "Calibration-aware WeLore, second round: sequential mode at every ERR, more calibration "
+                 "tokens, then WeLore-COFT",
+        "flag": "--sequential-study", "results": "sequential-study.json", "notes": "calibration_notes.md",
+        "rows": [
+            (0.1, 0.0, "whitened, weight ranks, sequential", SEQUENTIAL, {}),
+            (0.1, 0.0, "whitened, weight ranks, 64 samples", WHITENED, {"samples": 64}),
+            (0.1, 0.0, "whitened, weight ranks, 64 samples, damp 1e-3", {**WHITENED, "damp": 1e-3}, {"samples": 64}),
+            (0.3, 0.5, "whitened, weight ranks, sequential", SEQUENTIAL, {}),
+            (0.3, 0.5, "whitened, weight ranks, 64 samples", WHITENED, {"samples": 64}),
+            (0.5, 0.5, "whitened, weight ranks, sequential", SEQUENTIAL, {}),
+            (0.5, 0.5, "whitened, weight ranks, sequential, 64 samples", SEQUENTIAL, {"samples": 64}),
+            (0.3, 0.5, "whitened, weight ranks, 256 samples", WHITENED, {"samples": 256}),
+            (0.5, 0.5, "whitened, weight ranks, sequential, 256 samples", SEQUENTIAL, {"samples": 256}),
+        ],
+        "coft": [("whitened, weight ranks, sequential, 64 samples", "150 COFT steps", {})],
+    },
+    "calibration-mixed": {
+        "title": "Calibration-aware WeLore, third round: calibration text mixing domains, COFT distilled "
+                 "from the dense model",
+        "flag": "--mixed-study", "results": "mixed-study.json", "notes": "calibration_mixed_notes.md",
+        "rows": [
+            (0.1, 0.0, "whitened, BoolQ text", WHITENED, {"samples": 64}),
+            (0.1, 0.0, "whitened, mixed text", WHITENED, MIXED),
+            (0.3, 0.5, "whitened, BoolQ text", WHITENED, {"samples": 64}),
+            (0.3, 0.5, "whitened, mixed text", WHITENED, MIXED),
+            (0.5, 0.5, "whitened, BoolQ text, sequential", SEQUENTIAL, {"samples": 64}),
+            (0.5, 0.5, "whitened, mixed text, sequential", SEQUENTIAL, MIXED),
+        ],
+        "coft": [
+            ("whitened, BoolQ text, sequential", "150 COFT steps", {}),
+            ("whitened, BoolQ text, sequential", "150 COFT steps distilled from dense", {"teacher": MODEL}),
+            ("whitened, mixed text, sequential", "150 COFT steps distilled from dense", {"teacher": MODEL}),
+        ],
+    },
+}
 
 
-def sequential_study(args, base: dict) -> int:
+def run_study(args, base: dict, name: str) -> int:
+    """Run (or with --resume-study, complete) one study into its own BENCHMARKS.md section."""
+    spec = STUDIES[name]
     workdir = Path(base["workdir"])
-    saved = workdir / "sequential-study.json"
+    saved = workdir / spec["results"]
     results: dict = json.loads(saved.read_text()) if args.resume_study and saved.is_file() else {}
 
     def measure(key: str, cfg: dict) -> dict:
@@ -345,41 +407,47 @@ def sequential_study(args, base: dict) -> int:
 
     dense = measure("dense", {**base, "label": "dense"})
     rows, coft_rows = [fmt_row(dense, dense)], []
+    command = (f"`python bench/calibration.py {spec['flag']} --samples {args.samples} --windows {args.windows} "
+               f"--coft-batch {args.coft_batch} --coft-lr {args.coft_lr}`")
 
     def save(notes=()):
-        body = ["## Calibration-aware WeLore, second round: sequential mode at every ERR, more calibration tokens, then WeLore-COFT", "",
-                f"`python bench/calibration.py --sequential-study --samples {args.samples} --windows {args.windows} "
-                f"--coft-batch {args.coft_batch} --coft-lr {args.coft_lr}` "
-                f"— {machine()}. Same model, calibration text and held-out corpora as the section above, evaluated "
-                f"on {args.windows} windows × {args.eval_seq_len} tokens per corpus (compare ratios within this "
-                "table: the section above used its own window count). `(n new)`: the SVDs a row computed; 0 when "
-                "an earlier run had cached them (its seconds are then mostly loading).", "", table(HEADERS, rows)]
+        body = [f"## {spec['title']}", "",
+                f"{command} — {machine()}. Same model, calibration text and held-out corpora as the first section, "
+                f"evaluated on {args.windows} windows × {args.eval_seq_len} tokens per corpus (compare ratios within "
+                "this table). **Mixed text** = the BoolQ calibration passages, each followed by two SVAMP math word "
+                "problems and one coin-flip puzzle with their answers (CommonsenseQA, the other-domain evaluation "
+                "text, is not in it). `(n new)`: the SVDs a row computed; 0 when an earlier run had cached them "
+                "(its seconds are then mostly loading).", "", table(HEADERS, rows)]
         if coft_rows:
             body += ["", f"Then WeLore-COFT: {args.coft_steps} steps × {args.coft_batch} × {args.coft_seq_len} tokens "
-                     f"of the calibration text, lr {args.coft_lr}, `--precision {args.coft_precision}`:", "",
-                     table(HEADERS, coft_rows)]
-        write_section("calibration-sequential", "\n".join(body) + "\n\n" + "\n\n".join(notes))
+                     f"of the row's calibration text, lr {args.coft_lr}, `--precision {args.coft_precision}`; "
+                     f"*distilled* = `--teacher {MODEL}` (loss: KL to the dense model's next-token distribution):", "",
+                     table(HEADERS, coft_rows), "",
+                     "Training speed (bf16 autocast, this CPU): " + "; ".join(
+                         f"{r['label']}: {r['coft']['tokens_per_s']:.0f} tokens/s, {r['coft']['train_seconds']:.0f} s"
+                         for k, r in results.items() if k.startswith("coft/") and r.get("coft")) + "."]
+        write_section(name, "\n".join(body) + "\n\n" + "\n\n".join(notes))
         saved.write_text(json.dumps(results, indent=2, default=str))
 
-    for err, mr, label, kw, extra in STUDY:
-        r = measure(f"{err}/{label}", {**base, **extra, "label": label, "err": err, "min_ratio": mr, "kw": kw})
-        rows.append(fmt_row(r, dense, err, mr))
+    cfgs = {}
+    for err, mr, label, kw, extra in spec["rows"]:
+        cfgs[label] = {**base, **extra, "label": label, "err": err, "min_ratio": mr, "kw": kw}
+        rows.append(fmt_row(measure(f"{err}/{label}", cfgs[label]), dense, err, mr))
         save()
-    _, _, label, kw, extra = min((row for row in STUDY if row[0] == 0.5),
-                                 key=lambda row: results[f"0.5/{row[2]}"].get("ppl_csqa", float("inf")))
-    if args.coft_steps:
-        r = measure("coft", {**base, **extra, "label": f"{label} + {args.coft_steps} COFT steps", "err": 0.5,
-                             "min_ratio": 0.5, "kw": kw, "coft_steps": args.coft_steps,
-                             "coft_batch": args.coft_batch, "coft_seq_len": args.coft_seq_len,
-                             "coft_options": {"lr": args.coft_lr, "precision": args.coft_precision}})
-        coft_rows += [fmt_row(results[f"0.5/{label}"], dense, 0.5, 0.5), fmt_row(r, dense, 0.5, 0.5)]
+    for source, label, options in spec["coft"] if args.coft_steps else ():
+        r = measure(f"coft/{source}/{label}", {
+            **cfgs[source], "label": f"{source} + {label}", "coft_steps": args.coft_steps,
+            "coft_batch": args.coft_batch, "coft_seq_len": args.coft_seq_len,
+            "coft_options": {"lr": args.coft_lr, "precision": args.coft_precision, **options}})
+        coft_rows += [fmt_row(results[f"0.5/{source}"], dense, 0.5, 0.5), fmt_row(r, dense, 0.5, 0.5)]
+        save()
     notes = []
     for err, goal in GOALS.items():
         ratios = [r.get("ppl_csqa", float("inf")) / dense["ppl_csqa"] for k, r in results.items()
                   if k.startswith(f"{err}/")] or [float("inf")]
         notes.append(f"Goal ERR {err}: ≤ {goal}× dense on other-domain text — best here {min(ratios):.3f}× "
                      f"({'met' if min(ratios) <= goal else 'not met'}).")
-    notes_file = Path(__file__).with_name("calibration_notes.md")
+    notes_file = Path(__file__).with_name(spec["notes"])
     if notes_file.is_file():
         notes.append(notes_file.read_text().strip())
     save(notes)

@@ -66,6 +66,11 @@ class FinetuneParams(_Params):
     choice_examples: Optional[int] = Field(None, ge=0, le=100_000)
     gradient_checkpointing: Optional[bool] = None
     precision: Optional[Literal["auto", "fp32", "bf16"]] = None
+    teacher: Optional[str] = Field(None, min_length=1, max_length=200,
+                                   description="distil from this model (named like `model`), e.g. the one the "
+                                               "checkpoint was compressed from")
+    distill_weight: Optional[float] = Field(None, gt=0, le=1,
+                                            description="with a teacher: share of the KL term in the loss")
 
 
 class EvaluateParams(_Params):
@@ -80,3 +85,5 @@ class EvaluateParams(_Params):
 PARAMS = {"compress": CompressParams, "finetune": FinetuneParams, "evaluate": EvaluateParams}
 # Parameters naming a dataset (an uploaded file or a built-in name), resolved at submit time.
 DATA_PARAMS = ("data", "calibration")
+# Parameters naming a model (like `model`), resolved at submit time into the job's model_ref.
+MODEL_PARAMS = ("teacher",)

@@ -23,7 +23,7 @@ from ..files import service as files_service
 from ..models import ApiKey, Job, new_id, utcnow
 from ..settings import Settings
 from . import repository as repo
-from .params import DATA_PARAMS
+from .params import DATA_PARAMS, MODEL_PARAMS
 from .schemas import JobError, JobOut
 
 log = logging.getLogger("welore.api.jobs")
@@ -83,6 +83,9 @@ def submit(session: Session, settings: Settings, dispatcher, bus, owner: ApiKey,
             return existing, False
     params = {k: v for k, v in body["params"].items() if v is not None}
     model_ref = resolve_model(session, settings, owner, body["model"])
+    for field in MODEL_PARAMS:  # resolved like `model`; the worker reads model_ref[field]
+        if isinstance(params.get(field), str):
+            model_ref[field] = resolve_model(session, settings, owner, params[field])
     for field in DATA_PARAMS:
         if isinstance(params.get(field), str):
             _check_data(session, owner, field, params[field])

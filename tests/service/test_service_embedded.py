@@ -129,11 +129,16 @@ def test_compress_then_finetune_in_process(embedded, api_key):
         part = c.get(f"/v1/jobs/{job_id}/artifacts/model.safetensors", headers={**h, "Range": "bytes=0-99"})
         assert part.status_code == 206 and part.content == body[:100]
 
-        ft = c.post("/v1/jobs", json={"type": "finetune", "model": job_id,
-                                      "params": {"data": "boolq-passages", "steps": 3, "batch_size": 1, "seq_len": 16,
-                                                 "val_sequences": 1}}, headers=h).json()
+        params = {"data": "boolq-passages", "steps": 3, "batch_size": 1, "seq_len": 16, "val_sequences": 1,
+                  "teacher": "tiny"}  # distilled from the dense model it was compressed from
+        bad = c.post("/v1/jobs", json={"type": "finetune", "model": job_id,
+                                       "params": {**params, "teacher": "no-such-model"}}, headers=h)
+        assert bad.status_code == 404 and "no-such-model" in bad.json()["error"]["message"]
+        ft = c.post("/v1/jobs", json={"type": "finetune", "model": job_id, "params": params}, headers=h).json()
         ft = _wait(c, ft["id"], h)
         assert ft["status"] == "succeeded", ft["error"]
+        meta = c.get(f"/v1/jobs/{ft['id']}/artifacts/welore.json", headers=h).json()
+        assert meta["training"]["config"]["teacher"].endswith("tiny")
         names = {a["name"] for a in c.get(f"/v1/jobs/{ft['id']}/artifacts", headers=h).json()["data"]}
         assert {"model.safetensors", "welore.json", "config.json"} <= names
         series = c.get(f"/v1/jobs/{ft['id']}/metrics", headers=h).json()["series"]
