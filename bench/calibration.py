@@ -104,7 +104,8 @@ def child(cfg: dict) -> dict:
     from welore_core.loading import load_model
 
     files = {k: Path(v) for k, v in cfg["files"].items()}
-    text = files[cfg.get("calib_text", "calib")]  # calibration (and COFT) text
+    text = files[cfg.get("calib_text", "calib")]  # calibration text
+    coft_text = files[cfg.get("coft_text", cfg.get("calib_text", "calib"))]  # COFT text: the same unless set
     loaded = load_model(MODEL)
     model, tok = loaded.model, loaded.tokenizer
     out = {"label": cfg["label"]}
@@ -124,7 +125,7 @@ def child(cfg: dict) -> dict:
             save_checkpoint(model, tok, ckpt, {"kind": "compressed", **report.to_dict()}, overwrite=True)
             out["compress_seconds"] = time.perf_counter() - t0
             t1 = time.perf_counter()
-            ft = finetune_checkpoint(str(ckpt), Path(cfg["workdir"]) / "coft-out", data=str(text),
+            ft = finetune_checkpoint(str(ckpt), Path(cfg["workdir"]) / "coft-out", data=str(coft_text),
                                      method="welore", steps=cfg["coft_steps"], batch_size=cfg["coft_batch"],
                                      seq_len=cfg["coft_seq_len"], val_sequences=8, overwrite=True,
                                      **cfg.get("coft_options", {}))
@@ -350,7 +351,8 @@ SEQUENTIAL = {"factorization": "whitened", "sequential": True}
 WHITENED = {"factorization": "whitened"}
 MIXED = {"samples": 64, "calib_text": "mixed"}
 # A study: compression rows (ERR, min_ratio, label, compress_model keyword arguments, extra child
-# settings), then COFT rows (label of the ERR 0.5 row it starts from, label, finetune options).
+# settings), then COFT rows (label of the ERR 0.5 row it starts from, label, finetune options,
+# extra child settings).
 STUDIES = {
     "calibration-sequential": {
         "title": "Calibration-aware WeLore, second round: sequential mode at every ERR, more calibration "
@@ -367,7 +369,7 @@ STUDIES = {
             (0.3, 0.5, "whitened, weight ranks, 256 samples", WHITENED, {"samples": 256}),
             (0.5, 0.5, "whitened, weight ranks, sequential, 256 samples", SEQUENTIAL, {"samples": 256}),
         ],
-        "coft": [("whitened, weight ranks, sequential, 64 samples", "150 COFT steps", {})],
+        "coft": [("whitened, weight ranks, sequential, 64 samples", "150 COFT steps", {}, {})],
     },
     "calibration-mixed": {
         "title": "Calibration-aware WeLore, third round: calibration text mixing domains, COFT distilled "
@@ -376,15 +378,21 @@ STUDIES = {
         "rows": [
             (0.1, 0.0, "whitened, BoolQ text", WHITENED, {"samples": 64}),
             (0.1, 0.0, "whitened, mixed text", WHITENED, MIXED),
+            (0.1, 0.0, "whitened, mixed text, damp 0.1", {**WHITENED, "damp": 0.1}, MIXED),
             (0.3, 0.5, "whitened, BoolQ text", WHITENED, {"samples": 64}),
             (0.3, 0.5, "whitened, mixed text", WHITENED, MIXED),
             (0.5, 0.5, "whitened, BoolQ text, sequential", SEQUENTIAL, {"samples": 64}),
             (0.5, 0.5, "whitened, mixed text, sequential", SEQUENTIAL, MIXED),
+            (0.5, 0.5, "whitened, activation ranks, BoolQ text, sequential", {**SEQUENTIAL, "rank_from": "activations"},
+             {"samples": 64}),
         ],
         "coft": [
-            ("whitened, BoolQ text, sequential", "150 COFT steps", {}),
-            ("whitened, BoolQ text, sequential", "150 COFT steps distilled from dense", {"teacher": MODEL}),
-            ("whitened, mixed text, sequential", "150 COFT steps distilled from dense", {"teacher": MODEL}),
+            ("whitened, BoolQ text, sequential", "150 COFT steps", {}, {}),
+            ("whitened, BoolQ text, sequential", "150 COFT steps distilled", {"teacher": MODEL}, {}),
+            ("whitened, BoolQ text, sequential", "150 COFT steps distilled, on mixed text", {"teacher": MODEL},
+             {"coft_text": "mixed"}),
+            ("whitened, BoolQ text, sequential", "150 COFT steps distilled, on mixed text, batch 8",
+             {"teacher": MODEL}, {"coft_text": "mixed", "coft_batch": 8}),
         ],
     },
 }
@@ -407,12 +415,17 @@ def run_study(args, base: dict, name: str) -> int:
 
     dense = measure("dense", {**base, "label": "dense"})
     rows, coft_rows = [fmt_row(dense, dense)], []
-    command = (f"`python bench/calibration.py {spec['flag']} --samples {args.samples} --windows {args.windows} "
-               f"--coft-batch {args.coft_batch} --coft-lr {args.coft_lr}`")
+    samples = {extra.get("samples", args.samples) for *_, extra in spec["rows"]}
+    fixed = all("samples" in extra for *_, extra in spec["rows"])  # rows name their own sample count
+    command = (f"`python bench/calibration.py {spec['flag']}{'' if fixed else f' --samples {args.samples}'} "
+               f"--windows {args.windows} --coft-batch {args.coft_batch} --coft-lr {args.coft_lr}`")
+    if len(samples) == 1:
+        command += f" ({samples.pop()} calibration windows × {args.seq_len} tokens in every row)"
 
     def save(notes=()):
         body = [f"## {spec['title']}", "",
-                f"{command} — {machine()}. Same model, calibration text and held-out corpora as the first section, "
+                f"{command} — {machine()}. Same model and held-out corpora as the first section, and its calibration "
+                "text (BoolQ passages) where a row does not say mixed; "
                 f"evaluated on {args.windows} windows × {args.eval_seq_len} tokens per corpus (compare ratios within "
                 "this table). **Mixed text** = the BoolQ calibration passages, each followed by two SVAMP math word "
                 "problems and one coin-flip puzzle with their answers (CommonsenseQA, the other-domain evaluation "
@@ -420,7 +433,7 @@ def run_study(args, base: dict, name: str) -> int:
                 "(its seconds are then mostly loading).", "", table(HEADERS, rows)]
         if coft_rows:
             body += ["", f"Then WeLore-COFT: {args.coft_steps} steps × {args.coft_batch} × {args.coft_seq_len} tokens "
-                     f"of the row's calibration text, lr {args.coft_lr}, `--precision {args.coft_precision}`; "
+                     f"of the row's calibration text (unless named), lr {args.coft_lr}, `--precision {args.coft_precision}`; "
                      f"*distilled* = `--teacher {MODEL}` (loss: KL to the dense model's next-token distribution):", "",
                      table(HEADERS, coft_rows), "",
                      "Training speed (bf16 autocast, this CPU): " + "; ".join(
@@ -434,12 +447,13 @@ def run_study(args, base: dict, name: str) -> int:
         cfgs[label] = {**base, **extra, "label": label, "err": err, "min_ratio": mr, "kw": kw}
         rows.append(fmt_row(measure(f"{err}/{label}", cfgs[label]), dense, err, mr))
         save()
-    for source, label, options in spec["coft"] if args.coft_steps else ():
+    for source, label, options, extra in spec["coft"] if args.coft_steps else ():
         r = measure(f"coft/{source}/{label}", {
             **cfgs[source], "label": f"{source} + {label}", "coft_steps": args.coft_steps,
-            "coft_batch": args.coft_batch, "coft_seq_len": args.coft_seq_len,
+            "coft_batch": args.coft_batch, "coft_seq_len": args.coft_seq_len, **extra,
             "coft_options": {"lr": args.coft_lr, "precision": args.coft_precision, **options}})
-        coft_rows += [fmt_row(results[f"0.5/{source}"], dense, 0.5, 0.5), fmt_row(r, dense, 0.5, 0.5)]
+        start = fmt_row(results[f"0.5/{source}"], dense, 0.5, 0.5)
+        coft_rows += ([] if start in coft_rows else [start]) + [fmt_row(r, dense, 0.5, 0.5)]
         save()
     notes = []
     for err, goal in GOALS.items():
@@ -447,6 +461,10 @@ def run_study(args, base: dict, name: str) -> int:
                   if k.startswith(f"{err}/")] or [float("inf")]
         notes.append(f"Goal ERR {err}: ≤ {goal}× dense on other-domain text — best here {min(ratios):.3f}× "
                      f"({'met' if min(ratios) <= goal else 'not met'}).")
+    tuned = [r.get("ppl_csqa", float("inf")) / dense["ppl_csqa"] for k, r in results.items() if k.startswith("coft/")]
+    if tuned:
+        notes.append(f"Goal ERR 0.5 + {args.coft_steps} COFT steps: ≤ 2× dense on other-domain text — best here "
+                     f"{min(tuned):.3f}× ({'met' if min(tuned) <= 2 else 'not met'}).")
     notes_file = Path(__file__).with_name(spec["notes"])
     if notes_file.is_file():
         notes.append(notes_file.read_text().strip())

@@ -451,6 +451,11 @@ def test_cli_json(tiny, tmp_path):
     assert result["steps"] == 2 and result["method"] == "welore" and result["out"] == str(out)
     assert "train" in proc.stderr  # the progress bar
     assert main(["finetune", *args]) == 2  # out exists now: a one-line error, exit 2
+    distilled = main(["finetune", *args[:-3], "--out", str(tmp_path / "kd"), "--teacher", tiny["dense"],
+                      "--distill-weight", "0.5", "--json"])
+    assert distilled == 0
+    config = json.loads((tmp_path / "kd" / "metrics.json").read_text())["config"]
+    assert config["teacher"] == tiny["dense"] and config["distill_weight"] == 0.5
 
 
 def test_core_never_imports_the_web_stack():
