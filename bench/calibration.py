@@ -281,10 +281,10 @@ def main() -> int:
     main_rows, lever_rows, coft_rows, notes = [], [], [], []
     if args.render_only:
         return render_saved(args, workdir)
-    if args.sequential_study:
-        return run_study(args, base, "calibration-sequential")
-    if args.mixed_study:
-        return run_study(args, base, "calibration-mixed")
+    if args.sequential_study or args.mixed_study:
+        from bench.calibration_studies import run_study
+
+        return run_study(args, base, "calibration-sequential" if args.sequential_study else "calibration-mixed")
 
     def save():
         write_section("calibration", render(args, main_rows, lever_rows, coft_rows, notes))
@@ -344,131 +344,6 @@ def main() -> int:
         notes.append(f"Goal ERR {err}: ≤ {goal}× dense on held-out text — best here {min(ratios):.3f}× "
                      f"({'met' if min(ratios) <= goal else 'not met'}).")
     save()
-    return 0
-
-
-SEQUENTIAL = {"factorization": "whitened", "sequential": True}
-WHITENED = {"factorization": "whitened"}
-MIXED = {"samples": 64, "calib_text": "mixed"}
-# A study: compression rows (ERR, min_ratio, label, compress_model keyword arguments, extra child
-# settings), then COFT rows (label of the ERR 0.5 row it starts from, label, finetune options,
-# extra child settings).
-STUDIES = {
-    "calibration-sequential": {
-        "title": "Calibration-aware WeLore, second round: sequential mode at every ERR, more calibration "
-                 "tokens, then WeLore-COFT",
-        "flag": "--sequential-study", "results": "sequential-study.json", "notes": "calibration_notes.md",
-        "rows": [
-            (0.1, 0.0, "whitened, weight ranks, sequential", SEQUENTIAL, {}),
-            (0.1, 0.0, "whitened, weight ranks, 64 samples", WHITENED, {"samples": 64}),
-            (0.1, 0.0, "whitened, weight ranks, 64 samples, damp 1e-3", {**WHITENED, "damp": 1e-3}, {"samples": 64}),
-            (0.3, 0.5, "whitened, weight ranks, sequential", SEQUENTIAL, {}),
-            (0.3, 0.5, "whitened, weight ranks, 64 samples", WHITENED, {"samples": 64}),
-            (0.5, 0.5, "whitened, weight ranks, sequential", SEQUENTIAL, {}),
-            (0.5, 0.5, "whitened, weight ranks, sequential, 64 samples", SEQUENTIAL, {"samples": 64}),
-            (0.3, 0.5, "whitened, weight ranks, 256 samples", WHITENED, {"samples": 256}),
-            (0.5, 0.5, "whitened, weight ranks, sequential, 256 samples", SEQUENTIAL, {"samples": 256}),
-        ],
-        "coft": [("whitened, weight ranks, sequential, 64 samples", "150 COFT steps", {}, {})],
-    },
-    "calibration-mixed": {
-        "title": "Calibration-aware WeLore, third round: calibration text mixing domains, COFT distilled "
-                 "from the dense model",
-        "flag": "--mixed-study", "results": "mixed-study.json", "notes": "calibration_mixed_notes.md",
-        "rows": [
-            (0.1, 0.0, "whitened, BoolQ text", WHITENED, {"samples": 64}),
-            (0.1, 0.0, "whitened, mixed text", WHITENED, MIXED),
-            (0.1, 0.0, "whitened, mixed text, damp 0.1", {**WHITENED, "damp": 0.1}, MIXED),
-            (0.3, 0.5, "whitened, BoolQ text", WHITENED, {"samples": 64}),
-            (0.3, 0.5, "whitened, mixed text", WHITENED, MIXED),
-            (0.5, 0.5, "whitened, BoolQ text, sequential", SEQUENTIAL, {"samples": 64}),
-            (0.5, 0.5, "whitened, mixed text, sequential", SEQUENTIAL, MIXED),
-            (0.5, 0.5, "whitened, activation ranks, BoolQ text, sequential", {**SEQUENTIAL, "rank_from": "activations"},
-             {"samples": 64}),
-        ],
-        "coft": [
-            ("whitened, BoolQ text, sequential", "150 COFT steps", {}, {}),
-            ("whitened, BoolQ text, sequential", "150 COFT steps distilled", {"teacher": MODEL}, {}),
-            ("whitened, BoolQ text, sequential", "150 COFT steps distilled, on mixed text", {"teacher": MODEL},
-             {"coft_text": "mixed"}),
-            ("whitened, BoolQ text, sequential", "150 COFT steps distilled, on mixed text, batch 8",
-             {"teacher": MODEL}, {"coft_text": "mixed", "coft_batch": 8}),
-        ],
-    },
-}
-
-
-def run_study(args, base: dict, name: str) -> int:
-    """Run (or with --resume-study, complete) one study into its own BENCHMARKS.md section."""
-    spec = STUDIES[name]
-    workdir = Path(base["workdir"])
-    saved = workdir / spec["results"]
-    results: dict = json.loads(saved.read_text()) if args.resume_study and saved.is_file() else {}
-
-    def measure(key: str, cfg: dict) -> dict:
-        """The row's result: from the saved results with --resume-study (same settings), else run."""
-        old = results.get(key)
-        if old is None or "failed" in old or old.get("settings") != cfg:
-            results[key] = {**run_child(cfg), "settings": cfg}
-            print(key, results[key], flush=True)
-        return results[key]
-
-    dense = measure("dense", {**base, "label": "dense"})
-    rows, coft_rows = [fmt_row(dense, dense)], []
-    samples = {extra.get("samples", args.samples) for *_, extra in spec["rows"]}
-    fixed = all("samples" in extra for *_, extra in spec["rows"])  # rows name their own sample count
-    command = (f"`python bench/calibration.py {spec['flag']}{'' if fixed else f' --samples {args.samples}'} "
-               f"--windows {args.windows} --coft-batch {args.coft_batch} --coft-lr {args.coft_lr}`")
-    if len(samples) == 1:
-        command += f" ({samples.pop()} calibration windows × {args.seq_len} tokens in every row)"
-
-    def save(notes=()):
-        body = [f"## {spec['title']}", "",
-                f"{command} — {machine()}. Same model and held-out corpora as the first section, and its calibration "
-                "text (BoolQ passages) where a row does not say mixed; "
-                f"evaluated on {args.windows} windows × {args.eval_seq_len} tokens per corpus (compare ratios within "
-                "this table). **Mixed text** = the BoolQ calibration passages, each followed by two SVAMP math word "
-                "problems and one coin-flip puzzle with their answers (CommonsenseQA, the other-domain evaluation "
-                "text, is not in it). `(n new)`: the SVDs a row computed; 0 when an earlier run had cached them "
-                "(its seconds are then mostly loading).", "", table(HEADERS, rows)]
-        if coft_rows:
-            body += ["", f"Then WeLore-COFT: {args.coft_steps} steps × {args.coft_batch} × {args.coft_seq_len} tokens "
-                     f"of the row's calibration text (unless named), lr {args.coft_lr}, `--precision {args.coft_precision}`; "
-                     f"*distilled* = `--teacher {MODEL}` (loss: KL to the dense model's next-token distribution):", "",
-                     table(HEADERS, coft_rows), "",
-                     "Training speed (bf16 autocast, this CPU): " + "; ".join(
-                         f"{r['label']}: {r['coft']['tokens_per_s']:.0f} tokens/s, {r['coft']['train_seconds']:.0f} s"
-                         for k, r in results.items() if k.startswith("coft/") and r.get("coft")) + "."]
-        write_section(name, "\n".join(body) + "\n\n" + "\n\n".join(notes))
-        saved.write_text(json.dumps(results, indent=2, default=str))
-
-    cfgs = {}
-    for err, mr, label, kw, extra in spec["rows"]:
-        cfgs[label] = {**base, **extra, "label": label, "err": err, "min_ratio": mr, "kw": kw}
-        rows.append(fmt_row(measure(f"{err}/{label}", cfgs[label]), dense, err, mr))
-        save()
-    for source, label, options, extra in spec["coft"] if args.coft_steps else ():
-        r = measure(f"coft/{source}/{label}", {
-            **cfgs[source], "label": f"{source} + {label}", "coft_steps": args.coft_steps,
-            "coft_batch": args.coft_batch, "coft_seq_len": args.coft_seq_len, **extra,
-            "coft_options": {"lr": args.coft_lr, "precision": args.coft_precision, **options}})
-        start = fmt_row(results[f"0.5/{source}"], dense, 0.5, 0.5)
-        coft_rows += ([] if start in coft_rows else [start]) + [fmt_row(r, dense, 0.5, 0.5)]
-        save()
-    notes = []
-    for err, goal in GOALS.items():
-        ratios = [r.get("ppl_csqa", float("inf")) / dense["ppl_csqa"] for k, r in results.items()
-                  if k.startswith(f"{err}/")] or [float("inf")]
-        notes.append(f"Goal ERR {err}: ≤ {goal}× dense on other-domain text — best here {min(ratios):.3f}× "
-                     f"({'met' if min(ratios) <= goal else 'not met'}).")
-    tuned = [r.get("ppl_csqa", float("inf")) / dense["ppl_csqa"] for k, r in results.items() if k.startswith("coft/")]
-    if tuned:
-        notes.append(f"Goal ERR 0.5 + {args.coft_steps} COFT steps: ≤ 2× dense on other-domain text — best here "
-                     f"{min(tuned):.3f}× ({'met' if min(tuned) <= 2 else 'not met'}).")
-    notes_file = Path(__file__).with_name(spec["notes"])
-    if notes_file.is_file():
-        notes.append(notes_file.read_text().strip())
-    save(notes)
     return 0
 
 
