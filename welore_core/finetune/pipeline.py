@@ -106,9 +106,10 @@ def _load_teacher(spec: str, lm, tokenizer, dev: torch.device, progress: Progres
     t_vocab, s_vocab = teacher.lm_head.weight.shape[0], lm.lm_head.weight.shape[0]
     same_tokens = loaded.tokenizer is None or tokenizer.get_vocab() == loaded.tokenizer.get_vocab()
     if t_vocab != s_vocab or not same_tokens:
-        raise InvalidArgument(f"the teacher {spec!r} predicts {t_vocab} tokens, the model being fine-tuned "
-                              f"{s_vocab}; distillation needs the same tokenizer. Pass the model this "
-                              "checkpoint was compressed from as --teacher")
+        what = (f"predicts {t_vocab} tokens, the model being fine-tuned {s_vocab}" if t_vocab != s_vocab
+                else "has a tokenizer with another vocabulary than the model being fine-tuned")
+        raise InvalidArgument(f"the teacher {spec!r} {what}; distillation needs the same tokenizer. Pass the "
+                              "model this checkpoint was compressed from as --teacher")
     progress(ProgressEvent("load", 1, 1, message=f"teacher {spec}"))
     return teacher
 
