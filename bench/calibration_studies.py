@@ -59,6 +59,8 @@ STUDIES = {
              {"coft_text": "mixed"}),
             ("whitened, BoolQ text, sequential", "150 COFT steps distilled, on mixed text, batch 8",
              {"teacher": MODEL}, {"coft_text": "mixed", "coft_batch": 8}),
+            ("whitened, BoolQ text, sequential", "150 COFT steps distilled, on mixed text, batch 16",
+             {"teacher": MODEL}, {"coft_text": "mixed", "coft_batch": 16}),
         ],
     },
 }
