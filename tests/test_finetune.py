@@ -1,7 +1,7 @@
 """Fine-tuning on tiny seeded models: which parameters train (counts match the formulas),
 frozen ones unchanged bit for bit, loss decreases, resume equals an uninterrupted run,
 cancellation leaves a loadable checkpoint or none, completion-only masking, data formats,
-the chunked loss against the plain one, the output format and the command line."""
+distillation from a teacher, the output format and the command line."""
 
 from __future__ import annotations
 
@@ -278,60 +278,7 @@ def test_grad_accumulation_equals_bigger_batch(tiny):
         torch.testing.assert_close(p.grad, g_full[k], rtol=1e-4, atol=1e-6)
 
 
-# ---------------------------------------------------------------- the loss
-
-def test_chunked_loss_matches_plain_cross_entropy(monkeypatch):
-    from welore_core.finetune import loss as loss_mod
-
-    monkeypatch.setattr(loss_mod, "CHUNK_ELEMENTS", 256 * 7)  # several chunks
-    model = make_tiny_llama(vocab=256).train()
-    ids = torch.randint(2, 256, (3, 40), generator=torch.Generator().manual_seed(0))
-    labels = ids.clone()
-    labels[0, :10] = IGNORE
-    s, n = causal_lm_loss(model, ids, labels)
-    s.backward()
-    fused = {k: p.grad.clone() for k, p in model.named_parameters()}
-    model.zero_grad()
-    logits = model(input_ids=ids).logits
-    ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 256), labels[:, 1:].reshape(-1),
-                                            reduction="sum", ignore_index=IGNORE)
-    ref.backward()
-    assert n == 3 * 39 - 9
-    torch.testing.assert_close(s.detach(), ref.detach(), rtol=1e-5, atol=1e-4)
-    for k, p in model.named_parameters():
-        torch.testing.assert_close(fused[k], p.grad, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("mix", [1.0, 0.3])
-def test_distillation_loss_matches_ce_plus_kl(monkeypatch, mix):
-    """With a teacher, the fused loss and its gradients equal (1 − w)·CE + w·KL(teacher ‖ student)
-    computed from full logits; the teacher gets no gradient."""
-    from welore_core.finetune import loss as loss_mod
-    from welore_core.finetune.loss import Teacher
-
-    monkeypatch.setattr(loss_mod, "CHUNK_ELEMENTS", 256 * 7)
-    student, teacher = make_tiny_llama(vocab=256, seed=1).train(), make_tiny_llama(vocab=256, seed=2)
-    ids = torch.randint(2, 256, (2, 30), generator=torch.Generator().manual_seed(0))
-    labels = ids.clone()
-    labels[1, :7] = IGNORE
-    t_hidden = teacher.model(input_ids=ids).last_hidden_state.detach()
-    s, n = causal_lm_loss(student, ids, labels, teacher=Teacher(t_hidden, teacher.lm_head.weight, mix))
-    s.backward()
-    fused = {k: p.grad.clone() for k, p in student.named_parameters()}
-    assert all(p.grad is None for p in teacher.parameters())
-    student.zero_grad()
-    keep = labels[:, 1:].reshape(-1) != IGNORE
-    logq = torch.log_softmax(student(input_ids=ids).logits[:, :-1].reshape(-1, 256)[keep], -1)
-    logp = torch.log_softmax(teacher.lm_head(t_hidden)[:, :-1].reshape(-1, 256)[keep], -1)
-    ce = -logq.gather(1, labels[:, 1:].reshape(-1)[keep][:, None]).sum()
-    kl = (logp.exp() * (logp - logq)).sum()
-    ref = (1 - mix) * ce + mix * kl
-    ref.backward()
-    assert n == 2 * 29 - 6
-    torch.testing.assert_close(s.detach(), ref.detach(), rtol=1e-5, atol=1e-4)
-    for k, p in student.named_parameters():
-        torch.testing.assert_close(fused[k], p.grad, rtol=1e-4, atol=1e-5)
-
+# ---------------------------------------------------------------- distillation (the loss itself: test_finetune_loss.py)
 
 def test_distilling_from_a_teacher_teaches_what_it_knows(tiny, tmp_path):
     """COFT with only the KL to a teacher (distill_weight 1: the labels are never used): a dense
