@@ -14,9 +14,9 @@ appended to BENCHMARKS.md (section "calibration") as they come. Usage:
     python bench/calibration.py --sequential-study [--samples 16] [--windows 4]
     python bench/calibration.py --mixed-study [--windows 16] [--coft-batch 4] [--coft-lr 2e-4]
 `--sequential-study` runs the second round of levers (sequential mode at every ERR, 64
-calibration windows, damping), then WeLore-COFT from the best ERR 0.5 compression, into its
+calibration windows, damping), then WeLore-COFT from its best ERR 0.5 compression, into its
 own section ("calibration-sequential") so the main table above stays as measured.
-`--mixed-study` runs the third round: calibration text mixing domains (BoolQ passages
+The studies' rows are listed in bench/calibration_studies.py. `--mixed-study` runs the third round: calibration text mixing domains (BoolQ passages
 interleaved with SVAMP and coin-flip items) against BoolQ alone, and WeLore-COFT distilled
 from the dense model (`teacher=`) against plain COFT (section "calibration-mixed").
 """

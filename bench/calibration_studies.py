@@ -24,6 +24,7 @@ STUDIES = {
         "title": "Calibration-aware WeLore, second round: sequential mode at every ERR, more calibration "
                  "tokens, then WeLore-COFT",
         "flag": "--sequential-study", "results": "sequential-study.json", "notes": "calibration_notes.md",
+        "about": "Same model, calibration text and held-out corpora as the first section",
         "rows": [
             (0.1, 0.0, "whitened, weight ranks, sequential", SEQUENTIAL, {}),
             (0.1, 0.0, "whitened, weight ranks, 64 samples", WHITENED, {"samples": 64}),
@@ -41,6 +42,10 @@ STUDIES = {
         "title": "Calibration-aware WeLore, third round: calibration text mixing domains, COFT distilled "
                  "from the dense model",
         "flag": "--mixed-study", "results": "mixed-study.json", "notes": "calibration_mixed_notes.md",
+        "about": "Same model and held-out corpora as the first section, and its calibration text (BoolQ passages) "
+                 "where a row does not say mixed. **Mixed text** = the BoolQ calibration passages, each followed by "
+                 "two SVAMP math word problems and one coin-flip puzzle with their answers (CommonsenseQA, the "
+                 "other-domain evaluation text, is not in it)",
         "rows": [
             (0.1, 0.0, "whitened, BoolQ text", WHITENED, {"samples": 64}),
             (0.1, 0.0, "whitened, mixed text", WHITENED, MIXED),
@@ -92,13 +97,10 @@ def run_study(args, base: dict, name: str) -> int:
 
     def save(notes=()):
         body = [f"## {spec['title']}", "",
-                f"{command} — {machine()}. Same model and held-out corpora as the first section, and its calibration "
-                "text (BoolQ passages) where a row does not say mixed; "
-                f"evaluated on {args.windows} windows × {args.eval_seq_len} tokens per corpus (compare ratios within "
-                "this table). **Mixed text** = the BoolQ calibration passages, each followed by two SVAMP math word "
-                "problems and one coin-flip puzzle with their answers (CommonsenseQA, the other-domain evaluation "
-                "text, is not in it). `(n new)`: the SVDs a row computed; 0 when an earlier run had cached them "
-                "(its seconds are then mostly loading).", "", table(HEADERS, rows)]
+                f"{command} — {machine()}. {spec['about']}. Evaluated on {args.windows} windows × "
+                f"{args.eval_seq_len} tokens per corpus (compare ratios within this table). `(n new)`: the SVDs a row "
+                "computed; 0 when an earlier run had cached them (its seconds are then mostly loading).", "",
+                table(HEADERS, rows)]
         if coft_rows:
             body += ["", f"Then WeLore-COFT: {args.coft_steps} steps × {args.coft_batch} × {args.coft_seq_len} tokens "
                      f"of the row's calibration text (unless named), lr {args.coft_lr}, `--precision {args.coft_precision}`; "
