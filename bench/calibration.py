@@ -13,12 +13,16 @@ appended to BENCHMARKS.md (section "calibration") as they come. Usage:
     python bench/calibration.py [--samples 32] [--windows 8] [--coft-steps 150] [--skip-levers]
     python bench/calibration.py --sequential-study [--samples 16] [--windows 4]
     python bench/calibration.py --mixed-study [--windows 16] [--coft-batch 4] [--coft-lr 2e-4]
+    python bench/calibration.py --generated-study [--windows 16] [--gen-sequences 512] [--gen-tokens 512]
 `--sequential-study` runs the second round of levers (sequential mode at every ERR, 64
 calibration windows, damping), then WeLore-COFT from its best ERR 0.5 compression, into its
 own section ("calibration-sequential") so the main table above stays as measured.
 The studies' rows are listed in bench/calibration_studies.py. `--mixed-study` runs the third round: calibration text mixing domains (BoolQ passages
 interleaved with SVAMP and coin-flip items) against BoolQ alone, and WeLore-COFT distilled
 from the dense model (`teacher=`) against plain COFT (section "calibration-mixed").
+`--generated-study` runs the fourth round (meant for a GPU; float32 weights): text sampled from
+the dense model itself as calibration text and as distillation text for COFT, larger COFT
+batches and rates (section "calibration-generated").
 """
 
 from __future__ import annotations
@@ -93,6 +97,33 @@ def mixed_texts(passages: list[str]) -> list[str]:
     return out
 
 
+def write_generated(path: Path, sequences: int, tokens: int, batch: int, seed: int = 0) -> dict:
+    """Text sampled from the dense model itself (each sequence starts from a random vocabulary
+    token, then plain sampling at temperature 1): general text in the model's own distribution,
+    of no evaluation corpus. One JSON line {"text": ...} a sequence."""
+    import torch
+
+    from welore_core.loading import load_model
+
+    loaded = load_model(MODEL)
+    model, tok = loaded.model, loaded.tokenizer
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    texts, n_tokens, t0 = [], 0, time.perf_counter()
+    for start in range(0, sequences, batch):
+        first = torch.randint(0, len(tok), (min(batch, sequences - start), 1), generator=g).to(device)
+        with torch.no_grad():
+            out = model.generate(first, attention_mask=torch.ones_like(first), do_sample=True, temperature=1.0,
+                                 top_k=0, top_p=1.0, max_new_tokens=tokens, pad_token_id=tok.eos_token_id)
+        for row in out:
+            n_tokens += int((row != tok.eos_token_id).sum())
+            texts.append(tok.decode(row, skip_special_tokens=True))
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return {"label": "generated", "sequences": len(texts), "tokens": n_tokens,
+            "seconds": time.perf_counter() - t0}
+
+
 def child(cfg: dict) -> dict:
     """One configuration: load, (compress), (fine-tune), evaluate on both held-out corpora."""
     import torch
@@ -103,10 +134,13 @@ def child(cfg: dict) -> dict:
     from welore_core.evaluate import perplexity
     from welore_core.loading import load_model
 
+    if cfg.get("generate"):
+        return write_generated(Path(cfg["files"]["generated"]), **cfg["generate"])
     files = {k: Path(v) for k, v in cfg["files"].items()}
     text = files[cfg.get("calib_text", "calib")]  # calibration text
     coft_text = files[cfg.get("coft_text", cfg.get("calib_text", "calib"))]  # COFT text: the same unless set
-    loaded = load_model(MODEL)
+    dtype = getattr(torch, cfg["dtype"]) if cfg.get("dtype") else None  # None: the device's default
+    loaded = load_model(MODEL, dtype=dtype)
     model, tok = loaded.model, loaded.tokenizer
     out = {"label": cfg["label"]}
     t0 = time.perf_counter()
@@ -132,7 +166,7 @@ def child(cfg: dict) -> dict:
             out["coft_seconds"] = time.perf_counter() - t1
             out["coft"] = {"tokens_per_s": ft["tokens_per_s"], "train_seconds": ft["throughput"]["train_seconds"],
                            "final_loss": ft["loss_curve"][-1][1]}
-            model = load_model(str(Path(cfg["workdir"]) / "coft-out")).model
+            model = load_model(str(Path(cfg["workdir"]) / "coft-out"), dtype=dtype).model
     out.setdefault("compress_seconds", time.perf_counter() - t0)
     for name in ("csqa", "boolq"):
         r = perplexity(model, tok, read_texts(str(files[name])), cfg["eval_seq_len"], cfg["windows"])
@@ -258,6 +292,11 @@ def main() -> int:
     ap.add_argument("--mixed-study", action="store_true",
                     help="the third round: mixed-domain calibration text, COFT distilled from the dense model "
                          "(section calibration-mixed)")
+    ap.add_argument("--generated-study", action="store_true",
+                    help="the fourth round: text the model generates itself, for calibration and distilled COFT "
+                         "(section calibration-generated; meant for a GPU)")
+    ap.add_argument("--gen-sequences", type=int, default=0, help="--generated-study: sequences to sample")
+    ap.add_argument("--gen-tokens", type=int, default=0, help="--generated-study: tokens per sequence")
     ap.add_argument("--resume-study", action="store_true",
                     help="--sequential-study / --mixed-study: reuse the rows of the last run with the same settings")
     ap.add_argument("--coft-lr", type=float, default=5e-4, help="studies: COFT peak learning rate")
@@ -281,10 +320,12 @@ def main() -> int:
     main_rows, lever_rows, coft_rows, notes = [], [], [], []
     if args.render_only:
         return render_saved(args, workdir)
-    if args.sequential_study or args.mixed_study:
+    study = ("calibration-sequential" if args.sequential_study else "calibration-mixed" if args.mixed_study
+             else "calibration-generated" if args.generated_study else None)
+    if study:
         from bench.calibration_studies import run_study
 
-        return run_study(args, base, "calibration-sequential" if args.sequential_study else "calibration-mixed")
+        return run_study(args, base, study)
 
     def save():
         write_section("calibration", render(args, main_rows, lever_rows, coft_rows, notes))

@@ -16,6 +16,7 @@ from bench.report import machine, table, write_section
 SEQUENTIAL = {"factorization": "whitened", "sequential": True}
 WHITENED = {"factorization": "whitened"}
 MIXED = {"samples": 64, "calib_text": "mixed"}
+GENERATED = {"samples": 64, "calib_text": "generated"}
 # A study: compression rows (ERR, min_ratio, label, compress_model keyword arguments, extra child
 # settings), then COFT rows (label of the ERR 0.5 row it starts from, label, finetune options,
 # extra child settings).
@@ -68,12 +69,52 @@ STUDIES = {
              {"teacher": MODEL}, {"coft_text": "mixed", "coft_batch": 16}),
         ],
     },
+    "calibration-generated": {
+        "title": "Calibration-aware WeLore, fourth round: text the model generates itself, for calibration "
+                 "and for distilled COFT",
+        "flag": "--generated-study", "results": "generated-study.json", "notes": "calibration_generated_notes.md",
+        "about": "Same model and held-out corpora as the first section, float32 weights unless a row says bf16. "
+                 "**Generated text** = sequences sampled from the dense model itself (bf16), each from a random "
+                 "first token at temperature 1 (no evaluation corpus in it); **mixed text** as in the third round",
+        "generate": {"sequences": 512, "tokens": 512, "batch": 256},
+        "base": {"dtype": "float32"},
+        "rows": [
+            (0.5, 0.5, "whitened, BoolQ text, sequential", SEQUENTIAL, {"samples": 64}),
+            (0.5, 0.5, "whitened, generated text, sequential", SEQUENTIAL, GENERATED),
+            (0.1, 0.0, "whitened, mixed text, sequential", SEQUENTIAL, MIXED),
+            (0.5, 0.5, "whitened, BoolQ text, sequential, bf16 model", SEQUENTIAL,
+             {"samples": 64, "dtype": "bfloat16"}),
+        ],
+        "coft": [
+            ("whitened, BoolQ text, sequential", "150 COFT steps distilled, on generated text, batch 16",
+             {"teacher": MODEL}, {"coft_text": "generated", "coft_batch": 16}),
+            ("whitened, BoolQ text, sequential", "150 COFT steps distilled, on generated text, batch 16, lr 5e-4",
+             {"teacher": MODEL, "lr": 5e-4}, {"coft_text": "generated", "coft_batch": 16}),
+            ("whitened, BoolQ text, sequential", "150 COFT steps distilled, on generated text, batch 64, lr 1e-3",
+             {"teacher": MODEL, "lr": 1e-3}, {"coft_text": "generated", "coft_batch": 64}),
+        ],
+    },
 }
+
+
+def generate_text(args, base: dict, spec: dict, results: dict, measure) -> None:
+    """Sample the study's generated text once (kept beside the other data files; --gen-sequences /
+    --gen-tokens override the study's size)."""
+    path = Path(base["workdir"]) / "generated.jsonl"
+    base["files"]["generated"] = str(path)
+    gen = {**spec["generate"], **{k: v for k, v in (("sequences", args.gen_sequences),
+                                                     ("tokens", args.gen_tokens)) if v}}
+    gen["batch"] = min(gen["batch"], gen["sequences"])
+    cfg = {**base, "label": "generated", "generate": gen}
+    if not path.is_file():
+        results.pop("generated", None)
+    measure("generated", cfg)
 
 
 def run_study(args, base: dict, name: str) -> int:
     """Run (or with --resume-study, complete) one study into its own BENCHMARKS.md section."""
     spec = STUDIES[name]
+    base = {**base, **spec.get("base", {})}
     workdir = Path(base["workdir"])
     saved = workdir / spec["results"]
     results: dict = json.loads(saved.read_text()) if args.resume_study and saved.is_file() else {}
@@ -86,6 +127,8 @@ def run_study(args, base: dict, name: str) -> int:
             print(key, results[key], flush=True)
         return results[key]
 
+    if "generate" in spec:
+        generate_text(args, base, spec, results, measure)
     dense = measure("dense", {**base, "label": "dense"})
     rows, coft_rows = [fmt_row(dense, dense)], []
     samples = {extra.get("samples", args.samples) for *_, extra in spec["rows"]}
@@ -106,25 +149,28 @@ def run_study(args, base: dict, name: str) -> int:
                      f"of the row's calibration text (unless named), lr {args.coft_lr}, `--precision {args.coft_precision}`; "
                      f"*distilled* = `--teacher {MODEL}` (loss: KL to the dense model's next-token distribution):", "",
                      table(HEADERS, coft_rows), "",
-                     "Training speed (bf16 autocast, this CPU): " + "; ".join(
+                     "Training speed (bf16 autocast, this machine): " + "; ".join(
                          f"{r['label']}: {r['coft']['tokens_per_s']:.0f} tokens/s, {r['coft']['train_seconds']:.0f} s"
-                         for k, r in results.items() if k.startswith("coft/") and r.get("coft")) + "."]
+                         for k, r in results.items()
+                         if k.startswith("coft/") and (r.get("coft") or {}).get("tokens_per_s")) + "."]
         write_section(name, "\n".join(body) + "\n\n" + "\n\n".join(notes))
         saved.write_text(json.dumps(results, indent=2, default=str))
 
-    cfgs = {}
     for err, mr, label, kw, extra in spec["rows"]:
-        cfgs[label] = {**base, **extra, "label": label, "err": err, "min_ratio": mr, "kw": kw}
-        rows.append(fmt_row(measure(f"{err}/{label}", cfgs[label]), dense, err, mr))
+        cfg = {**base, **extra, "label": label, "err": err, "min_ratio": mr, "kw": kw}
+        rows.append(fmt_row(measure(f"{err}/{label}", cfg), dense, err, mr))
         save()
-    for source, label, options, extra in spec["coft"] if args.coft_steps else ():
-        r = measure(f"coft/{source}/{label}", {
-            **cfgs[source], "label": f"{source} + {label}", "coft_steps": args.coft_steps,
-            "coft_batch": args.coft_batch, "coft_seq_len": args.coft_seq_len, **extra,
-            "coft_options": {"lr": args.coft_lr, "precision": args.coft_precision, **options}})
-        start = fmt_row(results[f"0.5/{source}"], dense, 0.5, 0.5)
-        coft_rows += ([] if start in coft_rows else [start]) + [fmt_row(r, dense, 0.5, 0.5)]
-        save()
+        # the COFT rows that start from this compression, right after it
+        for source, tuned, options, more in spec["coft"] if args.coft_steps else ():
+            if source != label:
+                continue
+            r = measure(f"coft/{source}/{tuned}", {
+                **cfg, "label": f"{source} + {tuned}", "coft_steps": args.coft_steps,
+                "coft_batch": args.coft_batch, "coft_seq_len": args.coft_seq_len, **more,
+                "coft_options": {"lr": args.coft_lr, "precision": args.coft_precision, **options}})
+            start = fmt_row(results[f"{err}/{source}"], dense, err, mr)
+            coft_rows += ([] if start in coft_rows else [start]) + [fmt_row(r, dense, err, mr)]
+            save()
     notes = []
     for err, goal in GOALS.items():
         ratios = [r.get("ppl_csqa", float("inf")) / dense["ppl_csqa"] for k, r in results.items()
