@@ -173,6 +173,7 @@ def child(cfg: dict) -> dict:
         out[f"ppl_{name}"] = r.perplexity
         out[f"tokens_{name}"] = r.tokens
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["machine"] = machine()
     if torch.cuda.is_available():
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
     return out

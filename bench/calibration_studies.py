@@ -1,8 +1,9 @@
 """The later rounds of the calibration benchmark (`python bench/calibration.py
---sequential-study` / `--mixed-study`): each study is a list of compression rows and of
-WeLore-COFT rows started from them, measured one process per row by bench/calibration.py's
-`run_child`, written to its own BENCHMARKS.md section, and resumable row by row
-(`--resume-study` reuses a row measured with identical settings).
+--sequential-study` / `--mixed-study` / `--generated-study`): each study is a list of
+compression rows and of WeLore-COFT rows started from them (each run right after its start),
+measured one process per row by bench/calibration.py's `run_child`, written to its own
+BENCHMARKS.md section, and resumable row by row (`--resume-study` reuses a row measured with
+identical settings; the section names the machine that measured the dense row).
 """
 
 from __future__ import annotations
@@ -92,6 +93,16 @@ STUDIES = {
              {"teacher": MODEL, "lr": 5e-4}, {"coft_text": "generated", "coft_batch": 16}),
             ("whitened, BoolQ text, sequential", "150 COFT steps distilled, on generated text, batch 64, lr 1e-3",
              {"teacher": MODEL, "lr": 1e-3}, {"coft_text": "generated", "coft_batch": 64}),
+            ("whitened, BoolQ text, sequential", "150 COFT steps distilled, on generated text, batch 16, lr 1e-4",
+             {"teacher": MODEL, "lr": 1e-4}, {"coft_text": "generated", "coft_batch": 16}),
+            ("whitened, BoolQ text, sequential", "150 COFT steps distilled, on generated text, batch 64",
+             {"teacher": MODEL}, {"coft_text": "generated", "coft_batch": 64}),
+            ("whitened, BoolQ text, sequential", "150 COFT steps distilled, on generated text, batch 64, lr 1e-4",
+             {"teacher": MODEL, "lr": 1e-4}, {"coft_text": "generated", "coft_batch": 64}),
+            ("whitened, BoolQ text, sequential", "150 COFT steps distilled, on generated text, batch 64, lr 3e-4",
+             {"teacher": MODEL, "lr": 3e-4}, {"coft_text": "generated", "coft_batch": 64}),
+            ("whitened, BoolQ text, sequential", "150 COFT steps distilled, on generated text, batch 128",
+             {"teacher": MODEL}, {"coft_text": "generated", "coft_batch": 128}),
         ],
     },
 }
@@ -140,13 +151,14 @@ def run_study(args, base: dict, name: str) -> int:
 
     def save(notes=()):
         body = [f"## {spec['title']}", "",
-                f"{command} — {machine()}. {spec['about']}. Evaluated on {args.windows} windows × "
+                f"{command} — {dense.get('machine') or machine()}. {spec['about']}. Evaluated on {args.windows} windows × "
                 f"{args.eval_seq_len} tokens per corpus (compare ratios within this table). `(n new)`: the SVDs a row "
                 "computed; 0 when an earlier run had cached them (its seconds are then mostly loading).", "",
                 table(HEADERS, rows)]
         if coft_rows:
             body += ["", f"Then WeLore-COFT: {args.coft_steps} steps × {args.coft_batch} × {args.coft_seq_len} tokens "
-                     f"of the row's calibration text (unless named), lr {args.coft_lr}, `--precision {args.coft_precision}`; "
+                     f"of the row's calibration text, lr {args.coft_lr} (unless a row names its text, batch or rate), "
+                     f"`--precision {args.coft_precision}`; "
                      f"*distilled* = `--teacher {MODEL}` (loss: KL to the dense model's next-token distribution):", "",
                      table(HEADERS, coft_rows), "",
                      "Training speed (bf16 autocast, this machine): " + "; ".join(
@@ -174,7 +186,9 @@ def run_study(args, base: dict, name: str) -> int:
     notes = []
     for err, goal in GOALS.items():
         ratios = [r.get("ppl_csqa", float("inf")) / dense["ppl_csqa"] for k, r in results.items()
-                  if k.startswith(f"{err}/")] or [float("inf")]
+                  if k.startswith(f"{err}/")]
+        if not ratios:  # not measured in this study
+            continue
         notes.append(f"Goal ERR {err}: ≤ {goal}× dense on other-domain text — best here {min(ratios):.3f}× "
                      f"({'met' if min(ratios) <= goal else 'not met'}).")
     tuned = [r.get("ppl_csqa", float("inf")) / dense["ppl_csqa"] for k, r in results.items() if k.startswith("coft/")]
