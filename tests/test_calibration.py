@@ -254,7 +254,8 @@ def test_checkpoint_records_calibration(tiny_llama, fresh_cache, tmp_path, byte_
     assert meta["factorization"] == "scaled" and meta["rank_from"] == "weights"
     rec = meta["calibration"]
     assert rec["data"] == str(texts) and len(rec["data_hash"]) == 64
-    assert (rec["samples"], rec["seq_len"], rec["alpha"], rec["sequential"]) == (4, 64, 0.7, False)
+    assert (rec["samples"], rec["seq_len"], rec["alpha"], rec["sequential"], rec["sink_weight"]) == (4, 64, 0.7,
+                                                                                                 False, 1.0)
     plain = compress_model(tiny_llama(), err=0.3, min_ratio=0.0, cache=fresh_cache, tolerance=0.05)
     assert plain.factorization == "plain" and plain.calibration is None
     assert all(m.calib_error is None for m in plain.matrices)
@@ -276,6 +277,10 @@ def test_argument_errors(tiny_llama, fresh_cache, byte_tokenizer):
         compress_model(tiny_llama(), err=0.3, cache=fresh_cache, calibration=calib(tokens(n=1, L=300)))
     with pytest.raises(InvalidArgument, match="tokenizer"):
         load_calibration(None, "boolq")
+    with pytest.raises(InvalidArgument, match="calibrated factorization"):
+        compress_model(tiny_llama(), err=0.3, cache=fresh_cache, sink_weight=8)
+    with pytest.raises(InvalidArgument, match="sink_weight must be > 0"):
+        compress_model(tiny_llama(), err=0.3, cache=fresh_cache, calibration=t, sink_weight=0)
 
 
 def test_cli_flags_reach_the_pipeline(monkeypatch):
@@ -289,9 +294,48 @@ def test_cli_flags_reach_the_pipeline(monkeypatch):
     args = build_parser().parse_args(
         ["compress", "m", "--err", "0.3", "--out", "o", "--calibration", "boolq", "--calib-samples", "32",
          "--calib-seq-len", "256", "--factorization", "scaled", "--rank-from", "activations", "--sequential",
-         "--alpha", "0.25"])
+         "--alpha", "0.25", "--sink-weight", "64"])
     args.func(args)
     assert {k: seen[k] for k in ("calibration", "calib_samples", "calib_seq_len", "factorization", "rank_from",
-                                 "sequential", "alpha", "damp")} == {
+                                 "sequential", "alpha", "damp", "sink_weight")} == {
         "calibration": "boolq", "calib_samples": 32, "calib_seq_len": 256, "factorization": "scaled",
-        "rank_from": "activations", "sequential": True, "alpha": 0.25, "damp": None}
+        "rank_from": "activations", "sequential": True, "alpha": 0.25, "damp": None, "sink_weight": 64.0}
+
+
+def test_sink_weight_counts_each_windows_first_token_w_times(tiny_llama):
+    model = tiny_llama()
+    t = tokens(n=5, L=16)
+    names = [n for n in target_names(model) if n.startswith("model.layers.0.")]
+    x = model.model.layers[0].input_layernorm(torch.cat(LayerInputs(model, t).hidden)).double()  # 5×16×64
+    for w in (1.0, 50.0):
+        inputs = LayerInputs(model, t)
+        with InputStats({n: model.get_submodule(n) for n in names}, abs_sum=True, sink_weight=w) as stats:
+            inputs.run(model.model.layers[0], stats)
+        d = torch.ones(5, 16, 1, dtype=torch.float64)
+        d[:, 0] = w
+        torch.testing.assert_close(stats.gram[0], torch.einsum("bti,btj->ij", x * d, x))
+        torch.testing.assert_close(stats.abs_sum[0], (x.abs() * d).sum((0, 1)))
+        assert stats.tokens[0] == 80 and stats.mass[0] == 75 + 5 * w
+
+
+def test_sink_weight_protects_the_first_tokens_and_has_its_own_cache_key(tiny_llama, fresh_cache):
+    """A heavy weight on each window's first token cuts the truncation error there (layer 0 sees
+    the same inputs either way); weight 1 keeps the unweighted cache keys."""
+    t = tokens(n=8, L=32)
+    dense = tiny_llama()
+    x0 = dense.model.layers[0].input_layernorm(dense.model.embed_tokens(t))[:, 0]  # first tokens' q/k/v input
+    errs, keys = {}, {}
+    for w in (1.0, 1000.0):
+        model = tiny_llama()
+        report = compress_model(model, err=0.4, min_ratio=0.0, cache=fresh_cache, tolerance=0.05,
+                                calibration=calib(t), sink_weight=w)
+        assert report.calibration["sink_weight"] == w
+        name = "model.layers.0.self_attn.v_proj"
+        with torch.no_grad():
+            errs[w] = float((model.get_submodule(name)(x0) - dense.get_submodule(name)(x0)).norm())
+        keys[w] = report.calibration["factorized"]
+    assert errs[1000.0] < 0.5 * errs[1.0], errs
+    assert keys[1000.0] > 0  # new keys: nothing reused from the unweighted run
+    again = compress_model(tiny_llama(), err=0.4, min_ratio=0.0, cache=fresh_cache, tolerance=0.05,
+                           calibration=calib(t), sink_weight=1)
+    assert again.calibration["factorized"] == 0  # sink_weight=1 is the unweighted statistics: cached

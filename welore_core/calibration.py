@@ -8,6 +8,9 @@ How the statistics are gathered (memory: one decoder layer's statistics at a tim
   2. Layer by layer: forward pre-hooks on the layer's target linears accumulate, in float64,
      G = XᵀX (whitened) or Σ|x| (scaled) once per *distinct input tensor*: q/k/v receive the
      same tensor and share one accumulator, so do gate/up (found by identity, not by name).
+     With `sink_weight` w ≠ 1 the first token of every window counts w times (G = XᵀDX):
+     decoder LLMs park most attention on the first token (the attention sink), so an error in
+     its value vector reaches every later token, while it is one token in seq_len of XᵀX.
      The layer's matrices are factorised, the statistics dropped, and the layer's outputs
      become the next layer's inputs.
   3. `sequential`: layer L's statistics are gathered with layers 0..L−1 already compressed
@@ -98,14 +101,17 @@ class InputStats:
     share one accumulator. Call `end_call()` after each forward of the layer.
     """
 
-    def __init__(self, modules: dict[str, nn.Module], gram: bool = True, abs_sum: bool = False):
+    def __init__(self, modules: dict[str, nn.Module], gram: bool = True, abs_sum: bool = False,
+                 sink_weight: float = 1.0):
         self.modules = modules
         self.want_gram, self.want_abs = gram, abs_sum
+        self.sink_weight = sink_weight  # weight of each window's first token (1: plain XᵀX)
         self.group_of: dict[str, int] = {}
         self.groups: list[list[str]] = []
         self.gram: list[Optional[torch.Tensor]] = []
         self.abs_sum: list[Optional[torch.Tensor]] = []
         self.tokens: list[int] = []
+        self.mass: list[float] = []  # Σ token weights (= tokens when sink_weight is 1)
         self.updates = 0  # accumulations performed (one per distinct input per forward)
         self._seen: list[tuple[torch.Tensor, int]] = []
         self._handles = []
@@ -141,6 +147,7 @@ class InputStats:
                 self.gram.append(None)
                 self.abs_sum.append(None)
                 self.tokens.append(0)
+                self.mass.append(0.0)
             self._accumulate(g, x)
             self._seen.append((x, g))
             return None
@@ -148,14 +155,20 @@ class InputStats:
 
     @torch.no_grad()
     def _accumulate(self, g: int, x: torch.Tensor) -> None:
+        w = None  # per-token weights (tokens×1), None: all 1
+        if self.sink_weight != 1.0 and x.dim() == 3:  # (windows, positions, n)
+            w = torch.ones(x.shape[:2], dtype=torch.float64, device=x.device)
+            w[:, 0] = self.sink_weight
+            w = w.reshape(-1, 1)
         x = x.detach().reshape(-1, x.shape[-1]).double()  # tokens×n
         if self.want_gram:
-            add = x.T @ x  # n×n
+            add = x.T @ (x if w is None else x * w)  # n×n
             self.gram[g] = add if self.gram[g] is None else self.gram[g].add_(add)
         if self.want_abs:
-            add = x.abs().sum(0)  # n
+            add = (x.abs() if w is None else x.abs() * w).sum(0)  # n
             self.abs_sum[g] = add if self.abs_sum[g] is None else self.abs_sum[g].add_(add)
         self.tokens[g] += x.shape[0]
+        self.mass[g] += x.shape[0] if w is None else float(w.sum())
         self.updates += 1
 
     def transform(self, name: str, factorization: str, alpha: float = ALPHA, damp: float = DAMP) -> Transform:
@@ -166,7 +179,7 @@ class InputStats:
         if factorization == "whitened":
             return gram_root(self.gram[g], damp)
         if factorization == "scaled":
-            return abs_mean_scale(self.abs_sum[g] / max(self.tokens[g], 1), alpha)
+            return abs_mean_scale(self.abs_sum[g] / max(self.mass[g], 1), alpha)
         raise InvalidArgument(f"factorization must be whitened or scaled here; received {factorization!r}")
 
 
@@ -223,8 +236,10 @@ class LayerInputs:
 
 
 def entry_key(name: str, weight_key: str, source_hash: str, calibration: Calibration, dtype: torch.dtype,
-              factorization: str, alpha: float, damp: float, prefix: str = "") -> str:
+              factorization: str, alpha: float, damp: float, prefix: str = "", sink_weight: float = 1.0) -> str:
     param = f"alpha={alpha!r}" if factorization == "scaled" else f"damp={damp!r}"
+    if sink_weight != 1.0:  # (keys of unweighted statistics stay as they were)
+        param += f",sink={sink_weight!r}"
     text = "|".join([CAL_FORMAT, name, weight_key, source_hash, calibration.tokens_hash, str(dtype),
                      factorization, param, prefix])
     return hashlib.sha256(text.encode()).hexdigest()
@@ -248,8 +263,8 @@ class Calibrator:
 
     def __init__(self, model: nn.Module, names: list[str], weight_keys: list[str], source_hash: str,
                  calibration: Calibration, factorization: str, cache: SpectrumCache, *,
-                 alpha: float = ALPHA, damp: float = DAMP, progress: ProgressFn = no_progress,
-                 should_stop: StopFn | None = None):
+                 alpha: float = ALPHA, damp: float = DAMP, sink_weight: float = 1.0,
+                 progress: ProgressFn = no_progress, should_stop: StopFn | None = None):
         if factorization not in FACTORIZATIONS[1:]:
             raise InvalidArgument(f"factorization must be whitened or scaled for calibration; "
                                   f"received {factorization!r}")
@@ -259,7 +274,9 @@ class Calibrator:
                                   f"max_position_embeddings {max_pos}; use a shorter --calib-seq-len")
         self.model, self.names, self.weight_keys = model, names, weight_keys
         self.source_hash, self.calibration, self.factorization = source_hash, calibration, factorization
-        self.cache, self.alpha, self.damp = cache, alpha, damp
+        if not sink_weight > 0:
+            raise InvalidArgument(f"sink_weight must be > 0 (1: every token counts once); received {sink_weight}")
+        self.cache, self.alpha, self.damp, self.sink_weight = cache, alpha, damp, float(sink_weight)
         self.progress, self.should_stop = progress, should_stop
         self.dtype = next(model.parameters()).dtype
         self.layers = decoder_layers(model)
@@ -269,7 +286,7 @@ class Calibrator:
 
     def key(self, i: int, prefix: str = "") -> str:
         return entry_key(self.names[i], self.weight_keys[i], self.source_hash, self.calibration, self.dtype,
-                         self.factorization, self.alpha, self.damp, prefix)
+                         self.factorization, self.alpha, self.damp, prefix, self.sink_weight)
 
     def _factorize_layer(self, stats: InputStats, idx: list[int], keys: list[str], result: CalibratedSpectra) -> None:
         for i, key in zip(idx, keys):
@@ -287,7 +304,8 @@ class Calibrator:
         """Hooks on the matrices of `idx` whose entries are still missing (none: no statistics)."""
         mods = {self.names[i]: self.model.get_submodule(self.names[i]) for i in idx
                 if keys[i] is not None and not self.cache.has(keys[i])}
-        return InputStats(mods, gram=self.factorization == "whitened", abs_sum=self.factorization == "scaled")
+        return InputStats(mods, gram=self.factorization == "whitened", abs_sum=self.factorization == "scaled",
+                          sink_weight=self.sink_weight)
 
     def _finish(self, result: CalibratedSpectra) -> CalibratedSpectra:
         for name, key in zip(result.names, result.keys):

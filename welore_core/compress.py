@@ -133,7 +133,8 @@ def _swap_in_calibrated(model: nn.Module, name: str, plan: MatrixPlan, cache: Sp
     return rel
 
 
-def _check_calibration_args(factorization: Optional[str], calibration, rank_from: str, sequential: bool) -> str:
+def _check_calibration_args(factorization: Optional[str], calibration, rank_from: str, sequential: bool,
+                            sink_weight: Optional[float] = None) -> str:
     from .whiten import FACTORIZATIONS
     from .calibration import RANK_SOURCES
 
@@ -144,8 +145,8 @@ def _check_calibration_args(factorization: Optional[str], calibration, rank_from
     if rank_from not in RANK_SOURCES:
         raise InvalidArgument(f"rank_from must be one of {', '.join(RANK_SOURCES)}; received {rank_from!r}")
     if factorization == "plain":
-        if calibration is not None or rank_from != "weights" or sequential:
-            raise InvalidArgument("calibration data, rank_from='activations' and sequential need a calibrated "
+        if calibration is not None or rank_from != "weights" or sequential or sink_weight not in (None, 1):
+            raise InvalidArgument("calibration data, rank_from='activations', sequential and sink_weight need a calibrated "
                                   "factorization; pass --factorization whitened (or scaled), or drop them "
                                   "for plain data-free WeLore")
     elif calibration is None:
@@ -159,7 +160,7 @@ def compress_model(model: nn.Module, *, err: Optional[float] = None, params_kept
                    tolerance: float = TOLERANCE, progress: ProgressFn = no_progress,
                    should_stop: StopFn | None = None, calibration=None, factorization: Optional[str] = None,
                    rank_from: str = "weights", sequential: bool = False, alpha: Optional[float] = None,
-                   damp: Optional[float] = None) -> CompressionReport:
+                   damp: Optional[float] = None, sink_weight: Optional[float] = None) -> CompressionReport:
     """Compress `model` in place. Raises Cancelled (model then half-swapped: discard it).
 
     The achieved ERR (or parameter fraction) must land within `tolerance` of the request;
@@ -169,12 +170,14 @@ def compress_model(model: nn.Module, *, err: Optional[float] = None, params_kept
     `factorization` "whitened" (default when calibration is given) or "scaled" (`alpha`);
     `rank_from` "weights" | "activations"; `sequential` gathers layer L's statistics with
     layers 0..L−1 already compressed (with rank_from="activations" the ranks then come from
-    the dense model's activations, since a global τ needs every spectrum first).
+    the dense model's activations, since a global τ needs every spectrum first);
+    `sink_weight` (default 1) counts the first token of every calibration window that many
+    times in the statistics (see calibration.py).
     """
     t0 = time.perf_counter()
     if method not in METHODS:
         raise InvalidArgument(f"method must be one of {', '.join(METHODS)}; received {method!r}")
-    factorization = _check_calibration_args(factorization, calibration, rank_from, sequential)
+    factorization = _check_calibration_args(factorization, calibration, rank_from, sequential, sink_weight)
     names = target_names(model)
     if any(isinstance(model.get_submodule(n), LowRankLinear) for n in names):
         raise InvalidArgument("this model is already WeLore-compressed; compress its dense source "
@@ -196,9 +199,11 @@ def compress_model(model: nn.Module, *, err: Optional[float] = None, params_kept
 
         alpha = ALPHA if alpha is None else alpha
         damp = DAMP if damp is None else damp
+        sink_weight = 1.0 if sink_weight is None else float(sink_weight)
         t_cal = time.perf_counter()
         cal = Calibrator(model, names, spectra.keys, source_hash, calibration, factorization, cache,
-                         alpha=alpha, damp=damp, progress=progress, should_stop=should_stop)
+                         alpha=alpha, damp=damp, sink_weight=sink_weight, progress=progress,
+                         should_stop=should_stop)
         if rank_from == "weights":  # ranks first: only the LRCs need calibrated SVDs
             alloc = allocate(spectra, method, err, params_kept, min_ratio, tolerance)
             if not sequential:
@@ -217,7 +222,7 @@ def compress_model(model: nn.Module, *, err: Optional[float] = None, params_kept
                                         only={i for i, p in enumerate(alloc.plans) if p.lrc})
         keys = calibrated.keys
         record = {**calibration.record(), "sequential": sequential,
-                  **({"alpha": alpha} if factorization == "scaled" else {"damp": damp}),
+                  **({"alpha": alpha} if factorization == "scaled" else {"damp": damp}), "sink_weight": sink_weight,
                   "factorized": calibrated.factorized, "layer_forwards": calibrated.forward_passes,
                   "fallbacks": calibrated.how, "seconds": time.perf_counter() - t_cal}
     check_stop(should_stop)

@@ -30,6 +30,8 @@ class CompressParams(_Params):
     sequential: Optional[bool] = None
     alpha: Optional[float] = Field(None, gt=0, le=10, description="scaled: exponent of mean|x|")
     damp: Optional[float] = Field(None, ge=0, le=1)
+    sink_weight: Optional[float] = Field(None, gt=0, le=1e6,
+                                         description="weight of each calibration window's first token (default 1)")
 
     @model_validator(mode="after")
     def _one_target(self):

@@ -91,6 +91,11 @@ def test_invalid_params_name_the_field_and_range(idle_client, key):
     assert r.status_code == 422 and r.json()["error"]["fields"][0]["field"] == "params.bogus"
     assert "min_ratio" in r.json()["error"]["fields"][0]["allowed"]
 
+    r = idle_client.post("/v1/jobs", json={"type": "compress", "model": "tiny",
+                                           "params": {"err": 0.2, "calibration": "boolq", "sink_weight": 0}},
+                         headers=key)
+    assert r.status_code == 422 and r.json()["error"]["fields"][0]["field"] == "params.sink_weight"
+
     r = idle_client.post("/v1/jobs", json={"type": "train", "model": "tiny", "params": {}}, headers=key)
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_params"
 

@@ -36,6 +36,9 @@ def register(sub) -> None:
     cal.add_argument("--alpha", type=float, default=None, help="scaled: exponent of mean|x| (default 0.5)")
     cal.add_argument("--damp", type=float, default=None,
                      help="whitened: Cholesky damping, fraction of the Gram's mean diagonal (default 0.01)")
+    cal.add_argument("--sink-weight", type=float, default=None, metavar="W",
+                     help="count the first token of every calibration window W times in the statistics "
+                          "(the attention sink: its value reaches every later token; default 1)")
     p.add_argument("--out", required=True, help="directory for the compressed checkpoint")
     p.add_argument("--merged-out", help="also write a dense (merged) export loadable by plain transformers")
     p.add_argument("--overwrite", action="store_true", help="replace --out / --merged-out if they exist")
@@ -69,8 +72,9 @@ def human_report(r: dict) -> str:
 def calibration_lines(c: dict | None) -> list[str]:
     if not c:
         return []
+    sink = f"  sink weight {c['sink_weight']:g}" if c.get("sink_weight", 1) != 1 else ""
     lines = [f"calibration {c['data']} ({c['samples']} x {c['seq_len']} tokens, sha256 {c['data_hash'][:12]})"
-             f"{'  sequential' if c['sequential'] else ''}  matrices factorised now {c['factorized']}, "
+             f"{'  sequential' if c['sequential'] else ''}{sink}  matrices factorised now {c['factorized']}, "
              f"layer forwards {c['layer_forwards']}, {c['seconds']:.1f} s"]
     if c.get("fallbacks"):
         lines.append("whitening fallbacks: " + ", ".join(f"{k}: {v}" for k, v in c["fallbacks"].items()))
@@ -85,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
                                  calibration=args.calibration, calib_samples=args.calib_samples,
                                  calib_seq_len=args.calib_seq_len, factorization=args.factorization,
                                  rank_from=args.rank_from, sequential=args.sequential, alpha=args.alpha,
-                                 damp=args.damp)
+                                 damp=args.damp, sink_weight=args.sink_weight)
     bar.close()
     result["peak_rss_mb"] = peak_rss_mb()
     emit(result, args.json, human_report(result))
