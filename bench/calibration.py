@@ -14,15 +14,20 @@ appended to BENCHMARKS.md (section "calibration") as they come. Usage:
     python bench/calibration.py --sequential-study [--samples 16] [--windows 4]
     python bench/calibration.py --mixed-study [--windows 16] [--coft-batch 4] [--coft-lr 2e-4]
     python bench/calibration.py --generated-study [--windows 16] [--gen-sequences 512] [--gen-tokens 512]
+    python bench/calibration.py --sink-study [--windows 16] [--coft-batch 4] [--coft-lr 2e-4]
 `--sequential-study` runs the second round of levers (sequential mode at every ERR, 64
 calibration windows, damping), then WeLore-COFT from its best ERR 0.5 compression, into its
 own section ("calibration-sequential") so the main table above stays as measured.
-The studies' rows are listed in bench/calibration_studies.py. `--mixed-study` runs the third round: calibration text mixing domains (BoolQ passages
-interleaved with SVAMP and coin-flip items) against BoolQ alone, and WeLore-COFT distilled
-from the dense model (`teacher=`) against plain COFT (section "calibration-mixed").
+The studies' rows are listed in bench/calibration_studies.py. `--mixed-study` runs the third
+round: calibration text mixing domains (BoolQ passages interleaved with SVAMP and coin-flip
+items) against BoolQ alone, and WeLore-COFT distilled from the dense model (`teacher=`)
+against plain COFT (section "calibration-mixed").
 `--generated-study` runs the fourth round (meant for a GPU; float32 weights): text sampled from
 the dense model itself as calibration text and as distillation text for COFT, larger COFT
 batches and rates (section "calibration-generated").
+`--sink-study` runs the fifth round: the first token of every calibration window (the attention
+sink) weighted in the Gram matrices (`sink_weight`), at every ERR, then distilled COFT from it
+(section "calibration-sink").
 """
 
 from __future__ import annotations
@@ -296,10 +301,13 @@ def main() -> int:
     ap.add_argument("--generated-study", action="store_true",
                     help="the fourth round: text the model generates itself, for calibration and distilled COFT "
                          "(section calibration-generated; meant for a GPU)")
+    ap.add_argument("--sink-study", action="store_true",
+                    help="the fifth round: the attention sink weighted in the calibration statistics "
+                         "(section calibration-sink)")
     ap.add_argument("--gen-sequences", type=int, default=0, help="--generated-study: sequences to sample")
     ap.add_argument("--gen-tokens", type=int, default=0, help="--generated-study: tokens per sequence")
     ap.add_argument("--resume-study", action="store_true",
-                    help="--sequential-study / --mixed-study: reuse the rows of the last run with the same settings")
+                    help="the studies (--sequential-study etc.): reuse the rows of the last run with the same settings")
     ap.add_argument("--coft-lr", type=float, default=5e-4, help="studies: COFT peak learning rate")
     ap.add_argument("--coft-precision", default="bf16", help="studies: COFT precision (fp32|bf16)")
     ap.add_argument("--render-only", action="store_true",
@@ -322,7 +330,8 @@ def main() -> int:
     if args.render_only:
         return render_saved(args, workdir)
     study = ("calibration-sequential" if args.sequential_study else "calibration-mixed" if args.mixed_study
-             else "calibration-generated" if args.generated_study else None)
+             else "calibration-generated" if args.generated_study else "calibration-sink" if args.sink_study
+             else None)
     if study:
         from bench.calibration_studies import run_study
 

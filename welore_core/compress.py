@@ -146,9 +146,9 @@ def _check_calibration_args(factorization: Optional[str], calibration, rank_from
         raise InvalidArgument(f"rank_from must be one of {', '.join(RANK_SOURCES)}; received {rank_from!r}")
     if factorization == "plain":
         if calibration is not None or rank_from != "weights" or sequential or sink_weight not in (None, 1):
-            raise InvalidArgument("calibration data, rank_from='activations', sequential and sink_weight need a calibrated "
-                                  "factorization; pass --factorization whitened (or scaled), or drop them "
-                                  "for plain data-free WeLore")
+            raise InvalidArgument("calibration data, rank_from='activations', sequential and sink_weight need a "
+                                  "calibrated factorization; pass --factorization whitened (or scaled), or drop "
+                                  "them for plain data-free WeLore")
     elif calibration is None:
         raise InvalidArgument(f"factorization {factorization!r} needs calibration data; pass --calibration DATA "
                               "(a .txt/.jsonl file or a built-in name such as boolq)")
