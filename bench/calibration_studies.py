@@ -20,7 +20,8 @@ MIXED = {"samples": 64, "calib_text": "mixed"}
 GENERATED = {"samples": 64, "calib_text": "generated"}
 # A study: compression rows (ERR, min_ratio, label, compress_model keyword arguments, extra child
 # settings), then COFT rows (label of the ERR 0.5 row it starts from, label, finetune options,
-# extra child settings).
+# extra child settings); optional "base" (child settings for every row, the dense one included)
+# and "generate" (text to sample from the dense model first: sequences, tokens, batch).
 STUDIES = {
     "calibration-sequential": {
         "title": "Calibration-aware WeLore, second round: sequential mode at every ERR, more calibration "
