@@ -18,6 +18,15 @@ SEQUENTIAL = {"factorization": "whitened", "sequential": True}
 WHITENED = {"factorization": "whitened"}
 MIXED = {"samples": 64, "calib_text": "mixed"}
 GENERATED = {"samples": 64, "calib_text": "generated"}
+
+
+def _distilled_on_generated(batch: int, lr: str = "") -> tuple:
+    """A COFT row of the fourth round: distilled on generated text, from the ERR 0.5 BoolQ row."""
+    return ("whitened, BoolQ text, sequential",
+            f"150 COFT steps distilled, on generated text, batch {batch}" + (f", lr {lr}" if lr else ""),
+            {"teacher": MODEL, **({"lr": float(lr)} if lr else {})}, {"coft_text": "generated", "coft_batch": batch})
+
+
 # A study: compression rows (ERR, min_ratio, label, compress_model keyword arguments, extra child
 # settings), then COFT rows (label of the ERR 0.5 row it starts from, label, finetune options,
 # extra child settings); optional "base" (child settings for every row, the dense one included)
@@ -87,24 +96,9 @@ STUDIES = {
             (0.5, 0.5, "whitened, BoolQ text, sequential, bf16 model", SEQUENTIAL,
              {"samples": 64, "dtype": "bfloat16"}),
         ],
-        "coft": [
-            ("whitened, BoolQ text, sequential", "150 COFT steps distilled, on generated text, batch 16",
-             {"teacher": MODEL}, {"coft_text": "generated", "coft_batch": 16}),
-            ("whitened, BoolQ text, sequential", "150 COFT steps distilled, on generated text, batch 16, lr 5e-4",
-             {"teacher": MODEL, "lr": 5e-4}, {"coft_text": "generated", "coft_batch": 16}),
-            ("whitened, BoolQ text, sequential", "150 COFT steps distilled, on generated text, batch 64, lr 1e-3",
-             {"teacher": MODEL, "lr": 1e-3}, {"coft_text": "generated", "coft_batch": 64}),
-            ("whitened, BoolQ text, sequential", "150 COFT steps distilled, on generated text, batch 16, lr 1e-4",
-             {"teacher": MODEL, "lr": 1e-4}, {"coft_text": "generated", "coft_batch": 16}),
-            ("whitened, BoolQ text, sequential", "150 COFT steps distilled, on generated text, batch 64",
-             {"teacher": MODEL}, {"coft_text": "generated", "coft_batch": 64}),
-            ("whitened, BoolQ text, sequential", "150 COFT steps distilled, on generated text, batch 64, lr 1e-4",
-             {"teacher": MODEL, "lr": 1e-4}, {"coft_text": "generated", "coft_batch": 64}),
-            ("whitened, BoolQ text, sequential", "150 COFT steps distilled, on generated text, batch 64, lr 3e-4",
-             {"teacher": MODEL, "lr": 3e-4}, {"coft_text": "generated", "coft_batch": 64}),
-            ("whitened, BoolQ text, sequential", "150 COFT steps distilled, on generated text, batch 128",
-             {"teacher": MODEL}, {"coft_text": "generated", "coft_batch": 128}),
-        ],
+        "coft": [_distilled_on_generated(16), _distilled_on_generated(16, "5e-4"), _distilled_on_generated(64, "1e-3"),
+                 _distilled_on_generated(16, "1e-4"), _distilled_on_generated(64), _distilled_on_generated(64, "1e-4"),
+                 _distilled_on_generated(64, "3e-4"), _distilled_on_generated(128)],
     },
     "calibration-sink": {
         "title": "Calibration-aware WeLore, fifth round: weighting the attention sink in the calibration statistics",
