@@ -26,8 +26,7 @@ against plain COFT (section "calibration-mixed").
 the dense model itself as calibration text and as distillation text for COFT, larger COFT
 batches and rates (section "calibration-generated").
 `--sink-study` runs the fifth round: the first token of every calibration window (the attention
-sink) weighted in the Gram matrices (`sink_weight`), at every ERR, then distilled COFT from it
-(section "calibration-sink").
+sink) weighted in the Gram matrices (`sink_weight`), at every ERR (section "calibration-sink").
 """
 
 from __future__ import annotations
@@ -293,17 +292,10 @@ def main() -> int:
     ap.add_argument("--coft-seq-len", type=int, default=256)
     ap.add_argument("--skip-levers", action="store_true")
     ap.add_argument("--skip-coft", action="store_true")
-    ap.add_argument("--sequential-study", action="store_true",
-                    help="the second round of levers and COFT from them (section calibration-sequential)")
-    ap.add_argument("--mixed-study", action="store_true",
-                    help="the third round: mixed-domain calibration text, COFT distilled from the dense model "
-                         "(section calibration-mixed)")
-    ap.add_argument("--generated-study", action="store_true",
-                    help="the fourth round: text the model generates itself, for calibration and distilled COFT "
-                         "(section calibration-generated; meant for a GPU)")
-    ap.add_argument("--sink-study", action="store_true",
-                    help="the fifth round: the attention sink weighted in the calibration statistics "
-                         "(section calibration-sink)")
+    from bench.calibration_studies import STUDIES  # (imports this module: load it after the definitions)
+
+    for name, spec in STUDIES.items():
+        ap.add_argument(spec["flag"], action="store_true", help=f"{spec['title']} (section {name})")
     ap.add_argument("--gen-sequences", type=int, default=0, help="--generated-study: sequences to sample")
     ap.add_argument("--gen-tokens", type=int, default=0, help="--generated-study: tokens per sequence")
     ap.add_argument("--resume-study", action="store_true",
@@ -329,9 +321,8 @@ def main() -> int:
     main_rows, lever_rows, coft_rows, notes = [], [], [], []
     if args.render_only:
         return render_saved(args, workdir)
-    study = ("calibration-sequential" if args.sequential_study else "calibration-mixed" if args.mixed_study
-             else "calibration-generated" if args.generated_study else "calibration-sink" if args.sink_study
-             else None)
+    study = next((name for name, spec in STUDIES.items() if getattr(args, spec["flag"][2:].replace("-", "_"))),
+                 None)
     if study:
         from bench.calibration_studies import run_study
 

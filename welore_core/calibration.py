@@ -155,8 +155,9 @@ class InputStats:
 
     @torch.no_grad()
     def _accumulate(self, g: int, x: torch.Tensor) -> None:
-        w = None  # per-token weights (tokens×1), None: all 1
+        w, windows = None, 0  # per-token weights (tokens×1), None: all 1
         if self.sink_weight != 1.0 and x.dim() == 3:  # (windows, positions, n)
+            windows = x.shape[0]
             w = torch.ones(x.shape[:2], dtype=torch.float64, device=x.device)
             w[:, 0] = self.sink_weight
             w = w.reshape(-1, 1)
@@ -168,7 +169,7 @@ class InputStats:
             add = (x.abs() if w is None else x.abs() * w).sum(0)  # n
             self.abs_sum[g] = add if self.abs_sum[g] is None else self.abs_sum[g].add_(add)
         self.tokens[g] += x.shape[0]
-        self.mass[g] += x.shape[0] if w is None else float(w.sum())
+        self.mass[g] += x.shape[0] + (self.sink_weight - 1) * windows
         self.updates += 1
 
     def transform(self, name: str, factorization: str, alpha: float = ALPHA, damp: float = DAMP) -> Transform:
