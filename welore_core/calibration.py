@@ -15,11 +15,18 @@ How the statistics are gathered (memory: one decoder layer's statistics at a tim
      become the next layer's inputs.
   3. `sequential`: layer L's statistics are gathered with layers 0..L−1 already compressed
      (each layer runs twice: dense for its statistics, then compressed to feed the next).
+  4. `compensate` (with `sequential`): the matrices that close a block (o_proj, down_proj) are
+     fitted to the dense block's output instead of their own: the first run also keeps their
+     dense inputs X (one batch at a time, in the layer's dtype), the layer's other matrices are
+     compressed, a second run gives their inputs X̂ through those, and C = XᵀX̂, Ĝ = X̂ᵀX̂ give
+     W' = W·C·Ĝ⁻¹ (whiten.compensated_weight), truncated whitened under Ĝ. So down_proj absorbs
+     what gate/up lost on the calibration tokens, o_proj what q/k/v lost (3 runs per layer).
 
 Cache keys (`entry_key`) name the matrix, its weight hash, the model fingerprint, the tokens'
 hash (data, tokenizer, samples and sequence length), the dtype, the factorisation and its
-parameters, and for `sequential` the ranks given to every earlier layer, so a key is known
-before any forward pass: when every entry is cached nothing runs at all.
+parameters, and for `sequential` the ranks given to every earlier layer (with `compensate`, also
+to the layer's own other matrices), so a key is known before any forward pass: when every entry
+is cached nothing runs at all.
 """
 
 from __future__ import annotations
@@ -36,8 +43,9 @@ from .errors import InvalidArgument, InvalidData
 from .evaluate import token_windows
 from .progress import ProgressEvent, ProgressFn, StopFn, check_stop, no_progress
 from .spectrum import SpectrumCache, tensor_hash
-from .targets import decoder_layers, layer_index
-from .whiten import ALPHA, DAMP, FACTORIZATIONS, Transform, abs_mean_scale, gram_root, transformed_svd
+from .targets import closes_block, decoder_layers, layer_index
+from .whiten import ALPHA, DAMP, FACTORIZATIONS, Transform, abs_mean_scale, compensated_weight, gram_root, \
+    transformed_svd
 
 CAL_FORMAT = "calib-v1"
 DEFAULT_SAMPLES = 64
@@ -91,6 +99,16 @@ def load_calibration(tokenizer, data: str, samples: int = DEFAULT_SAMPLES,
 
 # ---------------------------------------------------------------------------------------------
 # Statistics of a layer's inputs
+
+
+def token_weights(x: torch.Tensor, sink_weight: float) -> Optional[torch.Tensor]:
+    """(tokens×1) float64 weights for inputs x (windows, positions, n): each window's first token
+    counts `sink_weight` times; None when every token counts once."""
+    if sink_weight == 1.0 or x.dim() != 3:
+        return None
+    w = torch.ones(x.shape[:2], dtype=torch.float64, device=x.device)
+    w[:, 0] = sink_weight
+    return w.reshape(-1, 1)
 
 
 class InputStats:
@@ -155,12 +173,8 @@ class InputStats:
 
     @torch.no_grad()
     def _accumulate(self, g: int, x: torch.Tensor) -> None:
-        w, windows = None, 0  # per-token weights (tokens×1), None: all 1
-        if self.sink_weight != 1.0 and x.dim() == 3:  # (windows, positions, n)
-            windows = x.shape[0]
-            w = torch.ones(x.shape[:2], dtype=torch.float64, device=x.device)
-            w[:, 0] = self.sink_weight
-            w = w.reshape(-1, 1)
+        w = token_weights(x, self.sink_weight)
+        windows = x.shape[0] if w is not None else 0
         x = x.detach().reshape(-1, x.shape[-1]).double()  # tokens×n
         if self.want_gram:
             add = x.T @ (x if w is None else x * w)  # n×n
@@ -182,6 +196,57 @@ class InputStats:
         if factorization == "scaled":
             return abs_mean_scale(self.abs_sum[g] / max(self.mass[g], 1), alpha)
         raise InvalidArgument(f"factorization must be whitened or scaled here; received {factorization!r}")
+
+
+class CrossStats:
+    """Forward pre-hooks on the matrices that close a block, for `compensate`: in the "dense"
+    phase they keep each call's input X; in the "compressed" phase (same batches, same order)
+    they accumulate, in float64, C = XᵀX̂ and Ĝ = X̂ᵀX̂ with the new inputs X̂."""
+
+    def __init__(self, modules: dict[str, nn.Module], sink_weight: float = 1.0):
+        self.modules, self.sink_weight = modules, sink_weight
+        self.phase = "dense"
+        self.dense: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
+        self.cross: dict[str, torch.Tensor] = {}
+        self.gram: dict[str, torch.Tensor] = {}
+        self._calls: dict[str, int] = {}
+        self._handles = []
+
+    def __enter__(self) -> "CrossStats":
+        self._calls = {n: 0 for n in self.modules}
+        for name, mod in self.modules.items():
+            self._handles.append(mod.register_forward_pre_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _hook(self, name: str):
+        def pre(module, args):
+            x = args[0].detach()
+            if self.phase == "dense":
+                self.dense[name].append(x.clone())
+                return None
+            i = self._calls[name]
+            self._calls[name] += 1
+            w = token_weights(x, self.sink_weight)
+            X = self.dense[name][i].reshape(-1, x.shape[-1]).double()
+            self.dense[name][i] = None  # (freed as it is used)
+            Xh = x.reshape(-1, x.shape[-1]).double()
+            Xw = Xh if w is None else Xh * w
+            for acc, add in ((self.cross, X.T @ Xw), (self.gram, Xh.T @ Xw)):
+                acc[name] = add if name not in acc else acc[name].add_(add)
+            return None
+        return pre
+
+    def weight(self, name: str, W: torch.Tensor) -> torch.Tensor:
+        """W' for `name` (after the compressed phase)."""
+        if name not in self.gram:
+            raise InvalidData(f"module {name} never ran during calibration; expected every target "
+                              "matrix of the layer to see the calibration tokens")
+        return compensated_weight(W, self.cross[name], self.gram[name])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,10 +361,14 @@ class Calibrator:
             name = self.names[i]
             check_stop(self.should_stop)
             T = stats.transform(name, self.factorization, self.alpha, self.damp)
-            W = self.model.get_submodule(name).weight
-            U, S, Vh = transformed_svd(W, T)
-            self.cache.put(key, U.float(), S.float(), Vh.float(), metadata={"how": T.how})
-            result.factorized += 1
+            self._put(key, self.model.get_submodule(name).weight, T, result)
+
+    def _put(self, key: str, W: torch.Tensor, T: Transform, result: CalibratedSpectra) -> None:
+        """Cache the SVD of W·S (W: the matrix's weight, or its compensated target)."""
+        check_stop(self.should_stop)
+        U, S, Vh = transformed_svd(W, T)
+        self.cache.put(key, U.float(), S.float(), Vh.float(), metadata={"how": T.how})
+        result.factorized += 1
 
     def _stats(self, idx: list[int], keys: list[Optional[str]]) -> InputStats:
         """Hooks on the matrices of `idx` whose entries are still missing (none: no statistics)."""
@@ -345,32 +414,54 @@ class Calibrator:
                                             metrics={"factorized": result.factorized}))
         return self._finish(result)
 
-    def sequential(self, kept: list[int], apply: ApplyFn, only: Optional[set[int]] = None) -> CalibratedSpectra:
+    def sequential(self, kept: list[int], apply: ApplyFn, only: Optional[set[int]] = None,
+                   compensate: bool = False) -> CalibratedSpectra:
         """Entries for layer L from inputs through layers 0..L−1 already compressed with ranks
         `kept` (one per target, in order); `apply(name, key)` swaps a matrix in as it goes.
-        With `only`, just those targets are factorised (and applied)."""
+        With `only`, just those targets are factorised (and applied). With `compensate`, the
+        matrices closing a block are fitted to the dense block's outputs (module docstring)."""
+        mode = "sequential+compensate:" if compensate else "sequential:"
         prefix, keys = [], []
         for L in range(len(self.layers)):
             idx = self.by_layer.get(L, [])
-            p = hashlib.sha256(",".join(prefix).encode()).hexdigest()
-            keys += [self.key(i, "sequential:" + p) if only is None or i in only else None for i in idx]
+            own = [f"{self.names[i]}={kept[i]}" for i in idx if not closes_block(self.names[i])] if compensate else []
+            for i in idx:
+                p = hashlib.sha256(",".join(prefix + (own if closes_block(self.names[i]) else [])).encode())
+                keys.append(self.key(i, mode + p.hexdigest()) if only is None or i in only else None)
             prefix += [f"{self.names[i]}={kept[i]}" for i in idx]
         result = CalibratedSpectra(self.names, keys, [])
         last = max((layer_index(self.names[i]) for i, k in enumerate(keys)
                     if k is not None and not self.cache.has(k)), default=-1)
         inputs = LayerInputs(self.model, self.calibration.tokens, self.should_stop) if last >= 0 else None
         for L, layer in enumerate(self.layers):
-            idx = self.by_layer.get(L, [])
+            idx = [i for i in self.by_layer.get(L, []) if keys[i] is not None]
+            closers = [i for i in idx if compensate and closes_block(self.names[i])]
+            others = [i for i in idx if i not in closers]
+            fit = {self.names[i]: self.model.get_submodule(self.names[i]) for i in closers
+                   if not self.cache.has(keys[i])} if inputs is not None and L <= last else {}
+            cross = CrossStats(fit, self.sink_weight)
             if inputs is not None and L <= last:
-                with self._stats(idx, keys) as stats:
-                    if stats.modules:  # dense layer L on compressed-prefix inputs: statistics only
+                with self._stats(others, keys) as stats, cross:
+                    if stats.modules or fit:  # dense layer L on compressed-prefix inputs: statistics only
                         inputs.run(layer, stats, update=False)
                         result.forward_passes += 1
-                self._factorize_layer(stats, idx, [keys[i] for i in idx], result)
+                self._factorize_layer(stats, others, [keys[i] for i in others], result)
                 del stats
-            for i in idx:
-                if keys[i] is not None:
-                    apply(self.names[i], keys[i])
+            for i in others:
+                apply(self.names[i], keys[i])
+            if fit:  # the same inputs through the layer's compressed matrices: C and Ĝ
+                cross.phase = "compressed"
+                with cross:
+                    inputs.run(layer, None, update=False)
+                result.forward_passes += 1
+                for i in closers:
+                    if self.names[i] in fit:
+                        name = self.names[i]
+                        self._put(keys[i], cross.weight(name, fit[name].weight), gram_root(cross.gram[name], self.damp),
+                                  result)
+            del cross
+            for i in closers:
+                apply(self.names[i], keys[i])
             if inputs is not None and L < last:
                 inputs.run(layer, None, update=True)  # compressed layer L feeds layer L+1
                 result.forward_passes += 1

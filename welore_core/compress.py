@@ -134,7 +134,7 @@ def _swap_in_calibrated(model: nn.Module, name: str, plan: MatrixPlan, cache: Sp
 
 
 def _check_calibration_args(factorization: Optional[str], calibration, rank_from: str, sequential: bool,
-                            sink_weight: Optional[float] = None) -> str:
+                            sink_weight: Optional[float] = None, compensate: bool = False) -> str:
     from .whiten import FACTORIZATIONS
     from .calibration import RANK_SOURCES
 
@@ -152,6 +152,10 @@ def _check_calibration_args(factorization: Optional[str], calibration, rank_from
     elif calibration is None:
         raise InvalidArgument(f"factorization {factorization!r} needs calibration data; pass --calibration DATA "
                               "(a .txt/.jsonl file or a built-in name such as boolq)")
+    if compensate and (factorization != "whitened" or not sequential):
+        raise InvalidArgument(f"compensate fits o_proj/down_proj to the dense block's outputs inside the sequential "
+                              f"whitened pass; add --sequential and --factorization whitened (received "
+                              f"factorization={factorization!r}, sequential={sequential})")
     return factorization
 
 
@@ -160,7 +164,8 @@ def compress_model(model: nn.Module, *, err: Optional[float] = None, params_kept
                    tolerance: float = TOLERANCE, progress: ProgressFn = no_progress,
                    should_stop: StopFn | None = None, calibration=None, factorization: Optional[str] = None,
                    rank_from: str = "weights", sequential: bool = False, alpha: Optional[float] = None,
-                   damp: Optional[float] = None, sink_weight: Optional[float] = None) -> CompressionReport:
+                   damp: Optional[float] = None, sink_weight: Optional[float] = None,
+                   compensate: bool = False) -> CompressionReport:
     """Compress `model` in place. Raises Cancelled (model then half-swapped: discard it).
 
     The achieved ERR (or parameter fraction) must land within `tolerance` of the request;
@@ -172,12 +177,14 @@ def compress_model(model: nn.Module, *, err: Optional[float] = None, params_kept
     layers 0..L−1 already compressed (with rank_from="activations" the ranks then come from
     the dense model's activations, since a global τ needs every spectrum first);
     `sink_weight` (default 1) counts the first token of every calibration window that many
-    times in the statistics (see calibration.py).
+    times in the statistics (see calibration.py); `compensate` (whitened, sequential) fits each
+    layer's o_proj and down_proj to the dense block's outputs given its compressed other matrices.
     """
     t0 = time.perf_counter()
     if method not in METHODS:
         raise InvalidArgument(f"method must be one of {', '.join(METHODS)}; received {method!r}")
-    factorization = _check_calibration_args(factorization, calibration, rank_from, sequential, sink_weight)
+    factorization = _check_calibration_args(factorization, calibration, rank_from, sequential, sink_weight,
+                                            compensate)
     names = target_names(model)
     if any(isinstance(model.get_submodule(n), LowRankLinear) for n in names):
         raise InvalidArgument("this model is already WeLore-compressed; compress its dense source "
@@ -219,9 +226,9 @@ def compress_model(model: nn.Module, *, err: Optional[float] = None, params_kept
                 applied[name] = _swap_in_calibrated(model, name, plans[name], cache, key, device)
 
             calibrated = cal.sequential([p.kept for p in alloc.plans], apply,
-                                        only={i for i, p in enumerate(alloc.plans) if p.lrc})
+                                        only={i for i, p in enumerate(alloc.plans) if p.lrc}, compensate=compensate)
         keys = calibrated.keys
-        record = {**calibration.record(), "sequential": sequential,
+        record = {**calibration.record(), "sequential": sequential, "compensate": compensate,
                   **({"alpha": alpha} if factorization == "scaled" else {"damp": damp}), "sink_weight": sink_weight,
                   "factorized": calibrated.factorized, "layer_forwards": calibrated.forward_passes,
                   "fallbacks": calibrated.how, "seconds": time.perf_counter() - t_cal}

@@ -26,7 +26,8 @@ def compress_checkpoint(model: str, out: str | Path, *, err: Optional[float] = N
                         calib_samples: int | None = None, calib_seq_len: int | None = None,
                         factorization: str | None = None, rank_from: str = "weights",
                         sequential: bool = False, alpha: float | None = None,
-                        damp: float | None = None, sink_weight: float | None = None) -> dict:
+                        damp: float | None = None, sink_weight: float | None = None,
+                        compensate: bool = False) -> dict:
     """Compress `model` and write a WeLore checkpoint to `out` (and a merged export). Returns
     the report as a dict (what `welore compress --json` prints, minus process statistics).
 
@@ -34,7 +35,8 @@ def compress_checkpoint(model: str, out: str | Path, *, err: Optional[float] = N
     its first `calib_samples` windows of `calib_seq_len` tokens are used. `factorization`
     "plain" | "whitened" | "scaled" (None: whitened with calibration, plain without);
     `rank_from` "weights" | "activations"; `sequential`; `alpha` (scaled); `damp` (whitened);
-    `sink_weight` (the weight of each window's first token in the statistics).
+    `sink_weight` (the weight of each window's first token in the statistics); `compensate`
+    (sequential whitened: o_proj/down_proj fitted to the dense blocks' outputs).
     None means the default of calibration.py / whiten.py. See compress.compress_model."""
     t0 = time.perf_counter()
     progress(ProgressEvent("load", 0, 1, message=str(model)))
@@ -50,7 +52,8 @@ def compress_checkpoint(model: str, out: str | Path, *, err: Optional[float] = N
     report = compress_model(loaded.model, err=err, params_kept=params_kept, method=method,
                             min_ratio=min_ratio, cache=cache, progress=progress, should_stop=should_stop,
                             calibration=calib, factorization=factorization, rank_from=rank_from,
-                            sequential=sequential, alpha=alpha, damp=damp, sink_weight=sink_weight)
+                            sequential=sequential, alpha=alpha, damp=damp, sink_weight=sink_weight,
+                            compensate=compensate)
     check_stop(should_stop)
     meta = {"kind": "compressed", **report.to_dict(),
             "source": {"model": str(model), "kind": loaded.source.kind, "hash": report.source_hash}}

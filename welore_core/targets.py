@@ -13,6 +13,7 @@ from .lowrank import LowRankLinear
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 TARGET_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+OUTPUT_SUFFIXES = ("o_proj", "down_proj")  # close a block: write its output into the residual stream
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -43,6 +44,11 @@ def target_names(model: nn.Module) -> list[str]:
 
 def layer_index(name: str) -> int:
     return int(name.split(".")[2])
+
+
+def closes_block(name: str) -> bool:
+    """o_proj / down_proj: the matrix whose output is its attention / MLP block's output."""
+    return name.rsplit(".", 1)[-1] in OUTPUT_SUFFIXES
 
 
 def short_name(name: str) -> str:

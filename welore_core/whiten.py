@@ -13,6 +13,11 @@ W·S = U·Σ·Vᵀ and keep k triplets: Ŵ = U_k·Σ_k·V_kᵀ·S⁻¹, stored a
   tokens than inputs or dead channels) the damping grows ×100 up to 3 times, then an
   eigendecomposition with clamped eigenvalues gives S = Q·√Λ. What was used is recorded.
 - scaled (ASVD, Yuan et al. 2023): S = diag(mean|x_j|^α), zero channels clamped.
+- compensated (`compensated_weight`, for the matrix that closes a block): when its inputs X̂ come
+  from a block whose other matrices are already compressed while the dense block would give X,
+  the target is the dense output W·Xᵀ: W' = W·C·(Ĝ + ρ·I)⁻¹ with C = XᵀX̂, Ĝ = X̂ᵀX̂ is the
+  least-squares map from X̂ to it, and ‖W·Xᵀ − Ŵ·X̂ᵀ‖² = ‖W·Xᵀ − W'·X̂ᵀ‖² + ‖(W' − Ŵ)·X̂ᵀ‖²
+  (ρ = 0), so the whitened truncation of W' under Ĝ is the best rank-k Ŵ for that target.
 
 `transformed_svd` returns (U, Σ, Vh_eff) with Vh_eff = Vᵀ·S⁻¹, so the ordinary
 `factorize.factors` / `factorize.truncated` of the plain path build A, B and Ŵ unchanged.
@@ -29,6 +34,7 @@ from .errors import InvalidArgument
 FACTORIZATIONS = ("plain", "whitened", "scaled")
 DAMP = 1e-2  # δ = DAMP·mean(diag G); see BENCHMARKS.md (calibration) for the choice
 ALPHA = 0.5
+RIDGE = 1e-3  # compensated: ρ = RIDGE·mean(diag Ĝ); see BENCHMARKS.md (calibration-compensated)
 RETRIES = 3  # Cholesky retries, damping ×100 each
 MIN_SCALE = 1e-6  # scaled: channels below MIN_SCALE·max scale are clamped to it
 
@@ -89,6 +95,23 @@ def abs_mean_scale(abs_mean: torch.Tensor, alpha: float = ALPHA) -> Transform:
     if not top > 0:
         return Transform("scaled", torch.ones_like(s), "identity (no activation energy)")
     return Transform("scaled", s.clamp_min(MIN_SCALE * top), "diagonal")
+
+
+def compensated_weight(W: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor, ridge: float = RIDGE) -> torch.Tensor:
+    """W' = W·C·(Ĝ + ρ·I)⁻¹ (float64), C = XᵀX̂ (`cross`), Ĝ = X̂ᵀX̂ (`gram`), ρ = ridge·mean diag Ĝ:
+    the matrix whose outputs on the inputs X̂ best match W's on X (see the module docstring)."""
+    n = W.shape[1]
+    if cross.shape != (n, n) or gram.shape != (n, n):
+        raise InvalidArgument(f"expected {n}×{n} cross and Gram matrices for a matrix with {n} inputs; received "
+                              f"{tuple(cross.shape)} and {tuple(gram.shape)}")
+    G = gram.double()
+    G = (G + G.T) / 2
+    scale = float(G.diagonal().mean())
+    if not scale > 0 or not torch.isfinite(G).all() or not torch.isfinite(cross).all():
+        return W.detach().double()  # no signal: nothing to fit, keep W
+    G = G + max(ridge, 1e-10) * scale * torch.eye(n, dtype=G.dtype, device=G.device)
+    WC = W.detach().double().to(G.device) @ cross.double()
+    return torch.linalg.solve(G, WC.T).T  # (G⁻¹·(W·C)ᵀ)ᵀ = W·C·G⁻¹ (G symmetric)
 
 
 def transformed_svd(W: torch.Tensor, T: Transform) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -28,6 +28,8 @@ class CompressParams(_Params):
     factorization: Optional[Literal["plain", "whitened", "scaled"]] = None
     rank_from: Optional[Literal["weights", "activations"]] = None
     sequential: Optional[bool] = None
+    compensate: Optional[bool] = Field(None, description="with sequential: fit o_proj/down_proj to the dense "
+                                                         "blocks' outputs")
     alpha: Optional[float] = Field(None, gt=0, le=10, description="scaled: exponent of mean|x|")
     damp: Optional[float] = Field(None, ge=0, le=1)
     sink_weight: Optional[float] = Field(None, gt=0, le=1e6,

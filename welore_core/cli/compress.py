@@ -33,6 +33,9 @@ def register(sub) -> None:
                      help="apply WeLore's tau to the spectra of W (the paper; default) or of W·S")
     cal.add_argument("--sequential", action="store_true",
                      help="gather layer L's statistics with layers 0..L-1 already compressed")
+    cal.add_argument("--compensate", action="store_true",
+                     help="with --sequential: fit each layer's o_proj and down_proj to the dense block's "
+                          "outputs, absorbing what the layer's other compressed matrices lose")
     cal.add_argument("--alpha", type=float, default=None, help="scaled: exponent of mean|x| (default 0.5)")
     cal.add_argument("--damp", type=float, default=None,
                      help="whitened: Cholesky damping, fraction of the Gram's mean diagonal (default 0.01)")
@@ -74,7 +77,7 @@ def calibration_lines(c: dict | None) -> list[str]:
         return []
     sink = f"  sink weight {c['sink_weight']:g}" if c.get("sink_weight", 1) != 1 else ""
     lines = [f"calibration {c['data']} ({c['samples']} x {c['seq_len']} tokens, sha256 {c['data_hash'][:12]})"
-             f"{'  sequential' if c['sequential'] else ''}{sink}  matrices factorised now {c['factorized']}, "
+             f"{'  sequential' if c['sequential'] else ''}{'  compensated' if c.get('compensate') else ''}{sink}  matrices factorised now {c['factorized']}, "
              f"layer forwards {c['layer_forwards']}, {c['seconds']:.1f} s"]
     if c.get("fallbacks"):
         lines.append("whitening fallbacks: " + ", ".join(f"{k}: {v}" for k, v in c["fallbacks"].items()))
@@ -89,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
                                  calibration=args.calibration, calib_samples=args.calib_samples,
                                  calib_seq_len=args.calib_seq_len, factorization=args.factorization,
                                  rank_from=args.rank_from, sequential=args.sequential, alpha=args.alpha,
-                                 damp=args.damp, sink_weight=args.sink_weight)
+                                 damp=args.damp, sink_weight=args.sink_weight, compensate=args.compensate)
     bar.close()
     result["peak_rss_mb"] = peak_rss_mb()
     emit(result, args.json, human_report(result))
