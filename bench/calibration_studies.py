@@ -1,5 +1,6 @@
 """The later rounds of the calibration benchmark (`python bench/calibration.py
---sequential-study` / `--mixed-study` / `--generated-study` / `--sink-study`): each study is a list of
+--sequential-study` / `--mixed-study` / `--generated-study` / `--sink-study` /
+`--compensate-study`): each study is a list of
 compression rows and of WeLore-COFT rows started from them (each run right after its start),
 measured one process per row by bench/calibration.py's `run_child`, written to its own
 BENCHMARKS.md section, and resumable row by row (`--resume-study` reuses a row measured with
@@ -15,6 +16,7 @@ from bench.calibration import GOALS, HEADERS, MODEL, fmt_row, run_child
 from bench.report import machine, table, write_section
 
 SEQUENTIAL = {"factorization": "whitened", "sequential": True}
+COMPENSATED = {**SEQUENTIAL, "compensate": True}
 WHITENED = {"factorization": "whitened"}
 MIXED = {"samples": 64, "calib_text": "mixed"}
 GENERATED = {"samples": 64, "calib_text": "generated"}
@@ -121,6 +123,26 @@ STUDIES = {
              {"samples": 64}),
         ],
         "coft": [],  # the sink weight does not help at ERR 0.5 (see the notes): nothing new to fine-tune
+    },
+    "calibration-compensated": {
+        "title": "Calibration-aware WeLore, sixth round: o_proj and down_proj fitted to the dense blocks' outputs",
+        "flag": "--compensate-study", "results": "compensate-study.json", "notes": "calibration_compensated_notes.md",
+        "about": "Same model, held-out corpora and calibration texts (BoolQ passages; mixed text as in the third "
+                 "round) as the sections above. **compensated** = `--sequential --compensate`: each layer's o_proj "
+                 "and down_proj are fitted to the dense attention / MLP block's outputs given the layer's other "
+                 "matrices already compressed, then truncated whitened",
+        "rows": [
+            (0.5, 0.5, "whitened, BoolQ text, sequential", SEQUENTIAL, {"samples": 64}),
+            (0.5, 0.5, "whitened, BoolQ text, sequential, compensated", COMPENSATED, {"samples": 64}),
+            (0.5, 0.5, "whitened, mixed text, sequential, compensated", COMPENSATED, MIXED),
+            (0.3, 0.5, "whitened, mixed text", WHITENED, MIXED),
+            (0.3, 0.5, "whitened, BoolQ text, sequential, compensated", COMPENSATED, {"samples": 64}),
+            (0.3, 0.5, "whitened, mixed text, sequential, compensated", COMPENSATED, MIXED),
+            (0.1, 0.0, "whitened, mixed text, sink weight 64", {**WHITENED, "sink_weight": 64}, MIXED),
+            (0.1, 0.0, "whitened, mixed text, sequential, compensated, sink weight 64",
+             {**COMPENSATED, "sink_weight": 64}, MIXED),
+        ],
+        "coft": [],  # COFT at a useful batch needs a GPU (CPU: ~1.7 h a row); see the notes
     },
 }
 

@@ -1,7 +1,7 @@
 """Calibrated WeLore on tiny seeded models: the whitening maths (output error never above the
 plain truncation's, full rank reproduces W, Cholesky fallbacks), statistics gathered once per
 distinct input, layer-by-layer inputs equal to the full forward's, cache keys, sequential mode,
-the welore.json record and the argument errors."""
+the compensated closing matrices, the welore.json record and the argument errors."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from welore_core.compress import compress_model
 from welore_core.errors import InvalidArgument
 from welore_core.factorize import factors, truncated
 from welore_core.spectrum import SpectrumCache
-from welore_core.targets import target_names
-from welore_core.whiten import abs_mean_scale, gram_root, output_error, transformed_svd
+from welore_core.targets import closes_block, decoder_layers, target_names
+from welore_core.whiten import abs_mean_scale, compensated_weight, gram_root, output_error, transformed_svd
 
 
 def non_white_inputs(tokens: int, n: int, seed: int = 0) -> torch.Tensor:
@@ -241,6 +241,69 @@ def test_rank_from_activations_and_sequential(tiny_llama, fresh_cache):
         assert torch.isfinite(model(input_ids=t).logits).all()
 
 
+def test_compensated_truncation_is_the_best_rank_k_map_to_the_dense_outputs():
+    """Inputs X̂ that differ from the dense X (a compressed block upstream): the whitened truncation
+    of W' = W·C·Ĝ⁻¹ under Ĝ is closer to the dense outputs W·Xᵀ than that of W, at every rank, and
+    (no ridge, no damping) its error is the least-squares residual plus the dropped spectrum."""
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(12, 16, generator=g, dtype=torch.float64)
+    X = non_white_inputs(400, 16, seed=6)
+    Xh = X @ (torch.eye(16, dtype=torch.float64) + 0.2 * torch.randn(16, 16, generator=g, dtype=torch.float64)) \
+        + 0.05 * torch.randn(400, 16, generator=g, dtype=torch.float64)
+    G = Xh.T @ Xh
+    target = W @ X.T
+
+    def err(W_hat):
+        return float(torch.linalg.matrix_norm(target - W_hat @ Xh.T))
+
+    Wc = compensated_weight(W, X.T @ Xh, G, ridge=0.0)
+    fit = err(Wc)
+    Uc, Sc, Vc = transformed_svd(Wc, gram_root(G, damp=0.0))
+    Uw, Sw, Vw = transformed_svd(W, gram_root(G, damp=1e-2))
+    for k in range(1, 17):
+        e_comp, e_own = err(truncated(Uc, Sc, Vc, k)), err(truncated(Uw, Sw, Vw, k))
+        assert e_comp < e_own, (k, e_comp, e_own)
+        assert e_comp ** 2 == pytest.approx(fit ** 2 + float(Sc[k:].norm()) ** 2, rel=1e-6)
+    # inputs equal to the dense ones: nothing to compensate
+    Z = torch.randn(400, 16, generator=g, dtype=torch.float64)
+    assert torch.allclose(compensated_weight(W, Z.T @ Z, Z.T @ Z, ridge=0.0), W, atol=1e-8)
+    with pytest.raises(InvalidArgument, match="cross and Gram"):
+        compensated_weight(W, torch.eye(15), torch.eye(16))
+
+
+def test_compensate_fits_the_closing_matrices_to_the_dense_blocks(tiny_llama, fresh_cache):
+    t = tokens()
+    kw = dict(err=0.3, min_ratio=0.0, cache=fresh_cache, calibration=calib(t), sequential=True, tolerance=0.05)
+    dense = tiny_llama()
+    seq_model, comp_model = tiny_llama(), tiny_llama()
+    s = compress_model(seq_model, **kw)
+    c = compress_model(comp_model, compensate=True, **kw)
+    assert c.calibration["compensate"] and not s.calibration["compensate"]
+    assert [m.kept_rank for m in c.matrices] == [m.kept_rank for m in s.matrices]
+    assert c.calibration["factorized"] == c.n_lrc  # new keys: nothing reused from the plain sequential run
+    names = target_names(dense)
+    lrc = {n for n, m in zip(names, c.matrices) if m.label == "LRC"}
+    assert any(closes_block(n) for n in lrc if n.startswith("model.layers.0."))
+    # layer 0 (same inputs either way): its other matrices are the sequential ones, its closers differ
+    for n, ms, mc in zip(names, s.matrices, c.matrices):
+        if n.startswith("model.layers.0.") and n in lrc:
+            assert (mc.calib_error == pytest.approx(ms.calib_error, rel=1e-6)) != closes_block(n), n
+    # layer 0's output on the calibration tokens is closer to the dense layer's
+    inputs = LayerInputs(dense, t)
+    h, kwargs = inputs.hidden[0], inputs.kwargs[0]
+    with torch.no_grad():
+        out = {k: decoder_layers(m)[0](h, **kwargs) for k, m in (("dense", dense), ("seq", seq_model),
+                                                                   ("comp", comp_model))}
+    out = {k: v[0] if isinstance(v, tuple) else v for k, v in out.items()}
+    e_seq = float((out["seq"] - out["dense"]).norm())
+    e_comp = float((out["comp"] - out["dense"]).norm())
+    assert e_comp < 0.9 * e_seq, (e_comp, e_seq)
+    # three layer runs where the closers are fitted (statistics, compressed pass, output), none when cached
+    assert c.calibration["layer_forwards"] > s.calibration["layer_forwards"]
+    again = compress_model(tiny_llama(), compensate=True, **kw)
+    assert again.calibration["layer_forwards"] == 0 and again.calibration["factorized"] == 0
+
+
 def test_checkpoint_records_calibration(tiny_llama, fresh_cache, tmp_path, byte_tokenizer):
     texts = tmp_path / "calib.jsonl"
     texts.write_text("".join(json.dumps({"text": f"calibration passage number {i}, " * 4}) + "\n" for i in range(40)))
@@ -281,6 +344,11 @@ def test_argument_errors(tiny_llama, fresh_cache, byte_tokenizer):
         compress_model(tiny_llama(), err=0.3, cache=fresh_cache, sink_weight=8)
     with pytest.raises(InvalidArgument, match="sink_weight must be > 0"):
         compress_model(tiny_llama(), err=0.3, cache=fresh_cache, calibration=t, sink_weight=0)
+    with pytest.raises(InvalidArgument, match="add --sequential"):
+        compress_model(tiny_llama(), err=0.3, cache=fresh_cache, calibration=t, compensate=True)
+    with pytest.raises(InvalidArgument, match="add --sequential"):
+        compress_model(tiny_llama(), err=0.3, cache=fresh_cache, calibration=t, factorization="scaled",
+                       sequential=True, compensate=True)
 
 
 def test_cli_flags_reach_the_pipeline(monkeypatch):
@@ -294,12 +362,13 @@ def test_cli_flags_reach_the_pipeline(monkeypatch):
     args = build_parser().parse_args(
         ["compress", "m", "--err", "0.3", "--out", "o", "--calibration", "boolq", "--calib-samples", "32",
          "--calib-seq-len", "256", "--factorization", "scaled", "--rank-from", "activations", "--sequential",
-         "--alpha", "0.25", "--sink-weight", "64"])
+         "--alpha", "0.25", "--sink-weight", "64", "--compensate"])
     args.func(args)
     assert {k: seen[k] for k in ("calibration", "calib_samples", "calib_seq_len", "factorization", "rank_from",
-                                 "sequential", "alpha", "damp", "sink_weight")} == {
+                                 "sequential", "alpha", "damp", "sink_weight", "compensate")} == {
         "calibration": "boolq", "calib_samples": 32, "calib_seq_len": 256, "factorization": "scaled",
-        "rank_from": "activations", "sequential": True, "alpha": 0.25, "damp": None, "sink_weight": 64.0}
+        "rank_from": "activations", "sequential": True, "alpha": 0.25, "damp": None, "sink_weight": 64.0,
+        "compensate": True}
 
 
 def test_sink_weight_counts_each_windows_first_token_w_times(tiny_llama):

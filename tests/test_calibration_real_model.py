@@ -48,3 +48,20 @@ def test_whitened_beats_plain_on_other_domain_text(tmp_path, held_out_text):
     ppl_white = evaluate_model(str(tmp_path / "white"), str(held_out_text), device="cpu", **EVAL)["perplexity"]
     print(f"held-out perplexity at ERR 0.3: plain {ppl_plain:.1f}, whitened {ppl_white:.1f}")
     assert ppl_white < ppl_plain
+
+
+def test_compensate_beats_sequential_at_err_05(tmp_path, held_out_text):
+    """ERR 0.5 (min_ratio 0.5): fitting o_proj/down_proj to the dense blocks' outputs lowers the
+    perplexity of the sequential whitened compression on other-domain text."""
+    from welore_core.checkpoint import read_meta
+    from welore_core.pipelines import compress_checkpoint, evaluate_model
+
+    ppl = {}
+    for name, extra in (("seq", {}), ("comp", {"compensate": True})):
+        compress_checkpoint("smollm2-135m", tmp_path / name, err=0.5, min_ratio=0.5, device="cpu",
+                            calibration="boolq", sequential=True, **CALIB, **extra)
+        ppl[name] = evaluate_model(str(tmp_path / name), str(held_out_text), device="cpu", **EVAL)["perplexity"]
+    assert read_meta(tmp_path / "comp")["calibration"]["compensate"] is True
+    assert read_meta(tmp_path / "seq")["calibration"]["compensate"] is False
+    print(f"held-out perplexity at ERR 0.5: sequential {ppl['seq']:.1f}, compensated {ppl['comp']:.1f}")
+    assert ppl["comp"] < ppl["seq"]

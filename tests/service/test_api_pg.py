@@ -96,6 +96,11 @@ def test_invalid_params_name_the_field_and_range(idle_client, key):
                          headers=key)
     assert r.status_code == 422 and r.json()["error"]["fields"][0]["field"] == "params.sink_weight"
 
+    r = idle_client.post("/v1/jobs", json={"type": "compress", "model": "tiny",
+                                           "params": {"err": 0.2, "calibration": "boolq", "compensate": "maybe"}},
+                         headers=key)
+    assert r.status_code == 422 and r.json()["error"]["fields"][0]["field"] == "params.compensate"
+
     r = idle_client.post("/v1/jobs", json={"type": "train", "model": "tiny", "params": {}}, headers=key)
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_params"
 
