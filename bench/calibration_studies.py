@@ -183,8 +183,9 @@ def run_study(args, base: dict, name: str) -> int:
     rows, coft_rows = [fmt_row(dense, dense)], []
     samples = {extra.get("samples", args.samples) for *_, extra in spec["rows"]}
     fixed = all("samples" in extra for *_, extra in spec["rows"])  # rows name their own sample count
+    coft = f" --coft-batch {args.coft_batch} --coft-lr {args.coft_lr}" if spec["coft"] else ""
     command = (f"`python bench/calibration.py {spec['flag']}{'' if fixed else f' --samples {args.samples}'} "
-               f"--windows {args.windows} --coft-batch {args.coft_batch} --coft-lr {args.coft_lr}`")
+               f"--windows {args.windows}{coft}`")
     if len(samples) == 1:
         command += f" ({samples.pop()} calibration windows × {args.seq_len} tokens in every row)"
 

@@ -25,15 +25,15 @@ def test_whitened_full_rank_reproduces_W_on_the_gpu():
     torch.testing.assert_close(truncated(U, S, Vh, 32), W, rtol=1e-8, atol=1e-8)
 
 
-@pytest.mark.parametrize("sequential", [False, True])
-def test_calibrated_compression_on_the_gpu_matches_the_cpu(tiny_llama, tmp_path, sequential):
+@pytest.mark.parametrize("sequential,compensate", [(False, False), (True, False), (True, True)])
+def test_calibrated_compression_on_the_gpu_matches_the_cpu(tiny_llama, tmp_path, sequential, compensate):
     t = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(1))
     calib = Calibration(t, "random", "0" * 64, t.shape[0])
     out = {}
     for device in ("cpu", "cuda"):
         model = tiny_llama().to(device)
         report = compress_model(model, err=0.4, min_ratio=0.0, tolerance=0.05, calibration=calib,
-                                factorization="whitened", sequential=sequential,
+                                factorization="whitened", sequential=sequential, compensate=compensate,
                                 cache=SpectrumCache(tmp_path / device))
         assert all(p.device.type == device for p in model.parameters())
         with torch.no_grad():
