@@ -142,7 +142,8 @@ STUDIES = {
             (0.1, 0.0, "whitened, mixed text, sequential, compensated, sink weight 64",
              {**COMPENSATED, "sink_weight": 64}, MIXED),
         ],
-        "coft": [],  # COFT at a useful batch needs a GPU (CPU: ~1.7 h a row); see the notes
+        "coft": [("whitened, mixed text, sequential, compensated", "150 COFT steps distilled, on mixed text",
+                  {"teacher": MODEL}, {"coft_text": "mixed"})],
     },
 }
 
@@ -214,7 +215,7 @@ def run_study(args, base: dict, name: str) -> int:
         save()
         # the COFT rows that start from this compression, right after it
         for source, tuned, options, more in spec["coft"] if args.coft_steps else ():
-            if source != label:
+            if source != label or err != 0.5:  # (COFT starts from the ERR 0.5 row of that label)
                 continue
             r = measure(f"coft/{source}/{tuned}", {
                 **cfg, "label": f"{source} + {tuned}", "coft_steps": args.coft_steps,
