@@ -75,9 +75,10 @@ def human_report(r: dict) -> str:
 def calibration_lines(c: dict | None) -> list[str]:
     if not c:
         return []
+    mode = ("  sequential" if c["sequential"] else "") + ("  compensated" if c.get("compensate") else "")
     sink = f"  sink weight {c['sink_weight']:g}" if c.get("sink_weight", 1) != 1 else ""
     lines = [f"calibration {c['data']} ({c['samples']} x {c['seq_len']} tokens, sha256 {c['data_hash'][:12]})"
-             f"{'  sequential' if c['sequential'] else ''}{'  compensated' if c.get('compensate') else ''}{sink}  matrices factorised now {c['factorized']}, "
+             f"{mode}{sink}  matrices factorised now {c['factorized']}, "
              f"layer forwards {c['layer_forwards']}, {c['seconds']:.1f} s"]
     if c.get("fallbacks"):
         lines.append("whitening fallbacks: " + ", ".join(f"{k}: {v}" for k, v in c["fallbacks"].items()))
