@@ -142,7 +142,9 @@ STUDIES = {
             (0.1, 0.0, "whitened, mixed text, sequential, compensated, sink weight 64",
              {**COMPENSATED, "sink_weight": 64}, MIXED),
         ],
-        "coft": [("whitened, mixed text, sequential, compensated", "150 COFT steps distilled, on mixed text",
+        "coft": [("whitened, BoolQ text, sequential, compensated", "150 COFT steps distilled, on mixed text",
+                  {"teacher": MODEL}, {"coft_text": "mixed"}),
+                 ("whitened, mixed text, sequential, compensated", "150 COFT steps distilled, on mixed text",
                   {"teacher": MODEL}, {"coft_text": "mixed"})],
     },
 }
