@@ -10,11 +10,12 @@ import json
 import pytest
 import torch
 
-from welore_core.calibration import Calibration, Calibrator, InputStats, LayerInputs, load_calibration
+from welore_core.calibration import Calibration, Calibrator, LayerInputs, load_calibration
 from welore_core.checkpoint import read_meta, save_checkpoint
 from welore_core.compress import compress_model
 from welore_core.errors import InvalidArgument
 from welore_core.factorize import factors, truncated
+from welore_core.input_stats import InputStats
 from welore_core.spectrum import SpectrumCache
 from welore_core.targets import closes_block, decoder_layers, target_names
 from welore_core.whiten import abs_mean_scale, compensated_weight, gram_root, output_error, transformed_svd

@@ -5,7 +5,7 @@ How the statistics are gathered (memory: one decoder layer's statistics at a tim
   1. The calibration windows run through the embeddings once; a pre-hook on decoder layer 0
      captures its input hidden states (N×L×hidden, kept on the model's device) and keyword
      arguments (rotary embeddings, mask), then stops the forward.
-  2. Layer by layer: forward pre-hooks on the layer's target linears accumulate, in float64,
+  2. Layer by layer: forward pre-hooks on the layer's target linears (input_stats.py) accumulate, in float64,
      G = XᵀX (whitened) or Σ|x| (scaled) once per *distinct input tensor*: q/k/v receive the
      same tensor and share one accumulator, so do gate/up (found by identity, not by name).
      With `sink_weight` w ≠ 1 the first token of every window counts w times (G = XᵀDX):
@@ -43,10 +43,10 @@ from .corpus import data_hash, read_texts
 from .errors import InvalidArgument, InvalidData
 from .evaluate import token_windows
 from .progress import ProgressEvent, ProgressFn, StopFn, check_stop, no_progress
-from .spectrum import SpectrumCache, tensor_hash
+from .spectrum import SpectrumCache
+from .input_stats import CrossStats, InputStats
 from .targets import closes_block, decoder_layers, layer_index
-from .whiten import ALPHA, DAMP, FACTORIZATIONS, Transform, abs_mean_scale, compensated_weight, gram_root, \
-    transformed_svd
+from .whiten import ALPHA, DAMP, FACTORIZATIONS, Transform, gram_root, transformed_svd
 
 CAL_FORMAT = "calib-v1"
 DEFAULT_SAMPLES = 64
@@ -96,158 +96,6 @@ def load_calibration(tokenizer, data: str, samples: int = DEFAULT_SAMPLES,
                               f"samples={samples}, seq_len={seq_len}")
     tokens = token_windows(tokenizer, read_texts(data), seq_len, samples)
     return Calibration(tokens, str(data), data_hash(data), samples)
-
-
-# ---------------------------------------------------------------------------------------------
-# Statistics of a layer's inputs
-
-
-def token_weights(x: torch.Tensor, sink_weight: float) -> Optional[torch.Tensor]:
-    """(tokens×1) float64 weights for inputs x (windows, positions, n): each window's first token
-    counts `sink_weight` times; None when every token counts once."""
-    if sink_weight == 1.0 or x.dim() != 3:
-        return None
-    w = torch.ones(x.shape[:2], dtype=torch.float64, device=x.device)
-    w[:, 0] = sink_weight
-    return w.reshape(-1, 1)
-
-
-class InputStats:
-    """Forward pre-hooks on some linear modules accumulating, per distinct input tensor, the
-    float64 Gram matrix XᵀX and/or Σ|x| over all tokens seen.
-
-    Modules called in one forward with the very same input tensor object (q/k/v, gate/up)
-    share one accumulator. Call `end_call()` after each forward of the layer.
-    """
-
-    def __init__(self, modules: dict[str, nn.Module], gram: bool = True, abs_sum: bool = False,
-                 sink_weight: float = 1.0):
-        self.modules = modules
-        self.want_gram, self.want_abs = gram, abs_sum
-        self.sink_weight = sink_weight  # weight of each window's first token (1: plain XᵀX)
-        self.group_of: dict[str, int] = {}
-        self.groups: list[list[str]] = []
-        self.gram: list[Optional[torch.Tensor]] = []
-        self.abs_sum: list[Optional[torch.Tensor]] = []
-        self.tokens: list[int] = []
-        self.mass: list[float] = []  # Σ token weights (= tokens when sink_weight is 1)
-        self.updates = 0  # accumulations performed (one per distinct input per forward)
-        self._seen: list[tuple[torch.Tensor, int]] = []
-        self._handles = []
-
-    def __enter__(self) -> "InputStats":
-        for name, mod in self.modules.items():
-            self._handles.append(mod.register_forward_pre_hook(self._hook(name)))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self._seen.clear()
-
-    def end_call(self) -> None:
-        self._seen.clear()
-
-    def _hook(self, name: str):
-        def pre(module, args):
-            x = args[0]
-            for seen, g in self._seen:
-                if seen is x:  # the same input as a module already called in this forward
-                    if name not in self.group_of:
-                        self.group_of[name] = g
-                        self.groups[g].append(name)
-                    return None
-            g = self.group_of.get(name)
-            if g is None:
-                g = len(self.groups)
-                self.group_of[name] = g
-                self.groups.append([name])
-                self.gram.append(None)
-                self.abs_sum.append(None)
-                self.tokens.append(0)
-                self.mass.append(0.0)
-            self._accumulate(g, x)
-            self._seen.append((x, g))
-            return None
-        return pre
-
-    @torch.no_grad()
-    def _accumulate(self, g: int, x: torch.Tensor) -> None:
-        w = token_weights(x, self.sink_weight)
-        windows = x.shape[0] if w is not None else 0
-        x = x.detach().reshape(-1, x.shape[-1]).double()  # tokens×n
-        if self.want_gram:
-            add = x.T @ (x if w is None else x * w)  # n×n
-            self.gram[g] = add if self.gram[g] is None else self.gram[g].add_(add)
-        if self.want_abs:
-            add = (x.abs() if w is None else x.abs() * w).sum(0)  # n
-            self.abs_sum[g] = add if self.abs_sum[g] is None else self.abs_sum[g].add_(add)
-        self.tokens[g] += x.shape[0]
-        self.mass[g] += x.shape[0] + (self.sink_weight - 1) * windows
-        self.updates += 1
-
-    def transform(self, name: str, factorization: str, alpha: float = ALPHA, damp: float = DAMP) -> Transform:
-        g = self.group_of.get(name)
-        if g is None:
-            raise InvalidData(f"module {name} never ran during calibration; expected every target "
-                              "matrix of the layer to see the calibration tokens")
-        if factorization == "whitened":
-            return gram_root(self.gram[g], damp)
-        if factorization == "scaled":
-            return abs_mean_scale(self.abs_sum[g] / max(self.mass[g], 1), alpha)
-        raise InvalidArgument(f"factorization must be whitened or scaled here; received {factorization!r}")
-
-
-class CrossStats:
-    """Forward pre-hooks on the matrices that close a block, for `compensate`: in the "dense"
-    phase they keep each call's input X; in the "compressed" phase (same batches, same order)
-    they accumulate, in float64, C = XᵀX̂ and Ĝ = X̂ᵀX̂ with the new inputs X̂."""
-
-    def __init__(self, modules: dict[str, nn.Module], sink_weight: float = 1.0):
-        self.modules, self.sink_weight = modules, sink_weight
-        self.phase = "dense"
-        self.dense: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
-        self.cross: dict[str, torch.Tensor] = {}
-        self.gram: dict[str, torch.Tensor] = {}
-        self._calls: dict[str, int] = {}
-        self._handles = []
-
-    def __enter__(self) -> "CrossStats":
-        self._calls = {n: 0 for n in self.modules}
-        for name, mod in self.modules.items():
-            self._handles.append(mod.register_forward_pre_hook(self._hook(name)))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    def _hook(self, name: str):
-        def pre(module, args):
-            x = args[0].detach()
-            if self.phase == "dense":
-                self.dense[name].append(x.clone())
-                return None
-            i = self._calls[name]
-            self._calls[name] += 1
-            w = token_weights(x, self.sink_weight)
-            X = self.dense[name][i].reshape(-1, x.shape[-1]).double()
-            self.dense[name][i] = None  # (freed as it is used)
-            Xh = x.reshape(-1, x.shape[-1]).double()
-            Xw = Xh if w is None else Xh * w
-            for acc, add in ((self.cross, X.T @ Xw), (self.gram, Xh.T @ Xw)):
-                acc[name] = add if name not in acc else acc[name].add_(add)
-            return None
-        return pre
-
-    def weight(self, name: str, W: torch.Tensor) -> torch.Tensor:
-        """W' for `name` (after the compressed phase)."""
-        if name not in self.gram:
-            raise InvalidData(f"module {name} never ran during calibration; expected every target "
-                              "matrix of the layer to see the calibration tokens")
-        return compensated_weight(W, self.cross[name], self.gram[name])
 
 
 # ---------------------------------------------------------------------------------------------
