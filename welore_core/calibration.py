@@ -43,10 +43,10 @@ from .corpus import data_hash, read_texts
 from .errors import InvalidArgument, InvalidData
 from .evaluate import token_windows
 from .progress import ProgressEvent, ProgressFn, StopFn, check_stop, no_progress
-from .spectrum import SpectrumCache
 from .input_stats import CrossStats, InputStats
+from .spectrum import SpectrumCache
 from .targets import closes_block, decoder_layers, layer_index
-from .whiten import ALPHA, DAMP, FACTORIZATIONS, Transform, gram_root, transformed_svd
+from .whiten import ALPHA, DAMP, FACTORIZATIONS, Transform, transformed_svd
 
 CAL_FORMAT = "calib-v1"
 DEFAULT_SAMPLES = 64
@@ -286,8 +286,8 @@ class Calibrator:
             idx = [i for i in self.by_layer.get(L, []) if keys[i] is not None]
             closers = [i for i in idx if compensate and closes_block(self.names[i])]
             others = [i for i in idx if i not in closers]
-            fit = {self.names[i]: self.model.get_submodule(self.names[i]) for i in closers
-                   if not self.cache.has(keys[i])} if inputs is not None and L <= last else {}
+            missing = [i for i in closers if not self.cache.has(keys[i])] if inputs is not None and L <= last else []
+            fit = {self.names[i]: self.model.get_submodule(self.names[i]) for i in missing}
             cross = CrossStats(fit, self.sink_weight)
             if inputs is not None and L <= last:
                 with self._stats(others, keys) as stats, cross:
@@ -303,11 +303,9 @@ class Calibrator:
                 with cross:
                     inputs.run(layer, None, update=False)
                 result.forward_passes += 1
-                for i in closers:
-                    if self.names[i] in fit:
-                        name = self.names[i]
-                        self._put(keys[i], cross.weight(name, fit[name].weight), gram_root(cross.gram[name], self.damp),
-                                  result)
+                for i in missing:
+                    name = self.names[i]
+                    self._put(keys[i], cross.target(name, fit[name].weight), cross.transform(name, self.damp), result)
             del cross
             for i in closers:
                 apply(self.names[i], keys[i])

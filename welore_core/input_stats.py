@@ -167,9 +167,17 @@ class CrossStats(_PreHooks):
             return None
         return pre
 
-    def weight(self, name: str, W: torch.Tensor) -> torch.Tensor:
-        """W' for `name` (after the compressed phase)."""
+    def _check(self, name: str) -> None:
         if name not in self.gram:
             raise InvalidData(f"module {name} never ran during calibration; expected every target "
                               "matrix of the layer to see the calibration tokens")
+
+    def target(self, name: str, W: torch.Tensor) -> torch.Tensor:
+        """W' = W·C·Ĝ⁻¹ for `name` (after the compressed phase)."""
+        self._check(name)
         return compensated_weight(W, self.cross[name], self.gram[name])
+
+    def transform(self, name: str, damp: float = DAMP) -> Transform:
+        """The whitening S (S·Sᵀ = Ĝ + δ·I) W' is truncated under."""
+        self._check(name)
+        return gram_root(self.gram[name], damp)
