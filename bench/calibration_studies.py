@@ -1,6 +1,6 @@
 """The later rounds of the calibration benchmark (`python bench/calibration.py
 --sequential-study` / `--mixed-study` / `--generated-study` / `--sink-study` /
-`--compensate-study`): each study is a list of
+`--compensate-study` / `--compensated-coft-study`): each study is a list of
 compression rows and of WeLore-COFT rows started from them (each run right after its start),
 measured one process per row by bench/calibration.py's `run_child`, written to its own
 BENCHMARKS.md section, and resumable row by row (`--resume-study` reuses a row measured with
@@ -20,13 +20,14 @@ COMPENSATED = {**SEQUENTIAL, "compensate": True}
 WHITENED = {"factorization": "whitened"}
 MIXED = {"samples": 64, "calib_text": "mixed"}
 GENERATED = {"samples": 64, "calib_text": "generated"}
+COMPENSATED_MIXED = "whitened, mixed text, sequential, compensated"
 
 
-def _distilled_on_generated(batch: int, lr: str = "") -> tuple:
-    """A COFT row of the fourth round: distilled on generated text, from the ERR 0.5 BoolQ row."""
-    return ("whitened, BoolQ text, sequential",
-            f"150 COFT steps distilled, on generated text, batch {batch}" + (f", lr {lr}" if lr else ""),
-            {"teacher": MODEL, **({"lr": float(lr)} if lr else {})}, {"coft_text": "generated", "coft_batch": batch})
+def _distilled(batch: int, lr: str = "", text: str = "generated",
+               source: str = "whitened, BoolQ text, sequential") -> tuple:
+    """A distilled COFT row on `text` (generated: sampled from the dense model) from the ERR 0.5 row `source`."""
+    return (source, f"150 COFT steps distilled, on {text} text, batch {batch}" + (f", lr {lr}" if lr else ""),
+            {"teacher": MODEL, **({"lr": float(lr)} if lr else {})}, {"coft_text": text, "coft_batch": batch})
 
 
 # A study: compression rows (ERR, min_ratio, label, compress_model keyword arguments, extra child
@@ -98,9 +99,8 @@ STUDIES = {
             (0.5, 0.5, "whitened, BoolQ text, sequential, bf16 model", SEQUENTIAL,
              {"samples": 64, "dtype": "bfloat16"}),
         ],
-        "coft": [_distilled_on_generated(16), _distilled_on_generated(16, "5e-4"), _distilled_on_generated(64, "1e-3"),
-                 _distilled_on_generated(16, "1e-4"), _distilled_on_generated(64), _distilled_on_generated(64, "1e-4"),
-                 _distilled_on_generated(64, "3e-4"), _distilled_on_generated(128)],
+        "coft": [_distilled(16), _distilled(16, "5e-4"), _distilled(64, "1e-3"), _distilled(16, "1e-4"),
+                 _distilled(64), _distilled(64, "1e-4"), _distilled(64, "3e-4"), _distilled(128)],
     },
     "calibration-sink": {
         "title": "Calibration-aware WeLore, fifth round: weighting the attention sink in the calibration statistics",
@@ -146,6 +146,19 @@ STUDIES = {
                   {"teacher": MODEL}, {"coft_text": "mixed"}),
                  ("whitened, mixed text, sequential, compensated", "150 COFT steps distilled, on mixed text",
                   {"teacher": MODEL}, {"coft_text": "mixed"})],
+    },
+    "calibration-compensated-coft": {
+        "title": "Calibration-aware WeLore, seventh round: WeLore-COFT at GPU batch sizes from the compensated start",
+        "flag": "--compensated-coft-study", "results": "compensated-coft-study.json",
+        "notes": "calibration_compensated_coft_notes.md",
+        "about": "Same model and held-out corpora as the first section, float32 weights. The start is the sixth "
+                 "round's best ERR 0.5 compression (`--sequential --compensate`, mixed text as in the third round); "
+                 "**generated text** as in the fourth round (sampled from the dense model, bf16)",
+        "generate": {"sequences": 512, "tokens": 512, "batch": 256},
+        "base": {"dtype": "float32"},
+        "rows": [(0.5, 0.5, COMPENSATED_MIXED, COMPENSATED, MIXED)],
+        "coft": [_distilled(64, source=COMPENSATED_MIXED), _distilled(64, text="mixed", source=COMPENSATED_MIXED),
+                 _distilled(64, "1e-4", source=COMPENSATED_MIXED), _distilled(128, source=COMPENSATED_MIXED)],
     },
 }
 
