@@ -232,6 +232,7 @@ def run_study(args, base: dict, name: str) -> int:
         for source, tuned, options, more in spec["coft"] if args.coft_steps else ():
             if source != label or err != 0.5:  # (COFT starts from the ERR 0.5 row of that label)
                 continue
+            tuned = tuned.replace("150 COFT steps", f"{args.coft_steps} COFT steps")  # labels name the default
             r = measure(f"coft/{source}/{tuned}", {
                 **cfg, "label": f"{source} + {tuned}", "coft_steps": args.coft_steps,
                 "coft_batch": args.coft_batch, "coft_seq_len": args.coft_seq_len, **more,
