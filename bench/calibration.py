@@ -16,7 +16,7 @@ appended to BENCHMARKS.md (section "calibration") as they come. Usage:
     python bench/calibration.py --generated-study [--windows 16] [--gen-sequences 512] [--gen-tokens 512]
     python bench/calibration.py --sink-study [--windows 16] [--coft-batch 4] [--coft-lr 2e-4]
     python bench/calibration.py --compensate-study [--windows 16]
-    python bench/calibration.py --compensated-coft-study [--windows 16] [--coft-lr 2e-4]
+    python bench/calibration.py --compensated-coft-study [--windows 16] [--coft-batch 64] [--coft-lr 2e-4]
 `--sequential-study` runs the second round of levers (sequential mode at every ERR, 64
 calibration windows, damping), then WeLore-COFT from its best ERR 0.5 compression, into its
 own section ("calibration-sequential") so the main table above stays as measured.
