@@ -7,6 +7,9 @@ Data (written once under the cache directory, from ../shared/data):
   calibration      BoolQ dev passages, first half (Wikipedia)       → also the COFT training text
   held-out BoolQ   BoolQ dev passages, second half (same domain, unseen)
   other domain     CommonsenseQA dev: question, lettered choices and answer, one item a line
+  mixed            the calibration passages interleaved with SVAMP and coin-flip items (no CommonsenseQA)
+  csqa_train       CommonsenseQA train, formatted like the dev items (COFT text of the eighth study)
+  task_mixed       the calibration passages, each followed by two CommonsenseQA train items
 
 Each configuration runs in its own process (clean peak RSS / GPU memory); results are
 appended to BENCHMARKS.md (section "calibration") as they come. Usage:
@@ -17,6 +20,7 @@ appended to BENCHMARKS.md (section "calibration") as they come. Usage:
     python bench/calibration.py --sink-study [--windows 16] [--coft-batch 4] [--coft-lr 2e-4]
     python bench/calibration.py --compensate-study [--windows 16]
     python bench/calibration.py --compensated-coft-study [--windows 16] [--coft-batch 64] [--coft-lr 2e-4]
+    python bench/calibration.py --task-coft-study [--windows 16] [--coft-batch 8] [--coft-lr 2e-4]
 `--sequential-study` runs the second round of levers (sequential mode at every ERR, 64
 calibration windows, damping), then WeLore-COFT from its best ERR 0.5 compression, into its
 own section ("calibration-sequential") so the main table above stays as measured.
@@ -33,6 +37,9 @@ sink) weighted in the Gram matrices (`sink_weight`), at every ERR (section "cali
 blocks' outputs in the sequential pass) against the best rows so far (section "calibration-compensated").
 `--compensated-coft-study` runs the seventh round (meant for a GPU): distilled WeLore-COFT at batch 64 and
 128 from the compensated ERR 0.5 start (section "calibration-compensated-coft").
+`--task-coft-study` runs the eighth round: the same start, distilled WeLore-COFT on text of the evaluated
+task (CommonsenseQA train items; the dev items evaluated are unseen), as WeLore fine-tunes per task
+(section "calibration-task-coft").
 """
 
 from __future__ import annotations
@@ -69,7 +76,8 @@ def data_files() -> dict[str, Path]:
     d = Path(get_core_settings().cache_dir) / "bench-calibration"
     d.mkdir(parents=True, exist_ok=True)
     files = {"calib": d / "boolq_calib.jsonl", "boolq": d / "boolq_heldout.jsonl", "csqa": d / "csqa_dev.jsonl",
-             "mixed": d / "mixed_calib.jsonl"}
+             "mixed": d / "mixed_calib.jsonl", "csqa_train": d / "csqa_train.jsonl",
+             "task_mixed": d / "task_mixed.jsonl"}
     if not all(f.is_file() for f in files.values()):
         passages = []
         for _, obj in iter_jsonl(resolve_data("boolq")):
@@ -78,15 +86,22 @@ def data_files() -> dict[str, Path]:
         half = len(passages) // 2
         for f, part in ((files["calib"], passages[:half]), (files["boolq"], passages[half:])):
             f.write_text("".join(json.dumps({"text": p}) + "\n" for p in part))
-        lines = []
-        for _, obj in iter_jsonl(resolve_data("commonsenseqa-dev")):
-            q = obj["question"]
-            choices = " ".join(f"({c['label']}) {c['text']}" for c in q["choices"])
-            answer = next((c["text"] for c in q["choices"] if c["label"] == obj.get("answerKey")), "")
-            lines.append(json.dumps({"text": f"Question: {q['stem']} Choices: {choices} Answer: {answer}"}))
-        files["csqa"].write_text("\n".join(lines) + "\n")
-        files["mixed"].write_text("".join(json.dumps({"text": t}) + "\n" for t in mixed_texts(passages[:half])))
+        csqa = {name: [csqa_text(obj) for _, obj in iter_jsonl(resolve_data(name))]
+                for name in ("commonsenseqa-dev", "commonsenseqa")}
+        mixed = mixed_texts(passages[:half])
+        task_mixed = [t for i, p in enumerate(passages[:half]) for t in (p, *csqa["commonsenseqa"][2 * i:2 * i + 2])]
+        for key, texts in (("csqa", csqa["commonsenseqa-dev"]), ("csqa_train", csqa["commonsenseqa"]),
+                           ("mixed", mixed), ("task_mixed", task_mixed)):
+            files[key].write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     return files
+
+
+def csqa_text(obj: dict) -> str:
+    """One CommonsenseQA item as text: question, lettered choices and the answer."""
+    q = obj["question"]
+    choices = " ".join(f"({c['label']}) {c['text']}" for c in q["choices"])
+    answer = next((c["text"] for c in q["choices"] if c["label"] == obj.get("answerKey")), "")
+    return f"Question: {q['stem']} Choices: {choices} Answer: {answer}"
 
 
 def mixed_texts(passages: list[str]) -> list[str]:

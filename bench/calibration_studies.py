@@ -1,6 +1,6 @@
 """The later rounds of the calibration benchmark (`python bench/calibration.py
 --sequential-study` / `--mixed-study` / `--generated-study` / `--sink-study` /
-`--compensate-study` / `--compensated-coft-study`): each study is a list of
+`--compensate-study` / `--compensated-coft-study` / `--task-coft-study`): each study is a list of
 compression rows and of WeLore-COFT rows started from them (each run right after its start),
 measured one process per row by bench/calibration.py's `run_child`, written to its own
 BENCHMARKS.md section, and resumable row by row (`--resume-study` reuses a row measured with
@@ -24,9 +24,10 @@ COMPENSATED_MIXED = "whitened, mixed text, sequential, compensated"
 
 
 def _distilled(batch: int, lr: str = "", text: str = "generated",
-               source: str = "whitened, BoolQ text, sequential") -> tuple:
-    """A distilled COFT row on `text` (generated: sampled from the dense model) from the ERR 0.5 row `source`."""
-    return (source, f"150 COFT steps distilled, on {text} text, batch {batch}" + (f", lr {lr}" if lr else ""),
+               source: str = "whitened, BoolQ text, sequential", named: str = "") -> tuple:
+    """A distilled COFT row on the data file `text` (generated: sampled from the dense model) from the
+    ERR 0.5 row `source`; `named` names the text in the label (default: the file's key)."""
+    return (source, f"150 COFT steps distilled, on {named or text} text, batch {batch}" + (f", lr {lr}" if lr else ""),
             {"teacher": MODEL, **({"lr": float(lr)} if lr else {})}, {"coft_text": text, "coft_batch": batch})
 
 
@@ -160,6 +161,20 @@ STUDIES = {
         "coft": [_distilled(64, source=COMPENSATED_MIXED), _distilled(64, text="mixed", source=COMPENSATED_MIXED),
                  _distilled(64, "1e-4", source=COMPENSATED_MIXED), _distilled(128, source=COMPENSATED_MIXED)],
     },
+    "calibration-task-coft": {
+        "title": "Calibration-aware WeLore, eighth round: WeLore-COFT on text of the evaluated task",
+        "flag": "--task-coft-study", "results": "task-coft-study.json", "notes": "calibration_task_coft_notes.md",
+        "about": "Same model and held-out corpora as the first section, float32 weights, and the seventh round's "
+                 "start (compensated ERR 0.5 on mixed text). As WeLore fine-tunes per task, COFT is distilled "
+                 "here on text of the evaluated task: **CommonsenseQA train** items, formatted like the dev "
+                 "items evaluated (none of which it sees); **BoolQ + CommonsenseQA train** = the calibration "
+                 "passages, each followed by two of those items",
+        "goal_text": "held-out text (CommonsenseQA dev items: of the fine-tuning task, unseen)",
+        "base": {"dtype": "float32"},
+        "rows": [(0.5, 0.5, COMPENSATED_MIXED, COMPENSATED, MIXED)],
+        "coft": [_distilled(8, text="csqa_train", source=COMPENSATED_MIXED, named="CommonsenseQA train"),
+                 _distilled(8, text="task_mixed", source=COMPENSATED_MIXED, named="BoolQ + CommonsenseQA train")],
+    },
 }
 
 
@@ -250,7 +265,8 @@ def run_study(args, base: dict, name: str) -> int:
                      f"({'met' if min(ratios) <= goal else 'not met'}).")
     tuned = [r.get("ppl_csqa", float("inf")) / dense["ppl_csqa"] for k, r in results.items() if k.startswith("coft/")]
     if tuned:
-        notes.append(f"Goal ERR 0.5 + {args.coft_steps} COFT steps: ≤ 2× dense on other-domain text — best here "
+        notes.append(f"Goal ERR 0.5 + {args.coft_steps} COFT steps: ≤ 2× dense on "
+                     f"{spec.get('goal_text', 'other-domain text')} — best here "
                      f"{min(tuned):.3f}× ({'met' if min(tuned) <= 2 else 'not met'}).")
     notes_file = Path(__file__).with_name(spec["notes"])
     if notes_file.is_file():
