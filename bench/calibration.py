@@ -49,6 +49,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -145,6 +146,16 @@ def write_generated(path: Path, sequences: int, tokens: int, batch: int, seed: i
             "seconds": time.perf_counter() - t0}
 
 
+def report_steps(label: str, every: int = 10):
+    """A ProgressFn printing every `every`-th COFT step to stderr (run_child echoes it as it comes)."""
+    def report(event) -> None:
+        if event.stage == "train" and (event.done % every == 0 or event.done == event.total):
+            m = event.metrics
+            print(f"[{label}] step {event.done}/{event.total}: loss {m['loss']:.4f}, "
+                  f"{m['tokens_per_s']:.0f} tokens/s", file=sys.stderr, flush=True)
+    return report
+
+
 def child(cfg: dict) -> dict:
     """One configuration: load, (compress), (fine-tune), evaluate on both held-out corpora."""
     import torch
@@ -183,7 +194,7 @@ def child(cfg: dict) -> dict:
             ft = finetune_checkpoint(str(ckpt), Path(cfg["workdir"]) / "coft-out", data=str(coft_text),
                                      method="welore", steps=cfg["coft_steps"], batch_size=cfg["coft_batch"],
                                      seq_len=cfg["coft_seq_len"], val_sequences=8, overwrite=True,
-                                     **cfg.get("coft_options", {}))
+                                     progress=report_steps(cfg["label"]), **cfg.get("coft_options", {}))
             out["coft_seconds"] = time.perf_counter() - t1
             out["coft"] = {"tokens_per_s": ft["tokens_per_s"], "train_seconds": ft["throughput"]["train_seconds"],
                            "final_loss": ft["loss_curve"][-1][1]}
@@ -201,13 +212,24 @@ def child(cfg: dict) -> dict:
 
 
 def run_child(cfg: dict) -> dict:
+    """Run one configuration in its own process; its step reports are echoed as they come."""
     t = time.perf_counter()
-    p = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)], capture_output=True, text=True,
-                       cwd=str(ROOT))
+    with tempfile.TemporaryFile("w+") as stdout:
+        p = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(cfg)], stdout=stdout,
+                             stderr=subprocess.PIPE, text=True, cwd=str(ROOT))
+        err = []
+        for line in p.stderr:
+            err.append(line)
+            if line.startswith(f"[{cfg['label']}] step "):
+                print(line, end="", file=sys.stderr, flush=True)
+        p.wait()
+        stdout.seek(0)
+        out = stdout.read()
     if p.returncode != 0:
-        print(p.stderr[-3000:], file=sys.stderr)
-        return {"label": cfg["label"], "failed": p.stderr.strip().splitlines()[-1] if p.stderr.strip() else "failed"}
-    r = json.loads(p.stdout.strip().splitlines()[-1])
+        tail = "".join(err).strip()
+        print(tail[-3000:], file=sys.stderr)
+        return {"label": cfg["label"], "failed": tail.splitlines()[-1] if tail else "failed"}
+    r = json.loads(out.strip().splitlines()[-1])
     r["wall_seconds"] = time.perf_counter() - t
     return r
 
