@@ -9,6 +9,7 @@ Data (written once under the cache directory, from ../shared/data):
   other domain     CommonsenseQA dev: question, lettered choices and answer, one item a line
   mixed            the calibration passages interleaved with SVAMP and coin-flip items (no CommonsenseQA)
   csqa_train       CommonsenseQA train, formatted like the dev items (COFT text of the eighth study)
+  task_mixed       the calibration passages, each followed by two CommonsenseQA train items
 
 Each configuration runs in its own process (clean peak RSS / GPU memory); results are
 appended to BENCHMARKS.md (section "calibration") as they come. Usage:
@@ -76,7 +77,8 @@ def data_files() -> dict[str, Path]:
     d = Path(get_core_settings().cache_dir) / "bench-calibration"
     d.mkdir(parents=True, exist_ok=True)
     files = {"calib": d / "boolq_calib.jsonl", "boolq": d / "boolq_heldout.jsonl", "csqa": d / "csqa_dev.jsonl",
-             "mixed": d / "mixed_calib.jsonl", "csqa_train": d / "csqa_train.jsonl"}
+             "mixed": d / "mixed_calib.jsonl", "csqa_train": d / "csqa_train.jsonl",
+             "task_mixed": d / "task_mixed.jsonl"}
     if not all(f.is_file() for f in files.values()):
         passages = []
         for _, obj in iter_jsonl(resolve_data("boolq")):
@@ -87,8 +89,10 @@ def data_files() -> dict[str, Path]:
             f.write_text("".join(json.dumps({"text": p}) + "\n" for p in part))
         csqa = {name: [csqa_text(obj) for _, obj in iter_jsonl(resolve_data(name))]
                 for name in ("commonsenseqa-dev", "commonsenseqa")}
+        mixed = mixed_texts(passages[:half])
+        task_mixed = [t for i, p in enumerate(passages[:half]) for t in (p, *csqa["commonsenseqa"][2 * i:2 * i + 2])]
         for key, texts in (("csqa", csqa["commonsenseqa-dev"]), ("csqa_train", csqa["commonsenseqa"]),
-                           ("mixed", mixed_texts(passages[:half]))):
+                           ("mixed", mixed), ("task_mixed", task_mixed)):
             files[key].write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     return files
 

@@ -167,11 +167,13 @@ STUDIES = {
         "about": "Same model and held-out corpora as the first section, float32 weights, and the seventh round's "
                  "start (compensated ERR 0.5 on mixed text). As WeLore fine-tunes per task, COFT is distilled "
                  "here on text of the evaluated task: **CommonsenseQA train** items, formatted like the dev "
-                 "items evaluated (none of which it sees)",
+                 "items evaluated (none of which it sees); **BoolQ + CommonsenseQA train** = the calibration "
+                 "passages, each followed by two of those items",
         "goal_text": "held-out text (CommonsenseQA dev items: of the fine-tuning task, unseen)",
         "base": {"dtype": "float32"},
         "rows": [(0.5, 0.5, COMPENSATED_MIXED, COMPENSATED, MIXED)],
-        "coft": [_distilled(8, text="csqa_train", source=COMPENSATED_MIXED, named="CommonsenseQA train")],
+        "coft": [_distilled(8, text="csqa_train", source=COMPENSATED_MIXED, named="CommonsenseQA train"),
+                 _distilled(8, text="task_mixed", source=COMPENSATED_MIXED, named="BoolQ + CommonsenseQA train")],
     },
 }
 
