@@ -38,8 +38,9 @@ blocks' outputs in the sequential pass) against the best rows so far (section "c
 `--compensated-coft-study` runs the seventh round (meant for a GPU): distilled WeLore-COFT at batch 64 and
 128 from the compensated ERR 0.5 start (section "calibration-compensated-coft").
 `--task-coft-study` runs the eighth round: the same start, distilled WeLore-COFT on text of the evaluated
-task (CommonsenseQA train items; the dev items evaluated are unseen), as WeLore fine-tunes per task
-(section "calibration-task-coft").
+task (CommonsenseQA train items; the dev items evaluated are unseen), as WeLore fine-tunes per task, and
+on the calibration passages interleaved with those items (section "calibration-task-coft"; ~14 min a COFT
+row on a fast 2-core CPU).
 """
 
 from __future__ import annotations
