@@ -201,9 +201,11 @@ def run_study(args, base: dict, name: str) -> int:
     results: dict = json.loads(saved.read_text()) if args.resume_study and saved.is_file() else {}
 
     def measure(key: str, cfg: dict) -> dict:
-        """The row's result: from the saved results with --resume-study (same settings), else run."""
+        """The row's result: from the saved results with --resume-study (same settings), else run. The
+        `files` map is left out of the comparison: a row names the files it reads in its own keys, so a
+        data file added for another row does not rerun it."""
         old = results.get(key)
-        if old is None or "failed" in old or old.get("settings") != cfg:
+        if old is None or "failed" in old or {**old.get("settings", {}), "files": None} != {**cfg, "files": None}:
             results[key] = {**run_child(cfg), "settings": cfg}
             print(key, results[key], flush=True)
         return results[key]
