@@ -46,6 +46,7 @@ row on a fast 2-core CPU).
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import resource
@@ -222,7 +223,7 @@ def run_child(cfg: dict) -> dict:
     with tempfile.TemporaryFile("w+") as stdout:
         p = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(cfg)], stdout=stdout,
                              stderr=subprocess.PIPE, text=True, cwd=str(ROOT))
-        err = []
+        err = collections.deque(maxlen=200)  # the tail, for a failure's message
         for line in p.stderr:
             err.append(line)
             if line.startswith(f"[{cfg['label']}] step "):
