@@ -1,5 +1,6 @@
-"""The FastAPI application factory: routers per resource, one error handler, and a lifespan that
-opens the event bus and the dispatcher (and, embedded, re-queues jobs a previous run left)."""
+"""The FastAPI application factory: routers per resource, one error handler, the web console at `/`
+and offline API docs at /docs, and a lifespan that opens the event bus and the dispatcher (and,
+embedded, re-queues jobs a previous run left)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ from contextlib import asynccontextmanager
 from typing import Optional
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
-from . import errors
+from . import console, errors
+from .artifacts.routes import links_router
 from .artifacts.routes import router as artifacts_router
+from .catalog.routes import datasets_router
 from .catalog.routes import router as models_router
 from .dispatch import make_dispatcher
 from .events.bus import make_bus
@@ -18,6 +22,7 @@ from .files.routes import router as files_router
 from .health import router as health_router
 from .jobs.params import PARAMS
 from .jobs.routes import router as jobs_router
+from .reports.routes import router as reports_router
 from .settings import Settings, get_settings
 
 log = logging.getLogger("welore.api")
@@ -61,11 +66,15 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
             if close:
                 close()
 
-    app = FastAPI(title="welore", version="1", lifespan=lifespan,
-                  description="Compress LLMs with WeLore, fine-tune their low-rank factors, evaluate them. "
-                              "Authenticate with `Authorization: Bearer <key>` (`welore keys create`).")
+    # FastAPIOffline: /docs and /redoc load their scripts and styles from this app, not from a CDN.
+    app = FastAPIOffline(title="welore", version="1", lifespan=lifespan, static_url="/docs-assets",
+                         description="Compress LLMs with WeLore, fine-tune their low-rank factors, evaluate them. "
+                                     "Authenticate with `Authorization: Bearer <key>` (`welore keys create`). "
+                                     "The web console is at `/`.")
     app.state.settings = settings
     errors.install(app, dict(PARAMS))
-    for router in (health_router, jobs_router, artifacts_router, files_router, models_router):
+    for router in (health_router, jobs_router, artifacts_router, links_router, reports_router, files_router,
+                   models_router, datasets_router):
         app.include_router(router)
+    console.install(app)
     return app

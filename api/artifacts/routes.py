@@ -1,4 +1,5 @@
-"""GET /v1/jobs/{id}/artifacts, .../artifacts/{name} (ETag, HTTP Range) and .../checkpoint.tar.
+"""GET /v1/jobs/{id}/artifacts, .../artifacts/{name} (ETag, HTTP Range) and .../checkpoint.tar;
+POST /v1/jobs/{id}/links and GET /v1/links/{token}: signed, expiring download links for browsers.
 
 Only names recorded for the job can be fetched, and each must resolve inside the job's
 directory: any other path is refused with 404.
@@ -6,11 +7,14 @@ directory: any other path is refused with 404.
 
 from __future__ import annotations
 
+import datetime as dt
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse, StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from .. import storage
+from ..auth import links
 from ..deps import CurrentKey, SessionDep, SettingsDep
 from ..errors import Conflict, NotFound
 from ..jobs import repository as repo
@@ -18,6 +22,7 @@ from ..jobs import service as jobs_service
 from .tarstream import stream_tar, tar_size
 
 router = APIRouter(prefix="/v1/jobs", tags=["artifacts"])
+links_router = APIRouter(prefix="/v1/links", tags=["artifacts"])
 
 
 class ArtifactOut(BaseModel):
@@ -49,7 +54,43 @@ def list_artifacts(job_id: str, key: CurrentKey, session: SessionDep) -> Artifac
                        416: {"description": "range not satisfiable"}})
 def download_artifact(job_id: str, name: str, request: Request, key: CurrentKey, session: SessionDep,
                       settings: SettingsDep):
+    return _file_response(request, session, settings, jobs_service.get(session, job_id, key), name)
+
+
+class LinkCreate(BaseModel):
+    name: str = Field(min_length=1, max_length=1000, description="the artifact's name, as listed")
+
+
+class LinkOut(BaseModel):
+    url: str = Field(description="GET it without an Authorization header; it honours Range like the artifact URL")
+    expires_at: dt.datetime
+
+
+@router.post("/{job_id}/links", status_code=201, response_model=LinkOut,
+             summary="A signed download link of one artifact, valid 10 minutes (for browsers)",
+             responses={404: {"description": "no such job or artifact"}})
+def create_link(job_id: str, body: LinkCreate, key: CurrentKey, session: SessionDep) -> LinkOut:
     job = jobs_service.get(session, job_id, key)
+    if repo.artifact(session, job.id, body.name) is None:
+        raise NotFound(f"job {job.id} has no artifact {body.name!r}", code="artifact_not_found")
+    token, exp = links.make_token(key, job.id, body.name)
+    return LinkOut(url=f"/v1/links/{token}", expires_at=dt.datetime.fromtimestamp(exp, dt.timezone.utc))
+
+
+@links_router.get("/{token}", summary="Download through a signed link (no Authorization header)",
+                  response_class=FileResponse,
+                  responses={200: {"content": {"application/octet-stream": {}}},
+                             404: {"description": "invalid or expired link, or its key was revoked"}})
+def follow_link(token: str, request: Request, session: SessionDep, settings: SettingsDep):
+    found = links.verify_token(session, token)
+    job = repo.get(session, found[1], found[0].id) if found else None
+    if job is None:
+        raise NotFound("this download link is invalid or has expired (links last 10 minutes); ask for a new "
+                       "one with POST /v1/jobs/{id}/links", code="link_invalid")
+    return _file_response(request, session, settings, job, found[2])
+
+
+def _file_response(request: Request, session, settings, job, name: str):
     row = repo.artifact(session, job.id, name)
     path = storage.safe_child(storage.job_dir(settings, job.id), name) if row is not None else None
     if row is None or path is None:

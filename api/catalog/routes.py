@@ -1,4 +1,5 @@
-"""GET /v1/models: registry models, models-directory folders and the caller's finished outputs."""
+"""GET /v1/models (registry models, models-directory folders, the caller's finished outputs) and
+GET /v1/datasets (built-in dataset names and the caller's uploads): what a job may name."""
 
 from __future__ import annotations
 
@@ -8,15 +9,31 @@ from fastapi import APIRouter
 from pydantic import BaseModel
 
 from ..deps import CurrentKey, SessionDep, SettingsDep
+from ..files import service as files_service
+from ..jobs.service import BUILTIN, EXTRA_BUILTIN
 from . import service
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
+datasets_router = APIRouter(prefix="/v1/datasets", tags=["files"])
 
 
 class ModelList(BaseModel):
     data: list[dict[str, Any]]
 
 
+class DatasetList(BaseModel):
+    data: list[dict[str, Any]]
+
+
 @router.get("", response_model=ModelList, summary="Models usable as job inputs")
 def list_models(key: CurrentKey, session: SessionDep, settings: SettingsDep) -> ModelList:
     return ModelList(data=service.list_models(session, settings, key))
+
+
+@datasets_router.get("", response_model=DatasetList,
+                     summary="Datasets a job's `data` or `calibration` may name: built-in names and your uploads")
+def list_datasets(key: CurrentKey, session: SessionDep) -> DatasetList:
+    out: list[dict[str, Any]] = [{"id": name, "source": "builtin"} for name in sorted({*BUILTIN, *EXTRA_BUILTIN})]
+    out += [{"id": f.id, "source": "upload", "filename": f.filename, "format": f.format, "records": f.records,
+             "size": f.size} for f in files_service.list_files(session, key)]
+    return DatasetList(data=out)

@@ -1,4 +1,4 @@
-"""POST /v1/files (multipart upload) and GET /v1/files/{id}."""
+"""POST /v1/files (multipart upload), GET /v1/files (your uploads) and GET /v1/files/{id}."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from fastapi import File as FileField
 from ..deps import CurrentKey, SessionDep, SettingsDep
 from ..errors import PayloadTooLarge
 from . import service
-from .schemas import FileOut
+from .schemas import FileList, FileOut
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
@@ -24,6 +24,11 @@ def upload_file(request: Request, key: CurrentKey, session: SessionDep, settings
         raise PayloadTooLarge(f"upload of {length} bytes exceeds the limit of {settings.upload_max_bytes} bytes")
     row = service.upload(session, settings, key, file.filename or "", file.file)
     return FileOut.model_validate(row, from_attributes=True)
+
+
+@router.get("", response_model=FileList, summary="Your uploaded files, newest first")
+def list_files(key: CurrentKey, session: SessionDep) -> FileList:
+    return FileList(data=[FileOut.model_validate(f, from_attributes=True) for f in service.list_files(session, key)])
 
 
 @router.get("/{file_id}", response_model=FileOut, summary="An uploaded file's metadata")

@@ -15,3 +15,7 @@ class FileOut(BaseModel):
     sha256: str
     records: int
     created_at: dt.datetime
+
+
+class FileList(BaseModel):
+    data: list[FileOut]

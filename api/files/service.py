@@ -27,6 +27,12 @@ def get(session: Session, file_id: str, owner: ApiKey) -> File:
     return row
 
 
+def list_files(session: Session, owner: ApiKey, limit: int = 500) -> list[File]:
+    """The caller's uploads, newest first."""
+    q = select(File).where(File.owner_id == owner.id).order_by(File.created_at.desc(), File.id.desc()).limit(limit)
+    return list(session.scalars(q))
+
+
 def upload(session: Session, settings: Settings, owner: ApiKey, filename: str, stream) -> File:
     """`stream` has .read(n). Refuses over-size files without keeping anything."""
     name = PurePath(filename or "").name

@@ -1,0 +1,47 @@
+"""GET /v1/jobs/{id}/report (what the console's rank map and spectrum charts draw)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from fastapi import APIRouter
+from pydantic import BaseModel, Field
+
+from ..deps import CurrentKey, SessionDep, SettingsDep
+from ..jobs import service as jobs_service
+from . import service
+
+router = APIRouter(prefix="/v1/jobs", tags=["reports"])
+
+
+class MatrixOut(BaseModel):
+    name: str
+    layer: Optional[int] = Field(None, description="decoder layer index")
+    matrix: str = Field(description="matrix type: q_proj, k_proj, ..., down_proj")
+    shape: Optional[list[int]] = None
+    rank: int = Field(description="full rank min(m, n)")
+    kept_rank: int
+    kept_fraction: Optional[float] = Field(None, description="kept_rank / rank")
+    label: Optional[str] = Field(None, description="LRC (factored) or N-LRC (dense, untouched)")
+    storage: Optional[str] = Field(None, description="factors or dense")
+    rel_error: Optional[float] = None
+    spectrum_z: Optional[list[float]] = Field(None, description="normalised singular values z (descending) at "
+                                                                "evenly spaced ranks, when the checkpoint has them")
+
+
+class Report(BaseModel):
+    job_id: str
+    summary: dict[str, Any] = Field(description="tau, ERR and parameters requested/achieved, LRC/N-LRC counts")
+    tau: Optional[float] = Field(None, description="the global threshold on z (None for the uniform method)")
+    layers: list[int]
+    matrix_types: list[str]
+    matrices: list[MatrixOut]
+
+
+@router.get("/{job_id}/report", response_model=Report,
+            summary="Per-matrix report of a compress/finetune job: ranks, LRC/N-LRC, spectra, tau",
+            responses={404: {"description": "no such job, or it has no welore.json"},
+                       409: {"description": "the job has not succeeded"}})
+def job_report(job_id: str, key: CurrentKey, session: SessionDep, settings: SettingsDep) -> Report:
+    job = jobs_service.get(session, job_id, key)
+    return Report.model_validate(service.report(settings, session, job))
