@@ -55,15 +55,13 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _fetch(transport: Transport, art: Artifact, part: Path) -> int:
-    """Bring `part` to the artifact's full size; → the offset it resumed from (0: from scratch)."""
-    resumed_from, attempt = None, 0
+    """Bring `part` to the artifact's full size; → the offset of the last resumed request (0: none)."""
+    resumed_from, attempt = 0, 0
     while True:
         have = part.stat().st_size if part.exists() else 0
         if have > art.size:
             part.unlink()
             have = 0
-        if resumed_from is None:
-            resumed_from = have
         if have == art.size:
             return resumed_from
         headers = {"Range": f"bytes={have}-", "If-Range": f'"{art.sha256}"'} if have else {}
@@ -71,7 +69,6 @@ def _fetch(transport: Transport, art: Artifact, part: Path) -> int:
             with transport.http.stream("GET", art.url, headers=headers) as r:
                 if r.status_code == 416:
                     part.unlink(missing_ok=True)
-                    resumed_from = 0
                     continue
                 if r.status_code in (502, 503, 504):
                     raise _Transient(f"HTTP {r.status_code}")
@@ -81,14 +78,16 @@ def _fetch(transport: Transport, art: Artifact, part: Path) -> int:
                     if start != str(have):
                         raise errors.WeloreClientError(f"asked for bytes from {have} of {art.name}, the server "
                                                        f"sent {r.headers.get('content-range')!r}")
-                    mode = "ab"
+                    mode, resumed_from = "ab", have
                 else:  # 200: the whole file (the server ignored the range, or the file changed)
                     mode, resumed_from = "wb", 0
                 with open(part, mode) as out:
-                    for block in r.iter_bytes(CHUNK):
-                        out.write(block)
-                    out.flush()
-                    os.fsync(out.fileno())
+                    try:
+                        for block in r.iter_bytes(CHUNK):
+                            out.write(block)
+                    finally:  # keep what arrived: the next attempt resumes from it
+                        out.flush()
+                        os.fsync(out.fileno())
             attempt = 0
         except (*TRANSIENT_EXCEPTIONS, _Transient) as exc:
             if attempt >= transport.max_retries:

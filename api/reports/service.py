@@ -14,7 +14,7 @@ from ..jobs import repository as repo
 from ..models import Job
 from ..settings import Settings
 
-LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+LAYER = re.compile(r"(?:^|\.)(\d+)\.")  # "3.q_proj" (welore.json) or "model.layers.3.self_attn.q_proj"
 SUMMARY_KEYS = ("kind", "method", "tau", "min_ratio", "err_requested", "err_achieved", "params_kept_requested",
                 "params_kept_achieved", "target_params_before", "target_params_after", "params_before",
                 "params_after", "n_lrc", "n_nlrc", "factorization", "rank_from")
