@@ -17,7 +17,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent.parent
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -26,7 +26,7 @@ def _free_port() -> int:
 class Server:
     def __init__(self, home: Path, models_dir: Path):
         self.home, self.models_dir = home, models_dir
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = home / f"serve-{self.port}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("WELORE_")}
