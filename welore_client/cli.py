@@ -140,8 +140,8 @@ def jobs_list(client, args) -> int:
     if args.json:
         _print_json({"data": [_dump(j) for j in jobs]})
     else:
-        print(f"{'ID':<{len(jobs[0].id) if jobs else 2}}  STATUS     TYPE      MODEL                         "
-              "PROG  CREATED")
+        width = max([len(j.id) for j in jobs] or [2])
+        print(f"{'ID':<{width}}  {'STATUS':<9}  {'TYPE':<8}  {'MODEL':<28}  {'PROG':>4}  CREATED")
         for job in jobs:
             print(_job_line(job))
     return 0

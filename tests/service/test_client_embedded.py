@@ -114,3 +114,29 @@ def test_client_commands(server, compressed, tmp_path):
     assert cancel.returncode == 2 and "409" in cancel.stderr
     nokey = _welore(server, "jobs", "list", key=False)
     assert nokey.returncode == 2 and "WELORE_API_KEY" in nokey.stderr
+
+
+def test_signed_download_links(server, client, compressed):
+    """A link needs no Authorization header, honours Range, and a tampered token is refused."""
+    import hashlib
+
+    import httpx
+
+    job_id = compressed[0]
+    art = {a.name: a for a in client.jobs.artifacts(job_id)}["welore.json"]
+    h = {"Authorization": f"Bearer {server.api_key()}"}
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        link = c.post(f"/v1/jobs/{job_id}/links", json={"name": "welore.json"}, headers=h)
+        assert link.status_code == 201, link.text
+        url = link.json()["url"]
+        body = c.get(url)
+        assert body.status_code == 200 and hashlib.sha256(body.content).hexdigest() == art.sha256
+        part = c.get(url, headers={"Range": "bytes=10-19"})
+        assert part.status_code == 206 and part.content == body.content[10:20]
+        payload, sig = url.rsplit("/", 1)[1].split(".")
+        forged = c.get(f"/v1/links/{payload}.{sig[:-2]}xx")
+        assert forged.status_code == 404 and forged.json()["error"]["code"] == "link_invalid"
+        assert c.post(f"/v1/jobs/{job_id}/links", json={"name": "../x"}, headers=h).status_code == 404
+        assert c.post(f"/v1/jobs/{job_id}/links", json={"name": "welore.json"}).status_code == 401
+        ds = c.get("/v1/datasets", headers=h).json()["data"]
+        assert {"boolq", "boolq-passages"} <= {d["id"] for d in ds if d["source"] == "builtin"}
