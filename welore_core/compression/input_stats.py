@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .errors import InvalidArgument, InvalidData
+from ..errors import InvalidArgument, InvalidData
 from .whiten import ALPHA, DAMP, Transform, abs_mean_scale, compensated_weight, gram_root
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import InvalidArgument
+from ..errors import InvalidArgument
 
 FACTORIZATIONS = ("plain", "whitened", "scaled")
 DAMP = 1e-2  # δ = DAMP·mean(diag G); see BENCHMARKS.md (calibration) for the choice

@@ -39,13 +39,13 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .corpus import data_hash, read_texts
-from .errors import InvalidArgument, InvalidData
-from .evaluate import token_windows
-from .progress import ProgressEvent, ProgressFn, StopFn, check_stop, no_progress
+from ..corpus import data_hash, read_texts
+from ..errors import InvalidArgument, InvalidData
+from ..evaluate import token_windows
+from ..progress import ProgressEvent, ProgressFn, StopFn, check_stop, no_progress
 from .input_stats import CrossStats, InputStats
-from .spectrum import SpectrumCache
-from .targets import closes_block, decoder_layers, layer_index
+from ..spectrum import SpectrumCache
+from ..targets import closes_block, decoder_layers, layer_index
 from .whiten import ALPHA, DAMP, FACTORIZATIONS, Transform, transformed_svd
 
 CAL_FORMAT = "calib-v1"
