@@ -88,8 +88,8 @@ def load_calibration(tokenizer, data: str, samples: int = DEFAULT_SAMPLES,
     built-in name), in file order, like evaluation windows."""
     if tokenizer is None:
         raise InvalidArgument("calibration needs the model's tokenizer, and this model ships none; "
-                              "save the tokenizer files beside config.json or compress without "
-                              "--calibration")
+                              "save the tokenizer files beside config.json or compress data-free "
+                              "(--calibration none)")
     if samples < 1 or seq_len < 2:
         raise InvalidArgument(f"calib_samples must be ≥ 1 and calib_seq_len ≥ 2; received "
                               f"samples={samples}, seq_len={seq_len}")
