@@ -20,8 +20,10 @@ BUILTIN = {
     "commonsenseqa": "commonsenseqa/train_rand_split.jsonl",
     "commonsenseqa-dev": "commonsenseqa/dev_rand_split.jsonl",
 }
-# Built-in name → text shipped inside the package (the default calibration text; see data/LICENSE-general.md).
-PACKAGED = {"general": Path(__file__).resolve().parent / "data" / "general.jsonl"}
+# Built-in name → text shipped inside the package: the default calibration text and the held-out slice
+# of the quality check (see data/LICENSE-general.md).
+_PACKAGE_DATA = Path(__file__).resolve().parent / "data"
+PACKAGED = {"general": _PACKAGE_DATA / "general.jsonl", "general-heldout": _PACKAGE_DATA / "general-heldout.jsonl"}
 TEXT_FIELDS = ("text", "passage")
 
 

@@ -227,6 +227,29 @@ def loss_plans(spectra: Sequence[torch.Tensor], shapes: Sequence[tuple[int, int]
     return plans
 
 
+def _between(short: list[MatrixPlan], over: list[MatrixPlan], spectra, kind: str, goal: float) -> list[MatrixPlan]:
+    """Between the plans of two close multipliers (`short` of the budget, `over` it), move matrices from
+    their `short` rank to their `over` rank, cheapest loss per unit of budget first, and stop at the
+    plan closest to the goal (the relaxation alone can jump over the requested budget)."""
+    def value(plans):
+        return effective_rank_reduction(plans) if kind == "err" else params_kept_fraction(plans)
+
+    def e(S, k):
+        energy = S.double() ** 2
+        return float(energy[k:].sum() / max(float(energy.sum()), 1e-300))
+
+    moves = [i for i, (a, b) in enumerate(zip(short, over)) if a != b]
+    def rate(i):
+        spent = abs(value(short[:i] + [over[i]] + short[i + 1:]) - value(short)) or 1e-300
+        return (e(spectra[i], over[i].kept) - e(spectra[i], short[i].kept)) / spent
+    plans, best = list(short), list(short)
+    for i in sorted(moves, key=rate):
+        plans[i] = over[i]
+        if abs(value(plans) - goal) < abs(value(best) - goal):
+            best = list(plans)
+    return best
+
+
 def allocate_loss(spectra: Sequence[torch.Tensor], shapes: Sequence[tuple[int, int]], *,
                   err: Optional[float] = None, params_kept: Optional[float] = None, min_ratio: float = 0.5,
                   tolerance: float = TOLERANCE) -> Allocation:
@@ -256,8 +279,9 @@ def allocate_loss(spectra: Sequence[torch.Tensor], shapes: Sequence[tuple[int, i
         mid = (lo + hi) / 2
         reached = measure(10 ** mid) >= goal if increasing else measure(10 ** mid) <= goal
         lo, hi = (lo, mid) if reached else (mid, hi)
-    best = min((lo, hi), key=lambda x: abs(measure(10 ** x) - goal))
-    alloc = Allocation("loss", loss_plans(spectra, shapes, 10 ** best, kind, min_ratio), None, None, min_ratio)
+    plans = _between(loss_plans(spectra, shapes, 10 ** lo, kind, min_ratio),
+                     loss_plans(spectra, shapes, 10 ** hi, kind, min_ratio), spectra, kind, goal)
+    alloc = Allocation("loss", plans, None, None, min_ratio)
     achieved = alloc.err if kind == "err" else alloc.params_kept
     _check_reached(kind, goal, achieved, measure(10 ** lo), measure(10 ** hi), tolerance,
                    "the model's matrices join the LRCs in steps too coarse for this target; lower "
