@@ -55,7 +55,8 @@ def _tokenizer(docs):
 def tiny(tmp_path_factory):
     """A tiny dense Llama directory with a real tokenizer, its WeLore-compressed checkpoint,
     and a learnable toy corpus."""
-    from welore_core.pipelines import compress_checkpoint
+    from welore_core.compression.config import CompressConfig
+    from welore_core.compression.pipeline import compress_checkpoint
     from welore_core.spectrum import SpectrumCache
 
     root = tmp_path_factory.mktemp("ft")
@@ -68,7 +69,8 @@ def tiny(tmp_path_factory):
     model.save_pretrained(dense)
     tok.save_pretrained(dense)
     comp = root / "comp"
-    compress_checkpoint(str(dense), comp, err=0.4674, min_ratio=0.5, cache=SpectrumCache(root / "cache"))
+    compress_checkpoint(str(dense), comp, CompressConfig(err=0.4674, min_ratio=0.5, calibration=None),
+                        cache=SpectrumCache(root / "cache"))
     return {"root": root, "dense": str(dense), "comp": str(comp), "data": str(corpus), "tok": tok}
 
 
