@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tiny_llama import make_tiny_llama
+from tiny_llama import make_tiny_llama, train_tokenizer as _tokenizer
 from welore_core.errors import Cancelled, InvalidArgument, InvalidData, OutputExists
 from welore_core.finetune import FinetuneConfig, finetune_checkpoint
 from welore_core.finetune.data import (IGNORE, BatchStream, Example, build_dataset, encode_example, pack,
@@ -36,19 +36,6 @@ def _toy_docs(n=60, seed=0):
         docs.append(" ".join(f"the {rnd.choice(WORDS[:3])} {rnd.choice(WORDS[3:])} on the mat."
                              for _ in range(rnd.randint(4, 9))))
     return docs
-
-
-def _tokenizer(docs):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(docs + ["Question: Answer: yes no A B C D E"], trainer=trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<pad>", "<eos>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<pad>")
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ FACTORIZATIONS = ("plain", "whitened")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 NO_CALIBRATION = "none"
 DEFAULT_CALIBRATION = "general"  # the text shipped in welore_core/data (see corpus.BUILTIN)
-COMPENSATE_FROM_ERR = 0.4  # compensate="auto": on from this ERR (or its parameter equivalent) up
+HEAVY_FROM_ERR = 0.4  # sequential/compensate "auto": on from this ERR (or its parameter equivalent) up
 RECIPE_VERSION = 1
 
 
@@ -46,11 +46,12 @@ class CalibrationConfig:
     factorization: str = field(default="whitened", metadata=_opt(
         "factorization", "whitened: SVD of W·S with S·Sᵀ = XᵀX, the output error on the calibration "
         "activations (SVD-LLM); plain: SVD of W", choices=("whitened",)))
-    sequential: bool = field(default=True, metadata=_opt(
-        "sequential", "gather layer L's statistics with layers 0..L-1 already compressed"))
+    sequential: Optional[bool] = field(default=None, metadata=_opt(
+        "sequential", "gather layer L's statistics with layers 0..L-1 already compressed (one more layer run "
+        f"per layer); auto: on from ERR {HEAVY_FROM_ERR}", tristate=True))
     compensate: Optional[bool] = field(default=None, metadata=_opt(
-        "compensate", "refit each layer's o_proj/down_proj to the dense block's outputs (needs sequential); "
-        f"auto: on from ERR {COMPENSATE_FROM_ERR}", tristate=True))
+        "compensate", "refit each layer's o_proj/down_proj to the dense block's outputs (needs sequential; one "
+        f"more layer run per layer); auto: on from ERR {HEAVY_FROM_ERR} when sequential", tristate=True))
     damp: float = field(default=0.01, metadata=_opt("damp", "whitening damping, a fraction of the Gram's mean "
                                                     "diagonal", lo=0.0, hi=1.0))
 
@@ -99,16 +100,18 @@ class CompressConfig:
         return ("err", self.err) if self.err is not None else ("params_kept", self.params_kept)
 
     def heavy(self) -> bool:
-        """At or beyond ERR COMPENSATE_FROM_ERR (a parameter target: at or below its rough equivalent)."""
+        """At or beyond ERR HEAVY_FROM_ERR (a parameter target: at or below its rough equivalent)."""
         kind, value = self.target
-        return value >= COMPENSATE_FROM_ERR if kind == "err" else value <= 1.0 - COMPENSATE_FROM_ERR
+        return value >= HEAVY_FROM_ERR if kind == "err" else value <= 1.0 - HEAVY_FROM_ERR
 
     def resolve(self) -> "CompressConfig":
         """The same recipe with every "auto" made concrete (what welore.json stores)."""
         method = self.method if self.method != "auto" else ("loss" if self.calibrated else "welore")
         cal = self.calibration
-        if cal is not None and cal.compensate is None:
-            cal = replace(cal, compensate=bool(cal.sequential and self.heavy()))
+        if cal is not None:
+            sequential = (self.heavy() or bool(cal.compensate)) if cal.sequential is None else cal.sequential
+            compensate = sequential and self.heavy() if cal.compensate is None else cal.compensate
+            cal = replace(cal, sequential=sequential, compensate=compensate)
         return replace(self, method=method, calibration=cal)
 
     # -- serialisation ---------------------------------------------------------------------
@@ -270,7 +273,7 @@ def validate(cfg: CompressConfig) -> None:
         if cfg.experimental.sink_weight != 1.0:
             raise InvalidArgument("sink_weight weighs calibration tokens and needs calibration text")
         return
-    if cal.compensate and not cal.sequential:
+    if cal.compensate and cal.sequential is False:
         raise InvalidArgument("compensate fits o_proj/down_proj inside the sequential pass; enable sequential "
                               "or turn compensate off")
     if str(cal.data).lower() == NO_CALIBRATION:
