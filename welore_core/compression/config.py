@@ -24,6 +24,7 @@ NO_CALIBRATION = "none"
 DEFAULT_CALIBRATION = "general"  # the text shipped in welore_core/data (see corpus.BUILTIN)
 HEAVY_FROM_ERR = 0.4  # sequential/compensate "auto": on from this ERR (or its parameter equivalent) up
 RECIPE_VERSION = 1
+MAX_ERR, MIN_PARAMS_KEPT = 0.9, 0.1  # beyond these a compressed model is refused as unusable
 
 
 def _opt(flag: str, help: str, *, lo=None, hi=None, lo_open=False, hi_open=False, choices=None, **kw):
@@ -265,6 +266,13 @@ def validate(cfg: CompressConfig) -> None:
     if (cfg.err is None) == (cfg.params_kept is None):
         raise InvalidArgument("give exactly one target: err (fraction of ranks removed, 0 < err < 1) or "
                               "params_kept (fraction of target-matrix parameters kept, 0 < f ≤ 1)")
+    kind, value = cfg.target
+    if (kind == "err" and value > MAX_ERR) or (kind == "params_kept" and value < MIN_PARAMS_KEPT):
+        raise InvalidArgument(
+            f"{kind}={value:g} would leave no usable model: beyond ERR {MAX_ERR:g} (or below "
+            f"{MIN_PARAMS_KEPT:.0%} of the parameters kept) a language model's perplexity explodes by orders of magnitude "
+            "even with calibration. Ask for at most ERR 0.5 (0.6 of the parameters) and add --recover STEPS; for a "
+            "smaller model, start from a smaller dense one")
     cal = cfg.calibration
     if cal is None:
         if cfg.method == "loss":
