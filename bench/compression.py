@@ -1,4 +1,6 @@
 """Compression benchmark on the real SmolLM2-135M → the `compression` section of BENCHMARKS.md.
+Data-free WeLore (the paper's method, `--calibration none`) throughout; bench/recipes.py compares
+the calibrated default recipe with it.
 
 1. Quality: ERR 0.1–0.5 × {WeLore min_ratio 0, WeLore min_ratio 0.5, uniform}: perplexity on
    BoolQ passages, parameters kept, seconds and peak RSS of the `welore compress` process.
@@ -24,17 +26,23 @@ from pathlib import Path
 import torch
 
 from bench.report import machine, table, write_section
-from welore_core.allocation import allocate_welore
-from welore_core.compress import compress_model
+from welore_core.compression.allocation import allocate_welore
+from welore_core.compression.config import CompressConfig
+from welore_core.compression.factorize import factors
+from welore_core.compression.model import compress_model
 from welore_core.corpus import read_texts
 from welore_core.evaluate import perplexity
-from welore_core.factorize import factors
 from welore_core.loading import load_model
 from welore_core.lowrank import LowRankLinear, swap_module
 from welore_core.spectrum import SpectrumCache
 from welore_core.targets import target_names
 
 MODEL = "smollm2-135m"
+DATA_FREE = ("--calibration", "none")
+
+
+def data_free(err: float, min_ratio: float) -> CompressConfig:
+    return CompressConfig(err=err, min_ratio=min_ratio, calibration=None)
 
 
 def cli(*args, env=None) -> dict:
@@ -72,10 +80,10 @@ def cost_rows(repeats: int) -> list[list]:
             with tempfile.TemporaryDirectory() as d:
                 cache = SpectrumCache(Path(d))
                 model = load_model(MODEL, device="cpu").model
-                cold.append(compress_model(model, err=err, min_ratio=min_ratio, cache=cache).seconds)
+                cold.append(compress_model(model, data_free(err, min_ratio), cache=cache).seconds)
                 other = 0.2 if err != 0.2 else 0.4  # warm: the same model at another ERR
                 model = load_model(MODEL, device="cpu").model
-                warm.append(compress_model(model, err=other, min_ratio=min_ratio, cache=cache).seconds)
+                warm.append(compress_model(model, data_free(other, min_ratio), cache=cache).seconds)
             model = load_model(MODEL, device="cpu").model
             ref.append(reference_two_pass(model, err, min_ratio))
         c, w, r = min(cold), min(warm), min(ref)
@@ -94,7 +102,7 @@ def quality_rows(windows: int, errs: list[float], work: Path) -> list[list]:
                              ("WeLore min_ratio 0.5", ["--min-ratio", "0.5"]),
                              ("uniform", ["--method", "uniform"])):
             out = work / f"{label.replace(' ', '_')}-{err}"
-            r = cli("compress", MODEL, "--err", err, *extra, "--out", out, "--overwrite")
+            r = cli("compress", MODEL, "--err", err, *DATA_FREE, *extra, "--out", out, "--overwrite")
             model = load_model(str(out), device="cpu").model
             ppl = perplexity(model, tokenizer, texts, 512, windows).perplexity
             rows.append([label, err, round(r["err_achieved"], 4), round(r["params_kept_achieved"], 4),
@@ -106,12 +114,12 @@ def memory_row(work: Path) -> list:
     with tempfile.TemporaryDirectory() as d:
         env = {**os.environ, "WELORE_CACHE_DIR": d}
         # the model conversion lives in the cache too: convert once, then measure a cold-spectrum run
-        cli("compress", MODEL, "--err", "0.3", "--out", work / "mem-warmup", "--overwrite", env=env)
+        cli("compress", MODEL, "--err", "0.3", *DATA_FREE, "--out", work / "mem-warmup", "--overwrite", env=env)
         for f in (Path(d) / "svd").iterdir():
             f.unlink()
-        r = cli("compress", MODEL, "--err", "0.3", "--out", work / "mem", "--overwrite", env=env)
+        r = cli("compress", MODEL, "--err", "0.3", *DATA_FREE, "--out", work / "mem", "--overwrite", env=env)
     probe = ("import resource, torch, transformers, transformers.models.llama.modeling_llama, tokenizers, "
-             "welore_core.pipelines, welore_core.cli.compress;"
+             "welore_core.compression.pipeline, welore_core.cli.compress;"
              "from welore_core.cli.common import peak_rss_mb; print(peak_rss_mb())")
     base = float(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.split()[-1])
     model_mb = r["params_before"] * 4 / 2**20
@@ -143,10 +151,11 @@ def main() -> None:
         "Seconds of the compression itself (spectra + allocation + factorisation, model already loaded), "
         f"best of {args.repeats}, all measured in this run. Warm = the same model at another ERR with the cache filled.",
         table(["ERR", "reference two-pass s", "ours cold s", "ours warm s", "cold/reference", "warm/cold"], cost),
-        "### Peak memory of a cold `welore compress` (ERR 0.3)",
+        "### Peak memory of a cold data-free `welore compress` (ERR 0.3)",
         table(["dense fp32 MB", "RSS after imports MB", "peak RSS MB", "growth MB", "peak/model", "growth/model"], [mem]),
         "### Quality: WeLore vs uniform",
-        "Seconds: the compression itself / the whole command (process start, load, write). Peak RSS of that process.",
+        "Data-free (`--calibration none`). Seconds: the compression itself / the whole command (process start, "
+        "load, the quality check, write). Peak RSS of that process.",
         table(["method", "ERR", "achieved", "params kept", "LRCs", "s (compress / total)", "perplexity", "peak RSS MB"], quality),
     ])
     write_section("compression", body)
