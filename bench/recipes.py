@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from bench.report import machine, table
+from welore_core.compression.config import CompressConfig
 
 MODEL = "smollm2-135m"
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,6 +88,8 @@ def run_rows(work: Path, files: dict[str, Path], windows: int, results: Path, on
         save("dense", {"ppl": evaluate(MODEL, files, windows)})
     todo = [(kind, v, label, flags, 0) for kind, v in TARGETS for label, flags in VARIANTS]
     todo += [(kind, v, f"default recipe + --recover {steps}", ["--recover", steps], steps) for kind, v, steps in RECOVER]
+    # cheap rows first (light targets share one cached calibration pass), the default before its baselines
+    todo.sort(key=lambda t: (CompressConfig(**{t[0]: t[1]}).heavy(), t[4] > 0, t[2] != "default recipe"))
     for kind, value, label, flags, steps in todo:
         key = f"{kind}={value} | {label}"
         if key in done or (only and not any(o in key for o in only)):
