@@ -1,12 +1,12 @@
-"""WeLore compression of a loaded model: spectra → allocation → factorisation → module swap.
+"""Compression of a loaded model by a recipe: spectra → allocation → factorisation → module swap.
 
 `compress_model` changes the model in place and returns a `CompressionReport` (everything
 `welore.json` and the command line report). Each matrix is decomposed at most once (and not
 at all when the spectrum cache already holds it).
 
-With calibration data (calibration.py, whiten.py) each LRC is instead factorised from the SVD
-of W·S for an activation-derived S (`whitened` or `scaled`); the ranks still come from WeLore's
-τ, over the spectra of W (`rank_from="weights"`, the paper) or of W·S ("activations").
+Data-free (the paper): the SVD of W, ranks from WeLore's τ (or uniform). Calibrated
+(calibration.py, whiten.py): each LRC is factorised from the SVD of W·S, S·Sᵀ = XᵀX over the
+calibration activations; the ranks come from the spectra of W·S (method "loss") or of W.
 """
 
 from __future__ import annotations
