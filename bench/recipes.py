@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
-from bench.report import machine, table
+from bench.report import machine, table, welore_json as cli
 from welore_core.compression.config import CompressConfig
 
 MODEL = "smollm2-135m"
@@ -60,14 +58,6 @@ def corpora(work: Path, data_dir: Path) -> dict[str, Path]:
         out[name] = work / f"{name}.jsonl"
         out[name].write_text("".join(json.dumps({"text": t}) + "\n" for t in items))
     return out
-
-
-def cli(*args) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "welore_core.cli", *map(str, args), "--json"], capture_output=True,
-                          text=True, cwd=ROOT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    if proc.returncode != 0:
-        raise RuntimeError(f"welore {' '.join(map(str, args))} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def evaluate(model: str, files: dict[str, Path], windows: int) -> dict[str, float]:
