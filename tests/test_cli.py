@@ -9,9 +9,9 @@ import pytest
 from tiny_llama import make_tiny_llama
 
 
-def welore(*args, check=True, env=None):
+def welore(*args, check=True, env=None, timeout=600):
     proc = subprocess.run([sys.executable, "-m", "welore_core.cli", *map(str, args)], capture_output=True,
-                          text=True, env=env, timeout=600)
+                          text=True, env=env, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"welore {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
