@@ -1,7 +1,7 @@
 """Fine-tuning memory at scale, on the tiny seeded model: frozen weights held in bf16 (trainable
 factors, gradients and AdamW state fp32; exact bytes reported; the loss still falls; the
 checkpoint written in fp32), and data-parallel COFT in 2 gloo processes vs 1 process with the
-same global batch (loss curves within 1e-4, weights within 1e-5, resume across world sizes,
+same global batch (loss curves within 1e-5, weights within 1e-5, resume across world sizes,
 only rank 0 writes)."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from welore_core.finetune.precision import hold_frozen
 from welore_core.finetune.trainer import Trainer
 from welore_core.lowrank import LowRankLinear
 
-LOSS_TOL = 1e-4  # per-step training loss, 2 processes vs 1 (fp32 sums in another order)
+LOSS_TOL = 1e-5  # per-step training loss, 2 processes vs 1 (fp32 sums in another order; seen: 1e-7)
 WEIGHT_TOL = 1e-5
 
 
@@ -160,8 +160,35 @@ def test_two_gloo_processes_equal_one_process_and_resume(tiny, tmp_path):
     assert json.loads((out / "metrics.json").read_text())["distributed"]["world_size"] == 2
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging debris of any rank
 
-    # a batch smaller than the number of processes is refused before anything is written
-    bad = _cli([*args[:args.index("--batch-size")], "--batch-size", "1", "--nproc", "2",
-                "--out", str(tmp_path / "bad"), "--device", "cpu"])
-    assert bad.returncode != 0 and "batch_size 1 is smaller than the 2 processes" in bad.stderr
+
+
+def test_a_batch_smaller_than_the_processes_is_refused(tiny, tmp_path, monkeypatch):
+    from welore_core.finetune import pipeline
+    from welore_core.finetune.distributed import DataParallel
+
+    monkeypatch.setattr(pipeline.DataParallel, "current", classmethod(lambda cls: DataParallel(0, 2, "gloo")))
+    with pytest.raises(InvalidArgument, match="batch_size 1 is smaller than the 2 processes"):
+        finetune_checkpoint(tiny["comp"], tmp_path / "bad", data=tiny["data"], steps=1, **{**FAST, "batch_size": 1})
     assert not (tmp_path / "bad").exists()
+
+
+def test_rank_shards_cover_the_batch_once():
+    from welore_core.finetune.data import Sequence, collate
+    from welore_core.finetune.distributed import DataParallel
+
+    b = collate([Sequence([5] * n, [5] * n) for n in (3, 5, 4, 6, 2)], 0)
+    parts = [DataParallel(r, 3, "gloo").shard(b) for r in range(3)]
+    assert [p["input_ids"].shape[0] for p in parts] == [2, 2, 1]
+    assert torch.equal(torch.cat([p["input_ids"] for p in parts]), b["input_ids"])
+    assert torch.equal(torch.cat([p["attention_mask"] for p in parts]), b["attention_mask"])
+    assert all(p["targets"] == b["targets"] for p in parts)  # each rank normalises by the whole step's count
+
+
+def test_rest_params_take_the_frozen_dtype():
+    from pydantic import ValidationError
+
+    from api.jobs.params import FinetuneParams
+
+    assert FinetuneParams(data="boolq", frozen_dtype="bf16").frozen_dtype == "bf16"
+    with pytest.raises(ValidationError, match="frozen_dtype"):
+        FinetuneParams(data="boolq", frozen_dtype="fp16")
