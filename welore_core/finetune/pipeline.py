@@ -105,12 +105,19 @@ def _resume_point(out: Path, cfg: FinetuneConfig, model: str) -> dict | None:
     return {"state": state}
 
 
+def _cast_on(dev: torch.device, frozen: torch.dtype) -> torch.device:
+    """Where to load a model whose frozen weights are then cast: the CPU when they are held in
+    a smaller dtype on a GPU, so the GPU never holds the fp32 copy."""
+    return torch.device("cpu") if frozen != LOAD_DTYPE else dev
+
+
 def _load_teacher(spec: str, lm, tokenizer, dev: torch.device, progress: ProgressFn, frozen: torch.dtype):
     """The frozen model to distil from (held in the frozen weights' dtype); its vocabulary must be the student's."""
     progress(ProgressEvent("load", 0, 1, message=f"teacher {spec}"))
-    loaded = load_model(spec, device=str(dev), dtype=LOAD_DTYPE)
+    loaded = load_model(spec, device=str(_cast_on(dev, frozen)), dtype=LOAD_DTYPE)
     teacher = loaded.model.eval().requires_grad_(False)
     hold_frozen(teacher, frozen)
+    teacher.to(dev)
     t_vocab, s_vocab = teacher.lm_head.weight.shape[0], lm.lm_head.weight.shape[0]
     same_tokens = loaded.tokenizer is None or tokenizer.get_vocab() == loaded.tokenizer.get_vocab()
     if t_vocab != s_vocab or not same_tokens:
@@ -169,7 +176,7 @@ def finetune_checkpoint(model: str, out: str | Path, *, data: str, method: str =
         dev = torch.device("cuda", torch.cuda.current_device())  # the launcher set this rank's GPU
     frozen = DTYPES[cfg.resolved_frozen_dtype(dev.type)]
     t0 = time.perf_counter()
-    loaded = load_model(model, device=str(dev), dtype=LOAD_DTYPE)  # fp32 master weights; bf16 autocast
+    loaded = load_model(model, device=str(_cast_on(dev, frozen)), dtype=LOAD_DTYPE)  # fp32 masters
     load_seconds = time.perf_counter() - t0
     tok = loaded.tokenizer
     if tok is None:
@@ -183,6 +190,7 @@ def finetune_checkpoint(model: str, out: str | Path, *, data: str, method: str =
     torch.manual_seed(cfg.seed)
     train_model = apply_method(loaded.model, cfg)
     hold_frozen(train_model, frozen)
+    train_model.to(dev)
     lm = base_causal_lm(train_model)
     params = count_parameters(train_model)
     stream = BatchStream(dataset.train, cfg.batch_size, cfg.seed, pad_id)
