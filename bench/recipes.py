@@ -154,11 +154,13 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--windows", type=int, default=8)
-    ap.add_argument("--results", type=Path, default=ROOT / ".welore" / "bench" / "recipes.json")
+    ap.add_argument("--results", type=Path, default=None,
+                    help="rows measured so far (default .welore/bench/recipes-w<windows>.json)")
     ap.add_argument("--only", nargs="*", default=[], help="run only rows whose key contains one of these")
     args = ap.parse_args()
+    results = args.results or ROOT / ".welore" / "bench" / f"recipes-w{args.windows}.json"
     with tempfile.TemporaryDirectory() as d:
-        body = quality_section(Path(d), args.windows, args.results, args.only)
+        body = quality_section(Path(d), args.windows, results, args.only)
     print(body)
     write_section("compression-recipes", "## Compression recipes: quality at equal ERR and at equal parameters\n\n" + body)
     return 0
