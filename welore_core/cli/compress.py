@@ -44,7 +44,7 @@ def add_recipe_flags(p: argparse.ArgumentParser) -> None:
         else:
             group.add_argument(o.flag, dest=o.name, type=_typed(o) if o.type is not str else str, default=None,
                                help=help, metavar="DATA" if o.name == "calibration" else None)
-    target.add_argument("--recipe", metavar="FILE", help="a recipe JSON file, or a checkpoint's welore.json, to "
+    p.add_argument("--recipe", metavar="FILE", help="a recipe JSON file, or a checkpoint's welore.json, to "
                         "reproduce; flags given as well override it")
 
 

@@ -5,8 +5,9 @@ cross-check lives here once; the `welore compress` flags, the REST `params` of c
 the worker's call are derived from `OPTIONS` (one flat name per field), and `welore.json` stores
 `to_dict()` of the resolved recipe, which `from_dict()` (`welore compress --recipe FILE`) reads back.
 
-`resolve()` turns the "auto" choices into concrete ones from the target: the stored recipe has no
-"auto" left, so it reproduces its checkpoint exactly. The defaults are the measured best
+`resolve()` turns the "auto" choices of the method and the calibration into concrete ones from the
+target, so the stored recipe reproduces its checkpoint exactly (`dtype` "auto" stays: it means the
+source's own dtype). The defaults are the measured best
 (BENCHMARKS.md § compression; docs/research/ for the studies behind them).
 """
 
@@ -18,7 +19,6 @@ from typing import Any, Optional, Union
 from ..errors import InvalidArgument
 
 METHODS = ("auto", "loss", "welore", "uniform")
-FACTORIZATIONS = ("plain", "whitened")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 NO_CALIBRATION = "none"
 DEFAULT_CALIBRATION = "general"  # the text shipped in welore_core/data (see corpus.BUILTIN)
@@ -45,8 +45,9 @@ class CalibrationConfig:
     seq_len: int = field(default=512, metadata=_opt("calib_seq_len", "tokens per calibration window",
                                                     lo=2, hi=32_768))
     factorization: str = field(default="whitened", metadata=_opt(
-        "factorization", "whitened: SVD of W·S with S·Sᵀ = XᵀX, the output error on the calibration "
-        "activations (SVD-LLM); plain: SVD of W", choices=("whitened",)))
+        "factorization", "whitened: each LRC from the SVD of W·S with S·Sᵀ = XᵀX, the least output error on "
+        "the calibration activations (SVD-LLM); the data-free plain SVD of W is --calibration none",
+        choices=("whitened",)))
     sequential: Optional[bool] = field(default=None, metadata=_opt(
         "sequential", "gather layer L's statistics with layers 0..L-1 already compressed (one more layer run "
         f"per layer); auto: on from ERR {HEAVY_FROM_ERR}", tristate=True))
