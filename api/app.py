@@ -11,6 +11,8 @@ from typing import Optional
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
+from welore_core.settings import configure
+
 from . import console, errors
 from .artifacts.routes import links_router
 from .artifacts.routes import router as artifacts_router
@@ -49,6 +51,7 @@ def recover_embedded(settings: Settings, dispatcher) -> list[str]:
 
 def create_app(settings: Optional[Settings] = None) -> FastAPI:
     settings = settings or get_settings()
+    configure(settings)  # the core's cache dir, data dir and device come from the service's settings
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
