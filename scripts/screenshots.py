@@ -29,7 +29,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--err", type=float, default=0.5)
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--calibration", default="none", help="calibration text of the compression (none: plain SVD)")
+    ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--out", default=str(ROOT / "docs" / "screenshots"))
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server (finally below) on a kill
@@ -43,10 +44,11 @@ def main() -> int:
         try:
             key = server.api_key()
             with Client(server.url, api_key=key) as client:
-                comp = client.jobs.create("compress", args.model, {"err": args.err, "min_ratio": 0.5})
+                comp = client.jobs.create("compress", args.model, {"err": args.err, "min_ratio": 0.5,
+                                                                    "calibration": args.calibration})
                 print(f"compress {comp.id}: {client.jobs.wait(comp.id, timeout=1800).status}", flush=True)
                 ft = client.jobs.create("finetune", comp.id, {"data": "boolq-passages", "steps": args.steps,
-                                                             "batch_size": 2, "seq_len": 64, "eval_every": 10,
+                                                             "batch_size": 2, "seq_len": 64, "eval_every": 4,
                                                              "val_sequences": 8})
                 print(f"finetune {ft.id}: {client.jobs.wait(ft.id, timeout=1800).status}", flush=True)
             shoot(server.url, key, comp.id, ft.id, out)

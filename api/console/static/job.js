@@ -112,7 +112,8 @@ export function jobPage(id) {
   const node = el("section", { class: "job" }, head,
     el("p", {}, el("a", { href: "#/jobs" }, "← all jobs")),
     resultBox, el("h2", {}, "Metrics"), chartsBox, reportBox, artifactsBox,
-    el("h2", {}, "Events"), el("table", { class: "events" }, el("thead", {}, el("tr", {}, ["#", "time", "type", ""].map((h) => el("th", {}, h)))), log));
+    el("h2", {}, "Events"), el("div", { class: "log" }, el("table", { class: "events" },
+      el("thead", {}, el("tr", {}, ["#", "time", "type", ""].map((h) => el("th", {}, h)))), log)));
 
   api(`/v1/jobs/${id}`).then((j) => {
     job = j;
