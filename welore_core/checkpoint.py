@@ -109,16 +109,21 @@ def _write_atomically(out: Path, fill, overwrite: bool) -> Path:
     return out
 
 
-def save_checkpoint(model: nn.Module, tokenizer, out: Path | str, meta: dict, overwrite: bool = False) -> Path:
-    """Write a WeLore checkpoint. `meta` is merged into welore.json (report, source, training)."""
-    weights = _weights(model, merged=False)  # validates before anything touches the disk
-    record = {
+def checkpoint_record(meta: dict, factored: dict[str, int]) -> dict:
+    """The content of welore.json: format, versions, time, `meta` (report, source, ...), `factored`."""
+    return {
         "format_version": FORMAT_VERSION,
         "welore_version": __version__,
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **meta,
-        "factored": factored_modules(model),
+        "factored": factored,
     }
+
+
+def save_checkpoint(model: nn.Module, tokenizer, out: Path | str, meta: dict, overwrite: bool = False) -> Path:
+    """Write a WeLore checkpoint. `meta` is merged into welore.json (report, source, training)."""
+    weights = _weights(model, merged=False)  # validates before anything touches the disk
+    record = checkpoint_record(meta, factored_modules(model))
 
     def fill(d: Path) -> None:
         save_file(weights, str(d / WEIGHTS), metadata={"format": "pt"})
