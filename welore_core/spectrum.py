@@ -204,13 +204,19 @@ def entry_bytes(shape: tuple[int, int], keep: int) -> int:
 def leading_triplets(cache: SpectrumCache, key: str, W: torch.Tensor, k: int,
                      device: str | torch.device | None = None, keep: Optional[int] = None):
     """U_k, S_k, Vh_k of W from the cache, or from a fresh SVD when the entry holds fewer than k
-    (stored again with `keep` ≥ k leading triplets)."""
+    (stored again with max(k, `keep`) leading triplets; all with keep None; not stored with keep 0)."""
     got = cache.factors(key, k)
     if got is not None:
         return got
     U, S, Vh = svd(W.to(device) if device is not None else W)
-    cache.put(key, U, S, Vh, keep=None if keep is None else max(k, keep))
+    if keep != 0:
+        cache.put(key, U, S, Vh, keep=None if keep is None else max(k, keep))
     return U[:, :k].cpu(), S[:k].cpu(), Vh[:k].cpu()
+
+
+def singular_values_only(W: torch.Tensor) -> torch.Tensor:
+    """The singular values of W (float32, descending) without the vectors: ~3× faster than `svd`."""
+    return torch.linalg.svdvals(W.detach().float()).contiguous()
 
 
 def dense_weight(module: nn.Module) -> torch.Tensor:

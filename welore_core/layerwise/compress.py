@@ -31,7 +31,8 @@ from ..errors import InvalidArgument, NonFiniteWeights
 from ..factorize import factors, truncated
 from ..progress import ProgressEvent, ProgressFn, StopFn, check_stop, no_progress
 from ..checkpoint import all_finite
-from ..spectrum import Spectra, SpectrumCache, leading_triplets, needed_rank, svd, tensor_hash
+from ..spectrum import (Spectra, SpectrumCache, leading_triplets, needed_rank, singular_values_only, svd,
+                        tensor_hash)
 from ..targets import layer_index, short_name, target_names
 from .layers import meta_model
 from .plan import MemoryPlan, memory_plan
@@ -64,6 +65,18 @@ def _read_weight(source: CheckpointSource, name: str) -> torch.Tensor:
     return W
 
 
+def _merge(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A layer's tensors with each LRC's factors X.A, X.B replaced by the dense Ŵ = B·A (X.weight)."""
+    out = {}
+    for k, v in tensors.items():
+        if k.endswith(".A"):
+            module = k[:-2]
+            out[f"{module}.weight"] = tensors[f"{module}.B"] @ v
+        elif not k.endswith(".B"):
+            out[k] = v
+    return out
+
+
 class StreamedCompression:
     """One streamed compression: the source, the recipe, the journal; `run()` does the work."""
 
@@ -71,13 +84,17 @@ class StreamedCompression:
                  params_kept: Optional[float] = None, method: str = "welore", min_ratio: float = 0.5,
                  cache: SpectrumCache, dtype: torch.dtype = torch.float32, device: str | None = None,
                  tolerance: float = TOLERANCE, overwrite: bool = False, shard_bytes: int = SHARD_BYTES,
-                 progress: ProgressFn = no_progress, should_stop: StopFn | None = None):
+                 merged_out: Path | str | None = None, progress: ProgressFn = no_progress,
+                 should_stop: StopFn | None = None):
         from transformers import AutoConfig
 
         if method not in METHODS:
             raise InvalidArgument(f"method must be one of {', '.join(METHODS)}; received {method!r}")
         self.path, self.out = Path(path), Path(out)
-        check_output(self.out, overwrite)
+        self.merged_out = Path(merged_out) if merged_out is not None else None
+        for o in (self.out, self.merged_out):
+            if o is not None:
+                check_output(o, overwrite)
         self.source = CheckpointSource(self.path)
         self.config = AutoConfig.from_pretrained(str(self.path), local_files_only=True)
         self.meta = meta_model(self.config)
@@ -128,10 +145,15 @@ class StreamedCompression:
                 key = tensor_hash(W)
                 S = self.cache.singular_values(key)
                 if S is None:
-                    U, S, Vh = svd(W.to(self.device) if self.device else W)
-                    self.cache.put(key, U, S, Vh, keep=self.keep(tuple(W.shape)))
+                    keep = self.keep(tuple(W.shape))
+                    if keep:
+                        U, S, Vh = svd(W.to(self.device) if self.device else W)
+                        self.cache.put(key, U, S, Vh, keep=keep)
+                        del U, Vh
+                    else:  # the cache keeps singular values only: no vectors needed now
+                        S = singular_values_only(W.to(self.device) if self.device else W)
+                        self.cache.put(key, None, S, None, keep=0)
                     S = S.cpu()
-                    del U, Vh
                     decomposed += 1
                 keys[i], values[i] = key, S
                 del W
@@ -162,11 +184,11 @@ class StreamedCompression:
     def _elem(self) -> int:
         return torch.empty((), dtype=self.dtype).element_size()
 
-    def _units(self, plans: list[MatrixPlan]) -> list[tuple[str, int]]:
+    def _units(self, plans: list[MatrixPlan], merged: bool = False) -> list[tuple[str, int]]:
         el = self._elem()
         units = []
         for L in range(self.source.n_layers):
-            stored = sum(plans[i].params_stored for i in self.by_layer.get(L, []))
+            stored = sum(plans[i].params_dense if merged else plans[i].params_stored for i in self.by_layer.get(L, []))
             rest = self.source.numel(n for n in self.source.layer_names(L) if n.rsplit(".", 1)[0] not in self.names)
             units.append((_unit(L), (stored + rest) * el))
         units.append((OTHER, self.source.numel(self._other_names()) * el))
@@ -209,32 +231,38 @@ class StreamedCompression:
                 out[name] = self.source.tensor(name, self.dtype)
         return out, reports
 
-    def run(self) -> tuple[CompressionReport, dict, ShardWriter]:
+    def run(self) -> tuple[CompressionReport, dict, ShardWriter, Optional[ShardWriter]]:
         """Compress and write every shard; returns the report, {memory plan, cache, resumed layers}
-        and the writer (its `finish` puts the checkpoint in place)."""
+        and the writers of the checkpoint and of the merged export (their `finish` puts them in place)."""
         t0 = time.perf_counter()
         journal = ShardWriter(self.out, self.fingerprint)
+        merged = ShardWriter(self.merged_out, self.fingerprint + "|merged") if self.merged_out else None
         resumed = journal.resumed
         self.progress(ProgressEvent("plan", 1, 1, message=str(self.path), metrics=self.plan.metrics()))
         spectra, source_hash = self.spectra(journal)
         alloc = allocate(spectra, self.method, self.err, self.params_kept, self.min_ratio, self.tolerance)
         journal.extra("allocation", {"tau": alloc.tau, "kept": [p.kept for p in alloc.plans]})
         journal.plan(self._units(alloc.plans), self.shard_bytes)
+        if merged is not None:
+            merged.plan(self._units(alloc.plans, merged=True), self.shard_bytes)
         skipped = {u for u in journal.shard_of if journal.done(u)}
         matrices = journal.extra("matrices") or {}
         for L in range(self.source.n_layers):
             check_stop(self.should_stop)
-            if journal.done(_unit(L)) and str(L) in matrices:
+            if journal.done(_unit(L)) and str(L) in matrices and (merged is None or merged.done(_unit(L))):
                 continue
             tensors, reports = self._layer_tensors(L, alloc.plans, spectra)
             matrices[str(L)] = reports
             journal.add(_unit(L), tensors)
+            if merged is not None:
+                merged.add(_unit(L), _merge(tensors))
             journal.extra("matrices", matrices)
             del tensors
             self.progress(ProgressEvent("factorize", L + 1, self.source.n_layers, message=f"layer {L}",
                                         metrics={"cache_bytes_read": self.cache.stats["bytes_read"]}))
-        if not journal.done(OTHER):
-            journal.add(OTHER, {n: self.source.tensor(n, self.dtype) for n in self._other_names()})
+        for writer in (journal, merged):
+            if writer is not None and not writer.done(OTHER):
+                writer.add(OTHER, {n: self.source.tensor(n, self.dtype) for n in self._other_names()})
         params_before = sum(p.numel() for p in self.meta.parameters())
         before = sum(p.params_dense for p in alloc.plans)
         after = sum(p.params_stored for p in alloc.plans)
@@ -250,7 +278,7 @@ class StreamedCompression:
         extra = {"streamed": True, "memory_plan": self.plan.metrics(), "cache": dict(self.cache.stats),
                  "resumed": resumed, "resumed_layers": sorted(int(u.split(".")[1]) for u in skipped if u != OTHER),
                  "shards": len(journal.files)}
-        return report, extra, journal
+        return report, extra, journal, merged
 
     def factored(self, report: CompressionReport) -> dict[str, int]:
         return {name: m.kept_rank for name, m in zip(self.names, report.matrices) if m.storage == "factors"}
@@ -263,7 +291,7 @@ def compress_streamed(path: Path | str, out: Path | str, *, tokenizer=None, sour
     from ..checkpoint import META, checkpoint_record
 
     job = StreamedCompression(path, out, **kwargs)
-    report, extra, journal = job.run()
+    report, extra, journal, merged = job.run()
     meta = {"kind": "compressed", **report.to_dict(), "streamed": extra,
             "source": {"model": str(path), "kind": "hf_dir", "hash": report.source_hash, **(source or {})}}
     record = checkpoint_record(meta, job.factored(report))
@@ -274,5 +302,12 @@ def compress_streamed(path: Path | str, out: Path | str, *, tokenizer=None, sour
             tokenizer.save_pretrained(str(d))
         (d / META).write_text(json.dumps(record, indent=2) + "\n")
 
+    if merged is not None:
+        def fill_merged(d: Path) -> None:
+            job.config.save_pretrained(str(d))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(d))
+
+        merged.finish(fill_merged, overwrite=job.overwrite)
     journal.finish(fill, overwrite=job.overwrite)
     return report, extra
