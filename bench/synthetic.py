@@ -2,7 +2,8 @@
 
 Every target matrix is a random low-rank matrix plus noise (rank and noise level drawn per
 matrix, so spectra differ as in trained models), scaled like a trained layer (activations stay
-O(1) through the depth); embeddings, norms and an untied LM head are random too. The tokenizer is
+O(1) through the depth), with its rows scaled by a random positive diagonal per layer (so each
+layer's spectra differ too, and a 32-layer model costs one layer's matrix products); embeddings, norms and an untied LM head are random too. The tokenizer is
 SmolLM2's, from the registry model's cached conversion (vocab 49,152), so the checkpoint can be
 evaluated and calibrated. Written layer by layer through the layer pipeline's shard writer:
 generating an 8B-shaped model holds one layer in memory.
@@ -22,6 +23,7 @@ SHAPES = {
     # hidden, intermediate, heads, kv_heads
     "llama3-8b": dict(hidden=4096, intermediate=14336, heads=32, kv_heads=8),
     "small": dict(hidden=1024, intermediate=4096, heads=16, kv_heads=4),
+    "bench": dict(hidden=512, intermediate=1536, heads=8, kv_heads=2),
     "tiny": dict(hidden=64, intermediate=160, heads=4, kv_heads=2),
 }
 
@@ -41,15 +43,23 @@ def _matrix(m: int, n: int, g: torch.Generator) -> torch.Tensor:
     return W.mul_(1.0 / math.sqrt(n * (1 + noise ** 2)))
 
 
-def layer_tensors(L: int, hidden: int, intermediate: int, heads: int, kv_heads: int,
-                  g: torch.Generator, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def layer_shapes(hidden: int, intermediate: int, heads: int, kv_heads: int) -> dict[str, tuple[int, int]]:
     head_dim = hidden // heads
-    shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (kv_heads * head_dim, hidden),
-              "self_attn.v_proj": (kv_heads * head_dim, hidden), "self_attn.o_proj": (hidden, hidden),
-              "mlp.gate_proj": (intermediate, hidden), "mlp.up_proj": (intermediate, hidden),
-              "mlp.down_proj": (hidden, intermediate)}
+    return {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (kv_heads * head_dim, hidden),
+            "self_attn.v_proj": (kv_heads * head_dim, hidden), "self_attn.o_proj": (hidden, hidden),
+            "mlp.gate_proj": (intermediate, hidden), "mlp.up_proj": (intermediate, hidden),
+            "mlp.down_proj": (hidden, intermediate)}
+
+
+def layer_tensors(L: int, base: dict[str, torch.Tensor], hidden: int, g: torch.Generator,
+                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Layer L: each base matrix with rows scaled by a random positive diagonal of its own (its
+    spectrum differs from every other layer's; no new matrix product, so an 8B shape is quick)."""
     p = f"model.layers.{L}."
-    out = {f"{p}{name}.weight": _matrix(m, n, g).to(dtype) for name, (m, n) in shapes.items()}
+    out = {}
+    for name, W in base.items():
+        d = torch.exp(0.3 * torch.randn(W.shape[0], 1, generator=g))
+        out[f"{p}{name}.weight"] = (W * d).to(dtype)
     for norm in ("input_layernorm", "post_attention_layernorm"):
         out[f"{p}{norm}.weight"] = (1 + 0.1 * torch.randn(hidden, generator=g)).to(dtype)
     return out
@@ -78,10 +88,11 @@ def write_synthetic(out: Path | str, *, layers: int, hidden: int, intermediate: 
     writer = ShardWriter(Path(out), f"synthetic|{layers}|{hidden}|{intermediate}|{heads}|{kv_heads}|{vocab}|{dtype}|{seed}")
     writer.plan(units, shard_bytes)
     g = torch.Generator().manual_seed(seed)
+    base = {name: _matrix(m, n, g) for name, (m, n) in layer_shapes(hidden, intermediate, heads, kv_heads).items()}
     for L in range(layers):
         g.manual_seed(seed * 1000 + L)
         if not writer.done(f"layer.{L}"):
-            writer.add(f"layer.{L}", layer_tensors(L, hidden, intermediate, heads, kv_heads, g, dtype))
+            writer.add(f"layer.{L}", layer_tensors(L, base, hidden, g, dtype))
     g.manual_seed(seed * 1000 + 999)
     writer.add("other", {"model.embed_tokens.weight": (torch.randn(vocab, hidden, generator=g) * 0.5).to(dtype),
                          "model.norm.weight": torch.ones(hidden, dtype=dtype),

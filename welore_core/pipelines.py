@@ -39,15 +39,22 @@ def compress_checkpoint(model: str, out: str | Path, *, err: Optional[float] = N
     (sequential whitened: o_proj/down_proj fitted to the dense blocks' outputs).
     None means the default of calibration.py / whiten.py. See compress.compress_model."""
     t0 = time.perf_counter()
+    from .layerwise.plan import streamable
+
     streamed = streamable(model) if calibration is None else None
-    if streamed is not None:
-        return _compress_streamed(model, streamed, out, err=err, params_kept=params_kept, method=method,
-                                  min_ratio=min_ratio, merged_out=merged_out, overwrite=overwrite, device=device,
-                                  cache=cache, progress=progress, should_stop=should_stop, t0=t0)
+    if streamed is not None:  # above the size threshold: one decoder layer in memory at a time
+        from .layerwise.compress import compress_spec_streamed
+
+        return compress_spec_streamed(model, streamed, out, err=err, params_kept=params_kept, method=method,
+                                      min_ratio=min_ratio, merged_out=merged_out, overwrite=overwrite,
+                                      device=device, cache=cache, progress=progress, should_stop=should_stop, t0=t0)
     progress(ProgressEvent("load", 0, 1, message=str(model)))
     loaded = load_model(model, device=device)
     progress(ProgressEvent("load", 1, 1, message=str(model)))
     load_seconds = time.perf_counter() - t0
+    from .layerwise.plan import resident_plan
+
+    progress(ProgressEvent("plan", 1, 1, message=str(model), metrics=resident_plan(loaded.model, cache).metrics()))
     calib = None
     if calibration is not None:
         from .calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, load_calibration
@@ -78,6 +85,8 @@ def evaluate_model(model: str, data: str, *, seq_len: int = 512, windows: int = 
                    device: str | None = None, progress: ProgressFn = no_progress,
                    should_stop: StopFn | None = None) -> dict:
     """Perplexity of `model` on `data`; a model above the streaming threshold runs layer by layer."""
+    from .layerwise.plan import streamable
+
     texts = read_texts(data)
     streamed = streamable(model)
     if streamed is not None:
@@ -88,55 +97,10 @@ def evaluate_model(model: str, data: str, *, seq_len: int = 512, windows: int = 
         return {"model": str(model), "data": str(data), **result.to_dict(), "streamed": True,
                 "memory_plan": plan.metrics()}
     loaded = load_model(model, device=device)
+    from .layerwise.plan import resident_plan
+
+    progress(ProgressEvent("plan", 1, 1, message=str(model),
+                           metrics=resident_plan(loaded.model, compress=False).metrics()))
     result = perplexity(loaded.model, require_tokenizer(loaded), texts, seq_len, windows, progress=progress,
                         should_stop=should_stop)
     return {"model": str(model), "data": str(data), **result.to_dict()}
-
-
-def streamable(spec: str, above_gb: float | None = None):
-    """The safetensors directory of `spec` when it is to be streamed layer by layer: its float32
-    weights pass `stream_above_gb` (CoreSettings; 0 streams every model). None: load it whole."""
-    from .layerwise.source import CheckpointSource
-    from .loading import gguf_to_safetensors, resolve
-    from .settings import get_core_settings
-
-    above_gb = get_core_settings().stream_above_gb if above_gb is None else above_gb
-    source = resolve(spec)
-    if source.kind in ("registry", "gguf"):
-        if above_gb > 0:  # a packaged GGUF is small: converting it only to measure it would cost seconds
-            return None
-        path = gguf_to_safetensors(Path(source.path))
-    elif source.kind in ("hf_dir", "welore"):
-        path = Path(source.path)
-    else:
-        return None
-    try:
-        src = CheckpointSource(path)
-    except Exception:
-        return None  # not safetensors (.bin weights): the in-memory loader says what is wrong
-    return path if src.numel() * 4 > above_gb * 1e9 else None
-
-
-def _compress_streamed(model: str, path: Path, out, *, err, params_kept, method, min_ratio, merged_out, overwrite,
-                       device, cache, progress, should_stop, t0) -> dict:
-    from .layerwise.compress import compress_streamed
-    from .loading import load_tokenizer, pick_device, pick_dtype, resolve
-    from .settings import get_core_settings
-
-    dev = pick_device(device)
-    settings = get_core_settings()
-    if cache is None:
-        cap = settings.cache_max_gb
-        cache = SpectrumCache(settings.cache_dir, max_bytes=int(cap * 1e9) if cap else None)
-    report, extra = compress_streamed(path, out, err=err, params_kept=params_kept, method=method,
-                                      min_ratio=min_ratio, cache=cache, dtype=pick_dtype(dev),
-                                      device=dev if dev.type == "cuda" else None, overwrite=overwrite,
-                                      merged_out=merged_out, progress=progress, should_stop=should_stop,
-                                      tokenizer=load_tokenizer(str(path)),
-                                      source={"model": str(model), "kind": resolve(model).kind})
-    result = report.to_dict()
-    result.update(out=str(out), merged_out=str(merged_out) if merged_out else None,
-                  compress_seconds=report.seconds, load_seconds=0.0, seconds=time.perf_counter() - t0,
-                  streamed=True, memory_plan=extra["memory_plan"], cache=extra["cache"],
-                  resumed_layers=extra["resumed_layers"])
-    return result

@@ -311,3 +311,29 @@ def compress_streamed(path: Path | str, out: Path | str, *, tokenizer=None, sour
         merged.finish(fill_merged, overwrite=job.overwrite)
     journal.finish(fill, overwrite=job.overwrite)
     return report, extra
+
+
+def compress_spec_streamed(model: str, path: Path, out, *, err, params_kept, method, min_ratio, merged_out, overwrite,
+                           device, cache, progress, should_stop, t0) -> dict:
+    """compress_checkpoint's streamed branch: `model` (the spec) resolved to the directory `path`."""
+    from ..loading import load_tokenizer, pick_device, pick_dtype, resolve
+    from ..settings import get_core_settings
+
+    dev = pick_device(device)
+    settings = get_core_settings()
+    if cache is None:
+        cap = settings.cache_max_gb
+        cache = SpectrumCache(settings.cache_dir, max_bytes=int(cap * 1e9) if cap else None)
+    source_dtype = CheckpointSource(path).dtype  # output in the source's dtype (bf16 shards stay bf16)
+    report, extra = compress_streamed(path, out, err=err, params_kept=params_kept, method=method,
+                                      min_ratio=min_ratio, cache=cache, dtype=source_dtype or pick_dtype(dev),
+                                      device=dev if dev.type == "cuda" else None, overwrite=overwrite,
+                                      merged_out=merged_out, progress=progress, should_stop=should_stop,
+                                      tokenizer=load_tokenizer(str(path)),
+                                      source={"model": str(model), "kind": resolve(model).kind})
+    result = report.to_dict()
+    result.update(out=str(out), merged_out=str(merged_out) if merged_out else None,
+                  compress_seconds=report.seconds, load_seconds=0.0, seconds=time.perf_counter() - t0,
+                  streamed=True, memory_plan=extra["memory_plan"], cache=extra["cache"],
+                  resumed_layers=extra["resumed_layers"])
+    return result

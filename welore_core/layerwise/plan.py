@@ -11,12 +11,16 @@ Streamed, memory follows the largest layer, not the depth:
 The spectrum cache's disk use is planned too: every entry holds S and the leading r·(1−ρ)
 triplets (`spectrum.needed_rank`); when those bytes would pass the cache's cap or half the
 free disk, entries hold singular values only and factors are recomputed (`cache_mode`).
+
+`streamable(spec)` decides which models stream at all: those whose float32 weights pass
+CoreSettings.stream_above_gb (0: every safetensors model).
 """
 
 from __future__ import annotations
 
 import shutil
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -40,6 +44,8 @@ class MemoryPlan:
     cache_bytes: int  # bytes new cache entries may take (all missing)
     cache_mode: str  # "factors" | "values" (singular values only; factors recomputed)
     cache_cap_bytes: Optional[int]
+
+    streamed: bool = True
 
     def metrics(self) -> dict:
         return asdict(self)
@@ -81,3 +87,43 @@ def memory_plan(source: CheckpointSource, shapes: list[tuple[int, int]], min_rat
     return MemoryPlan(estimated_peak_bytes=int(peak), largest_layer_bytes=int(layer), svd_bytes=int(svd_b),
                       resident_bytes=int(resident), hidden_bytes=int(hidden_b), model_bytes=source.numel() * 4,
                       layers=source.n_layers, cache_bytes=int(need), cache_mode=mode, cache_cap_bytes=cap)
+
+
+def resident_plan(model, cache: Optional[SpectrumCache] = None, compress: bool = True) -> MemoryPlan:
+    """The plan of a model held whole in memory (below the streaming threshold): measured here, the
+    in-memory compression peaks near 1.5× the model's own bytes."""
+    from ..targets import target_names
+
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    shapes = [tuple(model.get_submodule(n).weight.shape) for n in target_names(model)] if compress else []
+    svd_b = max((svd_bytes(s) for s in shapes), default=0)
+    layers = len(getattr(model.model, "layers", []))
+    need = sum(entry_bytes(s, min(s)) for s in shapes)
+    return MemoryPlan(estimated_peak_bytes=int(BASE_BYTES + (1.5 if compress else 1.0) * model_bytes + svd_b),
+                      largest_layer_bytes=int(model_bytes / max(layers, 1)), svd_bytes=int(svd_b), resident_bytes=0,
+                      hidden_bytes=0, model_bytes=int(model_bytes), layers=layers, cache_bytes=int(need),
+                      cache_mode="factors", cache_cap_bytes=cache.max_bytes if cache is not None else None,
+                      streamed=False)
+
+
+def streamable(spec: str, above_gb: float | None = None):
+    """The safetensors directory of `spec` when it is to be streamed layer by layer: its float32
+    weights pass `stream_above_gb` (CoreSettings; 0 streams every model). None: load it whole."""
+    from ..loading import gguf_to_safetensors, resolve
+    from ..settings import get_core_settings
+
+    above_gb = get_core_settings().stream_above_gb if above_gb is None else above_gb
+    source = resolve(spec)
+    if source.kind in ("registry", "gguf"):
+        if above_gb > 0:  # a packaged GGUF is small: converting it only to measure it would cost seconds
+            return None
+        path = gguf_to_safetensors(Path(source.path))
+    elif source.kind in ("hf_dir", "welore"):
+        path = Path(source.path)
+    else:
+        return None
+    try:
+        src = CheckpointSource(path)
+    except Exception:
+        return None  # not safetensors (.bin weights): the in-memory loader says what is wrong
+    return path if src.numel() * 4 > above_gb * 1e9 else None
