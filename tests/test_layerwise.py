@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 from welore_core.checkpoint import load_checkpoint, save_merged
-from welore_core.compress import compress_model
+from welore_core.compression.calibration import Calibration
+from welore_core.compression.model import compress_model
 from welore_core.errors import Cancelled, OutputExists
 from welore_core.evaluate import perplexity
 from welore_core.layerwise.compress import compress_streamed
@@ -22,6 +23,7 @@ from welore_core.layerwise.source import CheckpointSource
 from welore_core.loading import load_model, read_safetensors
 from welore_core.spectrum import SpectrumCache, needed_rank
 
+from recipes import calibrated, data_free
 from tiny_llama import ByteTokenizer, make_tiny_llama
 
 TEXTS = ["the quick brown fox jumps over the lazy dog. " * 8, "pack my box with five dozen liquor jugs. " * 8]
@@ -65,10 +67,10 @@ def _same_compression(streamed_dir, model, rep_s, rep_m, atol=0.0):
 def test_streamed_compression_equals_in_memory(tmp_path, tie, min_ratio):
     model, path = _dense(tmp_path, tie=tie)
     cache = SpectrumCache(tmp_path / "cache-s")
-    rep_s, extra = compress_streamed(path, tmp_path / "out", err=0.4, min_ratio=min_ratio, cache=cache,
+    rep_s, extra = compress_streamed(path, tmp_path / "out", data_free(err=0.4, min_ratio=min_ratio), cache=cache,
                                      tolerance=0.05, shard_bytes=50_000)
     assert extra["shards"] > 1 and extra["memory_plan"]["cache_mode"] == "factors"
-    rep_m = compress_model(model, err=0.4, min_ratio=min_ratio, cache=SpectrumCache(tmp_path / "cache-m"),
+    rep_m = compress_model(model, data_free(err=0.4, min_ratio=min_ratio), cache=SpectrumCache(tmp_path / "cache-m"),
                            tolerance=0.05)
     if min_ratio == 0.0:
         assert any(m.storage == "dense" and m.label == "LRC" for m in rep_m.matrices)  # the tail path too
@@ -87,10 +89,10 @@ def test_oddly_sharded_bf16_source(tmp_path):
     src = CheckpointSource(odd)
     assert src.dtype == torch.bfloat16 and src.n_layers == 3
     assert len({src.tensors[n].file for n in src.layer_names(0)}) > 1  # a layer spread over shards
-    rep_s, _ = compress_streamed(odd, tmp_path / "out", err=0.4, cache=SpectrumCache(tmp_path / "c1"),
+    rep_s, _ = compress_streamed(odd, tmp_path / "out", data_free(err=0.4), cache=SpectrumCache(tmp_path / "c1"),
                                  tolerance=0.05, dtype=torch.bfloat16)
     in_memory = load_model(str(odd), device="cpu")  # the in-memory path on the same bf16 source (in fp32)
-    rep_m = compress_model(in_memory.model, err=0.4, cache=SpectrumCache(tmp_path / "c2"), tolerance=0.05)
+    rep_m = compress_model(in_memory.model, data_free(err=0.4), cache=SpectrumCache(tmp_path / "c2"), tolerance=0.05)
     assert all(t.dtype == torch.bfloat16 for t in read_safetensors(tmp_path / "out").values())
     in_memory.model.to(torch.bfloat16)  # the same factors, rounded to the output dtype
     _same_compression(tmp_path / "out", in_memory.model, rep_s, rep_m)
@@ -109,12 +111,37 @@ def test_streamed_perplexity_equals_in_memory(tmp_path):
     assert math.isclose(got.perplexity, want.perplexity, rel_tol=1e-5)
     assert math.isclose(resident.perplexity, want.perplexity, rel_tol=1e-5)
     # a compressed (factored) checkpoint streams the same way
-    compress_streamed(path, tmp_path / "out", err=0.4, cache=SpectrumCache(tmp_path / "c"), tolerance=0.05)
+    compress_streamed(path, tmp_path / "out", data_free(err=0.4), cache=SpectrumCache(tmp_path / "c"), tolerance=0.05)
     loaded = load_checkpoint(tmp_path / "out")
     factored = loaded.meta["factored"]
     assert factored
     got_c = layered_perplexity(StreamedLayers(tmp_path / "out", factored=factored), tokens)
     assert math.isclose(got_c.perplexity, perplexity(loaded.model, tok, TEXTS, 32, 6).perplexity, rel_tol=1e-5)
+
+
+def _calibration(seed=0, n=6, seq_len=24):
+    tokens = torch.randint(2, 250, (n, seq_len), generator=torch.Generator().manual_seed(seed))
+    return Calibration(tokens, "random", "0" * 64, n)
+
+
+@pytest.mark.parametrize("recipe", [
+    dict(method="welore"),  # ranks from the weights, one dense calibration pass
+    dict(method="loss"),  # ranks from the whitened spectra
+    dict(method="welore", sequential=True, compensate=True),  # each layer compressed while open
+])
+def test_streamed_calibrated_compression_equals_in_memory(tmp_path, recipe):
+    model, path = _dense(tmp_path, tie=False, layers=3, seed=11)
+    config = calibrated(err=0.4, **recipe)
+    cal = _calibration()
+    rep_s, extra = compress_streamed(path, tmp_path / "out", config, calibration=cal,
+                                     cache=SpectrumCache(tmp_path / "c1"), tolerance=0.05)
+    rep_m = compress_model(model, config, cal, cache=SpectrumCache(tmp_path / "c2"), tolerance=0.05)
+    assert rep_s.factorization == rep_m.factorization == "whitened"
+    assert rep_s.calibration["sequential"] == rep_m.calibration["sequential"]
+    assert [m.calib_error is None for m in rep_s.matrices] == [m.calib_error is None for m in rep_m.matrices]
+    for a, b in zip(rep_s.matrices, rep_m.matrices):
+        assert math.isclose(a.rel_error, b.rel_error, rel_tol=1e-4, abs_tol=1e-6), (a.name, a.rel_error, b.rel_error)
+    _same_compression(tmp_path / "out", model, rep_s, rep_m, atol=1e-4)
 
 
 def test_a_killed_compression_resumes_after_its_last_shard(tmp_path):
@@ -129,24 +156,24 @@ def test_a_killed_compression_resumes_after_its_last_shard(tmp_path):
         seen.append(ev.stage)
 
     with pytest.raises(Cancelled):
-        compress_streamed(path, tmp_path / "out", err=0.4, cache=cache, tolerance=0.05, shard_bytes=1,
+        compress_streamed(path, tmp_path / "out", data_free(err=0.4), cache=cache, tolerance=0.05, shard_bytes=1,
                           progress=progress, should_stop=stop_after_two_layers)
     assert not (tmp_path / "out").exists()
     assert len(list((tmp_path / ".out.partial").glob("model-*.safetensors"))) == 2
-    rep, extra = compress_streamed(path, tmp_path / "out", err=0.4, cache=cache, tolerance=0.05, shard_bytes=1)
+    rep, extra = compress_streamed(path, tmp_path / "out", data_free(err=0.4), cache=cache, tolerance=0.05, shard_bytes=1)
     assert extra["resumed"] and extra["resumed_layers"] == [0, 1]
     assert rep.decomposed == 0  # the spectra came from the journal and the cache
-    fresh = compress_model(model, err=0.4, cache=SpectrumCache(tmp_path / "c2"), tolerance=0.05)
+    fresh = compress_model(model, data_free(err=0.4), cache=SpectrumCache(tmp_path / "c2"), tolerance=0.05)
     _same_compression(tmp_path / "out", model, rep, fresh)
     assert not (tmp_path / ".out.partial").exists()
     with pytest.raises(OutputExists):
-        compress_streamed(path, tmp_path / "out", err=0.4, cache=cache, tolerance=0.05)
+        compress_streamed(path, tmp_path / "out", data_free(err=0.4), cache=cache, tolerance=0.05)
 
 
 def test_compact_cache_entries_cap_and_stats(tmp_path):
     model, path = _dense(tmp_path, layers=2, seed=7)
     cache = SpectrumCache(tmp_path / "cache")
-    _, extra = compress_streamed(path, tmp_path / "a", err=0.4, min_ratio=0.5, cache=cache, tolerance=0.05)
+    _, extra = compress_streamed(path, tmp_path / "a", data_free(err=0.4, min_ratio=0.5), cache=cache, tolerance=0.05)
     shapes = [tuple(model.get_submodule(n).weight.shape) for n in
               [f"model.layers.{L}.{p}" for L in range(2) for p in
                ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -157,11 +184,11 @@ def test_compact_cache_entries_cap_and_stats(tmp_path):
     assert extra["memory_plan"]["cache_bytes"] >= cache.size_bytes() * 0.9
     # warm: another ERR decomposes nothing
     warm = SpectrumCache(tmp_path / "cache")
-    rep, extra2 = compress_streamed(path, tmp_path / "b", err=0.3, min_ratio=0.5, cache=warm, tolerance=0.05)
+    rep, extra2 = compress_streamed(path, tmp_path / "b", data_free(err=0.3, min_ratio=0.5), cache=warm, tolerance=0.05)
     assert rep.decomposed == 0 and extra2["cache"]["hits"] == 14
     # a cap smaller than the entries: singular values only, factors recomputed, same tensors
     capped = SpectrumCache(tmp_path / "cache-capped", max_bytes=2_000)
-    rep_c, extra3 = compress_streamed(path, tmp_path / "c", err=0.3, min_ratio=0.5, cache=capped, tolerance=0.05)
+    rep_c, extra3 = compress_streamed(path, tmp_path / "c", data_free(err=0.3, min_ratio=0.5), cache=capped, tolerance=0.05)
     assert extra3["memory_plan"]["cache_mode"] == "values"
     assert all(capped.stored_rank(p.stem) == 0 for p in capped.root.glob("*.safetensors"))
     a, b = read_safetensors(tmp_path / "b"), read_safetensors(tmp_path / "c")
@@ -176,15 +203,13 @@ def test_compact_cache_entries_cap_and_stats(tmp_path):
 
 
 def test_pipelines_stream_above_the_threshold(tmp_path, monkeypatch):
-    from welore_core import pipelines
-
-    model, path = _dense(tmp_path, layers=2, seed=9)
+    from welore_core.compression.pipeline import compress_checkpoint
     from welore_core.layerwise import plan
 
+    model, path = _dense(tmp_path, layers=2, seed=9)
     monkeypatch.setattr(plan, "streamable", lambda spec, above_gb=None: plan.Path(spec))
-    r = pipelines.compress_checkpoint(str(path), tmp_path / "out", err=0.4, min_ratio=0.0,
-                                      cache=SpectrumCache(tmp_path / "c"),
-                                      merged_out=tmp_path / "merged")
+    r = compress_checkpoint(str(path), tmp_path / "out", data_free(err=0.4, min_ratio=0.0),
+                            cache=SpectrumCache(tmp_path / "c"), merged_out=tmp_path / "merged")
     assert r["streamed"] and r["memory_plan"]["estimated_peak_bytes"] > 0
     loaded = load_model(str(tmp_path / "out"), device="cpu")
     merged = load_model(str(tmp_path / "merged"), device="cpu")
@@ -203,7 +228,7 @@ def test_smollm2_streamed_equals_in_memory(tmp_path, boolq_path):
     from test_cli import last_json, welore
 
     env = {**os.environ, "WELORE_STREAM_ABOVE_GB": "0"}
-    common = ["--err", "0.3", "--json"]
+    common = ["--err", "0.3", "--calibration", "none", "--json"]
     s = last_json(welore("compress", "smollm2-135m", *common, "--out", tmp_path / "s", env=env))
     m = last_json(welore("compress", "smollm2-135m", *common, "--out", tmp_path / "m"))
     assert s["streamed"] and not m.get("streamed")

@@ -25,10 +25,11 @@ from typing import Optional
 
 import torch
 
-from ..allocation import TOLERANCE, MatrixPlan, relative_error
-from ..compress import METHODS, CompressionReport, MatrixReport, allocate
+from ..compression.allocation import TOLERANCE, MatrixPlan, relative_error
+from ..compression.config import CompressConfig
+from ..compression.model import CompressionReport, MatrixReport, allocate, spectrum_sketch
 from ..errors import InvalidArgument, NonFiniteWeights
-from ..factorize import factors, truncated
+from ..compression.factorize import factors, truncated
 from ..progress import ProgressEvent, ProgressFn, StopFn, check_stop, no_progress
 from ..checkpoint import all_finite
 from ..spectrum import (Spectra, SpectrumCache, leading_triplets, needed_rank, singular_values_only, svd,
@@ -65,7 +66,7 @@ def _read_weight(source: CheckpointSource, name: str) -> torch.Tensor:
     return W
 
 
-def _merge(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def merge_factors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A layer's tensors with each LRC's factors X.A, X.B replaced by the dense Ŵ = B·A (X.weight)."""
     out = {}
     for k, v in tensors.items():
@@ -78,18 +79,22 @@ def _merge(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 class StreamedCompression:
-    """One streamed compression: the source, the recipe, the journal; `run()` does the work."""
+    """One streamed compression: the source, the recipe, the journal; `run()` does the work.
 
-    def __init__(self, path: Path | str, out: Path | str, *, err: Optional[float] = None,
-                 params_kept: Optional[float] = None, method: str = "welore", min_ratio: float = 0.5,
-                 cache: SpectrumCache, dtype: torch.dtype = torch.float32, device: str | None = None,
-                 tolerance: float = TOLERANCE, overwrite: bool = False, shard_bytes: int = SHARD_BYTES,
-                 merged_out: Path | str | None = None, progress: ProgressFn = no_progress,
-                 should_stop: StopFn | None = None):
+    `calibration`: the token windows (compression.calibration.Calibration) of a calibrated
+    recipe; `compute_dtype` the dtype layers run in for calibration (float32 on a CPU)."""
+
+    def __init__(self, path: Path | str, out: Path | str, config: CompressConfig, *, cache: SpectrumCache,
+                 calibration=None, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
+                 compute_dtype: torch.dtype = torch.float32, tolerance: float = TOLERANCE,
+                 overwrite: bool = False, shard_bytes: int = SHARD_BYTES, merged_out: Path | str | None = None,
+                 progress: ProgressFn = no_progress, should_stop: StopFn | None = None):
         from transformers import AutoConfig
 
-        if method not in METHODS:
-            raise InvalidArgument(f"method must be one of {', '.join(METHODS)}; received {method!r}")
+        self.recipe = config = config.resolve()
+        if config.calibrated and calibration is None:
+            raise InvalidArgument("this recipe is calibrated: pass the calibration token windows "
+                                  "(compression.calibration.load_calibration) or use calibration=None")
         self.path, self.out = Path(path), Path(out)
         self.merged_out = Path(merged_out) if merged_out is not None else None
         for o in (self.out, self.merged_out):
@@ -99,8 +104,12 @@ class StreamedCompression:
         self.config = AutoConfig.from_pretrained(str(self.path), local_files_only=True)
         self.meta = meta_model(self.config)
         self.names = target_names(self.meta)
-        self.err, self.params_kept, self.method, self.min_ratio = err, params_kept, method, min_ratio
-        self.cache, self.dtype, self.device, self.tolerance = cache, dtype, device, tolerance
+        self.err, self.params_kept, self.method, self.min_ratio = (config.err, config.params_kept, config.method,
+                                                                   config.min_ratio)
+        self.calibration = calibration
+        self.cache, self.dtype, self.tolerance = cache, dtype, tolerance
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.compute_dtype = compute_dtype
         self.overwrite, self.shard_bytes = overwrite, shard_bytes
         self.progress, self.should_stop = progress, should_stop
         self.tied = bool(getattr(self.config, "tie_word_embeddings", False))
@@ -108,12 +117,28 @@ class StreamedCompression:
         for i, n in enumerate(self.names):
             self.by_layer.setdefault(layer_index(n), []).append(i)
         self.shapes = [tuple(self.source.tensors[f"{n}.weight"].shape) for n in self.names]
-        self.plan: MemoryPlan = memory_plan(self.source, self.shapes, min_ratio if method == "welore" else None,
-                                            cache, out_dtype=dtype)
-        recipe = {"err": err, "params_kept": params_kept, "method": method, "min_ratio": min_ratio,
-                  "dtype": str(dtype), "tolerance": tolerance, "shard_bytes": shard_bytes,
-                  "source": _source_fingerprint(self.source)}
-        self.fingerprint = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+        tokens = calibration.tokens.numel() if calibration is not None else 0
+        self.plan: MemoryPlan = memory_plan(
+            self.source, self.shapes, self.min_ratio if self.method != "uniform" else None, cache, out_dtype=dtype,
+            compute_dtype=compute_dtype, tokens=tokens, hidden=self.config.hidden_size,
+            vocab=self.config.vocab_size, seq_len=calibration.seq_len if calibration is not None else 0,
+            shard_bytes=shard_bytes)
+        identity = {"recipe": config.to_dict(), "dtype": str(dtype), "tolerance": tolerance, "shard_bytes": shard_bytes,
+                    "source": _source_fingerprint(self.source),
+                    "tokens": calibration.tokens_hash if calibration is not None else None}
+        self.fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+    @property
+    def svd_device(self):
+        return self.device if self.device.type == "cuda" else None
+
+    @staticmethod
+    def short(name: str) -> str:
+        return short_name(name)
+
+    @staticmethod
+    def sketch(S: torch.Tensor) -> dict:
+        return {"spectrum_z": spectrum_sketch(S)}
 
     def keep(self, shape: tuple[int, int]) -> int:
         """Leading triplets a new cache entry stores (0 when the cache plan keeps singular values only)."""
@@ -146,12 +171,13 @@ class StreamedCompression:
                 S = self.cache.singular_values(key)
                 if S is None:
                     keep = self.keep(tuple(W.shape))
+                    dev = self.svd_device
                     if keep:
-                        U, S, Vh = svd(W.to(self.device) if self.device else W)
+                        U, S, Vh = svd(W.to(dev) if dev is not None else W)
                         self.cache.put(key, U, S, Vh, keep=keep)
                         del U, Vh
                     else:  # the cache keeps singular values only: no vectors needed now
-                        S = singular_values_only(W.to(self.device) if self.device else W)
+                        S = singular_values_only(W.to(dev) if dev is not None else W)
                         self.cache.put(key, None, S, None, keep=0)
                     S = S.cpu()
                     decomposed += 1
@@ -207,7 +233,7 @@ class StreamedCompression:
             if not plan.lrc:
                 out[f"{name}.weight"] = W.to(self.dtype)
             elif plan.factored:
-                U, S_k, Vh = leading_triplets(self.cache, key, W, plan.kept, self.device, keep=self.keep(plan.shape))
+                U, S_k, Vh = leading_triplets(self.cache, key, W, plan.kept, self.svd_device, keep=self.keep(plan.shape))
                 A, B = factors(U, S_k, Vh, plan.kept)
                 out[f"{name}.A"], out[f"{name}.B"] = A.to(self.dtype), B.to(self.dtype)
             else:  # truncated dense Ŵ (below the break-even)
@@ -215,7 +241,7 @@ class StreamedCompression:
                 if tail is not None:
                     W_hat = W - truncated(*tail, len(tail[1]))
                 else:
-                    W_hat = truncated(*leading_triplets(self.cache, key, W, plan.kept, self.device), plan.kept)
+                    W_hat = truncated(*leading_triplets(self.cache, key, W, plan.kept, self.svd_device), plan.kept)
                 out[f"{name}.weight"] = W_hat.to(self.dtype)
             bias = f"{name}.bias"
             if bias in self.source.tensors:
@@ -224,7 +250,8 @@ class StreamedCompression:
                 name=short_name(name), shape=list(plan.shape), rank=plan.rank, kept_rank=plan.kept,
                 reduction=plan.dropped / plan.rank if plan.lrc else 0.0, label="LRC" if plan.lrc else "N-LRC",
                 storage="factors" if plan.factored else "dense",
-                rel_error=relative_error(spectra.values[i], plan.kept) if plan.lrc else 0.0))
+                rel_error=relative_error(spectra.values[i], plan.kept) if plan.lrc else 0.0,
+                **self.sketch(spectra.values[i])))
             del W
         for name in self.source.layer_names(L):
             if name.rsplit(".", 1)[0] not in self.names:
@@ -240,26 +267,42 @@ class StreamedCompression:
         resumed = journal.resumed
         self.progress(ProgressEvent("plan", 1, 1, message=str(self.path), metrics=self.plan.metrics()))
         spectra, source_hash = self.spectra(journal)
-        alloc = allocate(spectra, self.method, self.err, self.params_kept, self.min_ratio, self.tolerance)
-        journal.extra("allocation", {"tau": alloc.tau, "kept": [p.kept for p in alloc.plans]})
-        journal.plan(self._units(alloc.plans), self.shard_bytes)
-        if merged is not None:
-            merged.plan(self._units(alloc.plans, merged=True), self.shard_bytes)
-        skipped = {u for u in journal.shard_of if journal.done(u)}
-        matrices = journal.extra("matrices") or {}
-        for L in range(self.source.n_layers):
-            check_stop(self.should_stop)
-            if journal.done(_unit(L)) and str(L) in matrices and (merged is None or merged.done(_unit(L))):
-                continue
-            tensors, reports = self._layer_tensors(L, alloc.plans, spectra)
-            matrices[str(L)] = reports
-            journal.add(_unit(L), tensors)
+        skipped: set[str] = set()
+        record, factorization = None, "plain"
+        if self.recipe.calibrated:
+            from .calibrated import run_calibrated
+
+            cal_cfg, t_cal = self.recipe.calibration, time.perf_counter()
+            alloc, matrices, record = run_calibrated(self, journal, merged, spectra, source_hash, self.calibration,
+                                                     cal_cfg,
+                                                     self.recipe.experimental.sink_weight, self.device,
+                                                     self.compute_dtype)
+            factorization = cal_cfg.factorization
+            record = {**self.calibration.record(), "sequential": cal_cfg.sequential,
+                      "compensate": bool(cal_cfg.compensate), "damp": cal_cfg.damp,
+                      "sink_weight": self.recipe.experimental.sink_weight, **record,
+                      "seconds": time.perf_counter() - t_cal}
+        else:
+            alloc = allocate(spectra, self.method, self.err, self.params_kept, self.min_ratio, self.tolerance)
+            journal.extra("allocation", {"tau": alloc.tau, "kept": [p.kept for p in alloc.plans]})
+            journal.plan(self._units(alloc.plans), self.shard_bytes)
             if merged is not None:
-                merged.add(_unit(L), _merge(tensors))
-            journal.extra("matrices", matrices)
-            del tensors
-            self.progress(ProgressEvent("factorize", L + 1, self.source.n_layers, message=f"layer {L}",
-                                        metrics={"cache_bytes_read": self.cache.stats["bytes_read"]}))
+                merged.plan(self._units(alloc.plans, merged=True), self.shard_bytes)
+            skipped = {u for u in journal.shard_of if journal.done(u)}
+            matrices = journal.extra("matrices") or {}
+            for L in range(self.source.n_layers):
+                check_stop(self.should_stop)
+                if journal.done(_unit(L)) and str(L) in matrices and (merged is None or merged.done(_unit(L))):
+                    continue
+                tensors, reports = self._layer_tensors(L, alloc.plans, spectra)
+                matrices[str(L)] = reports
+                journal.add(_unit(L), tensors)
+                if merged is not None:
+                    merged.add(_unit(L), merge_factors(tensors))
+                journal.extra("matrices", matrices)
+                del tensors
+                self.progress(ProgressEvent("factorize", L + 1, self.source.n_layers, message=f"layer {L}",
+                                            metrics={"cache_bytes_read": self.cache.stats["bytes_read"]}))
         for writer in (journal, merged):
             if writer is not None and not writer.done(OTHER):
                 writer.add(OTHER, {n: self.source.tensor(n, self.dtype) for n in self._other_names()})
@@ -267,7 +310,7 @@ class StreamedCompression:
         before = sum(p.params_dense for p in alloc.plans)
         after = sum(p.params_stored for p in alloc.plans)
         report = CompressionReport(
-            method=self.method, tau=alloc.tau, min_ratio=alloc.min_ratio, err_requested=self.err,
+            recipe=self.recipe.to_dict(), factorization=factorization, calibration=record, method=self.method, tau=alloc.tau, min_ratio=alloc.min_ratio, err_requested=self.err,
             err_achieved=alloc.err, params_kept_requested=self.params_kept, params_kept_achieved=alloc.params_kept,
             target_params_before=before, target_params_after=after, params_before=params_before,
             params_after=params_before - before + after, n_lrc=alloc.n_lrc, n_nlrc=len(alloc.plans) - alloc.n_lrc,
@@ -284,15 +327,17 @@ class StreamedCompression:
         return {name: m.kept_rank for name, m in zip(self.names, report.matrices) if m.storage == "factors"}
 
 
-def compress_streamed(path: Path | str, out: Path | str, *, tokenizer=None, source: Optional[dict] = None,
+def compress_streamed(path: Path | str, out: Path | str, config: CompressConfig, *, tokenizer=None,
+                      source: Optional[dict] = None, meta: Optional[dict] = None,
                       **kwargs) -> tuple[CompressionReport, dict]:
-    """Compress the safetensors checkpoint `path` into a WeLore checkpoint `out`, layer by layer
-    (keyword arguments: StreamedCompression's). Returns the report and the streaming record."""
+    """Compress the safetensors checkpoint `path` by the recipe `config` into a WeLore checkpoint
+    `out`, layer by layer (keyword arguments: StreamedCompression's; `meta`: more for welore.json).
+    Returns the report and the streaming record."""
     from ..checkpoint import META, checkpoint_record
 
-    job = StreamedCompression(path, out, **kwargs)
+    job = StreamedCompression(path, out, config, **kwargs)
     report, extra, journal, merged = job.run()
-    meta = {"kind": "compressed", **report.to_dict(), "streamed": extra,
+    meta = {"kind": "compressed", **report.to_dict(), **(meta or {}), "streamed": extra,
             "source": {"model": str(path), "kind": "hf_dir", "hash": report.source_hash, **(source or {})}}
     record = checkpoint_record(meta, job.factored(report))
 
@@ -311,29 +356,3 @@ def compress_streamed(path: Path | str, out: Path | str, *, tokenizer=None, sour
         merged.finish(fill_merged, overwrite=job.overwrite)
     journal.finish(fill, overwrite=job.overwrite)
     return report, extra
-
-
-def compress_spec_streamed(model: str, path: Path, out, *, err, params_kept, method, min_ratio, merged_out, overwrite,
-                           device, cache, progress, should_stop, t0) -> dict:
-    """compress_checkpoint's streamed branch: `model` (the spec) resolved to the directory `path`."""
-    from ..loading import load_tokenizer, pick_device, pick_dtype, resolve
-    from ..settings import get_core_settings
-
-    dev = pick_device(device)
-    settings = get_core_settings()
-    if cache is None:
-        cap = settings.cache_max_gb
-        cache = SpectrumCache(settings.cache_dir, max_bytes=int(cap * 1e9) if cap else None)
-    source_dtype = CheckpointSource(path).dtype  # output in the source's dtype (bf16 shards stay bf16)
-    report, extra = compress_streamed(path, out, err=err, params_kept=params_kept, method=method,
-                                      min_ratio=min_ratio, cache=cache, dtype=source_dtype or pick_dtype(dev),
-                                      device=dev if dev.type == "cuda" else None, overwrite=overwrite,
-                                      merged_out=merged_out, progress=progress, should_stop=should_stop,
-                                      tokenizer=load_tokenizer(str(path)),
-                                      source={"model": str(model), "kind": resolve(model).kind})
-    result = report.to_dict()
-    result.update(out=str(out), merged_out=str(merged_out) if merged_out else None,
-                  compress_seconds=report.seconds, load_seconds=0.0, seconds=time.perf_counter() - t0,
-                  streamed=True, memory_plan=extra["memory_plan"], cache=extra["cache"],
-                  resumed_layers=extra["resumed_layers"])
-    return result

@@ -6,7 +6,7 @@ How the statistics are gathered (memory: one decoder layer's statistics at a tim
      captures its input hidden states (N×L×hidden, kept on the model's device) and keyword
      arguments (rotary embeddings, mask), then stops the forward.
   2. Layer by layer: forward pre-hooks on the layer's target linears (input_stats.py) accumulate, in float64,
-     G = XᵀX (whitened) or Σ|x| (scaled) once per *distinct input tensor*: q/k/v receive the
+     G = XᵀX once per *distinct input tensor*: q/k/v receive the
      same tensor and share one accumulator, so do gate/up (found by identity, not by name).
      With `sink_weight` w ≠ 1 the first token of every window counts w times (G = XᵀDX):
      decoder LLMs park most attention on the first token (the attention sink), so an error in
@@ -39,20 +39,21 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .corpus import data_hash, read_texts
-from .errors import InvalidArgument, InvalidData
-from .evaluate import token_windows
-from .progress import ProgressEvent, ProgressFn, StopFn, check_stop, no_progress
+from ..corpus import data_hash, read_texts
+from ..errors import InvalidArgument, InvalidData
+from ..evaluate import token_windows
+from ..progress import ProgressEvent, ProgressFn, StopFn, check_stop, no_progress
 from .input_stats import CrossStats, InputStats
-from .spectrum import SpectrumCache
-from .targets import closes_block, decoder_layers, layer_index
-from .whiten import ALPHA, DAMP, FACTORIZATIONS, Transform, transformed_svd
+from ..spectrum import SpectrumCache
+from ..layerwise.hidden import HiddenStates
+from ..layerwise.layers import ResidentLayers
+from ..targets import closes_block, layer_index
+from .whiten import DAMP, Transform, transformed_svd
 
 CAL_FORMAT = "calib-v1"
 DEFAULT_SAMPLES = 64
 DEFAULT_SEQ_LEN = 512
 BATCH_TOKENS = 4096  # calibration windows per forward: ⌈BATCH_TOKENS / seq_len⌉
-RANK_SOURCES = ("weights", "activations")
 
 
 @dataclass(frozen=True)
@@ -89,8 +90,8 @@ def load_calibration(tokenizer, data: str, samples: int = DEFAULT_SAMPLES,
     built-in name), in file order, like evaluation windows."""
     if tokenizer is None:
         raise InvalidArgument("calibration needs the model's tokenizer, and this model ships none; "
-                              "save the tokenizer files beside config.json or compress without "
-                              "--calibration")
+                              "save the tokenizer files beside config.json or compress data-free "
+                              "(--calibration none)")
     if samples < 1 or seq_len < 2:
         raise InvalidArgument(f"calib_samples must be ≥ 1 and calib_seq_len ≥ 2; received "
                               f"samples={samples}, seq_len={seq_len}")
@@ -102,48 +103,12 @@ def load_calibration(tokenizer, data: str, samples: int = DEFAULT_SAMPLES,
 # Running the calibration batch one decoder layer at a time
 
 
-class _Captured(Exception):
-    pass
-
-
-class LayerInputs:
-    """The calibration windows' hidden states at the input of the next decoder layer to run."""
+class LayerInputs(HiddenStates):
+    """The calibration windows' hidden states at the input of the next decoder layer to run
+    (layerwise.hidden: the same mechanism streamed evaluation uses), batched by BATCH_TOKENS."""
 
     def __init__(self, model: nn.Module, tokens: torch.Tensor, should_stop: StopFn | None = None):
-        self.layers = decoder_layers(model)
-        device = next(model.parameters()).device
-        per_batch = max(1, BATCH_TOKENS // tokens.shape[1])
-        self.hidden: list[torch.Tensor] = []
-        self.kwargs: list[dict] = []
-
-        def catch(module, args, kwargs):
-            self.hidden.append(args[0] if args else kwargs.pop("hidden_states"))
-            self.kwargs.append(dict(kwargs))
-            raise _Captured
-
-        handle = self.layers[0].register_forward_pre_hook(catch, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                for i in range(0, tokens.shape[0], per_batch):
-                    check_stop(should_stop)
-                    try:
-                        model(input_ids=tokens[i:i + per_batch].to(device), use_cache=False)
-                    except _Captured:
-                        pass
-        finally:
-            handle.remove()
-        self.should_stop = should_stop
-
-    @torch.no_grad()
-    def run(self, layer: nn.Module, stats: InputStats | None = None, update: bool = True) -> None:
-        """Run `layer` on every batch (statistics through `stats`); keep its outputs if `update`."""
-        for i, (h, kw) in enumerate(zip(self.hidden, self.kwargs)):
-            check_stop(self.should_stop)
-            out = layer(h, **kw)
-            if stats is not None:
-                stats.end_call()
-            if update:
-                self.hidden[i] = out[0] if isinstance(out, tuple) else out
+        super().__init__(model, tokens, should_stop, batch_tokens=BATCH_TOKENS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,8 +116,8 @@ class LayerInputs:
 
 
 def entry_key(name: str, weight_key: str, source_hash: str, calibration: Calibration, dtype: torch.dtype,
-              factorization: str, alpha: float, damp: float, prefix: str = "", sink_weight: float = 1.0) -> str:
-    param = f"alpha={alpha!r}" if factorization == "scaled" else f"damp={damp!r}"
+              factorization: str, damp: float, prefix: str = "", sink_weight: float = 1.0) -> str:
+    param = f"damp={damp!r}"
     if sink_weight != 1.0:  # (keys of unweighted statistics stay as they were)
         param += f",sink={sink_weight!r}"
     text = "|".join([CAL_FORMAT, name, weight_key, source_hash, calibration.tokens_hash, str(dtype),
@@ -178,11 +143,10 @@ class Calibrator:
 
     def __init__(self, model: nn.Module, names: list[str], weight_keys: list[str], source_hash: str,
                  calibration: Calibration, factorization: str, cache: SpectrumCache, *,
-                 alpha: float = ALPHA, damp: float = DAMP, sink_weight: float = 1.0,
-                 progress: ProgressFn = no_progress, should_stop: StopFn | None = None):
-        if factorization not in FACTORIZATIONS[1:]:
-            raise InvalidArgument(f"factorization must be whitened or scaled for calibration; "
-                                  f"received {factorization!r}")
+                 damp: float = DAMP, sink_weight: float = 1.0,
+                 progress: ProgressFn = no_progress, should_stop: StopFn | None = None, store=None):
+        if factorization != "whitened":
+            raise InvalidArgument(f"factorization must be whitened for calibration; received {factorization!r}")
         max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         if max_pos is not None and calibration.seq_len > max_pos:
             raise InvalidArgument(f"calib_seq_len {calibration.seq_len} exceeds the model's "
@@ -191,17 +155,18 @@ class Calibrator:
         self.source_hash, self.calibration, self.factorization = source_hash, calibration, factorization
         if not sink_weight > 0:
             raise InvalidArgument(f"sink_weight must be > 0 (1: every token counts once); received {sink_weight}")
-        self.cache, self.alpha, self.damp, self.sink_weight = cache, alpha, damp, float(sink_weight)
+        self.cache, self.damp, self.sink_weight = cache, damp, float(sink_weight)
         self.progress, self.should_stop = progress, should_stop
         self.dtype = next(model.parameters()).dtype
-        self.layers = decoder_layers(model)
+        self.store = store if store is not None else ResidentLayers(model)  # or layers streamed from disk
+        self.layers = self.store.layers
         self.by_layer: dict[int, list[int]] = {}
         for i, n in enumerate(names):
             self.by_layer.setdefault(layer_index(n), []).append(i)
 
     def key(self, i: int, prefix: str = "") -> str:
         return entry_key(self.names[i], self.weight_keys[i], self.source_hash, self.calibration, self.dtype,
-                         self.factorization, self.alpha, self.damp, prefix, self.sink_weight)
+                         self.factorization, self.damp, prefix, self.sink_weight)
 
     def _factorize_layer(self, stats: InputStats, idx: list[int], keys: list[str], result: CalibratedSpectra) -> None:
         for i, key in zip(idx, keys):
@@ -209,7 +174,7 @@ class Calibrator:
                 continue
             name = self.names[i]
             check_stop(self.should_stop)
-            T = stats.transform(name, self.factorization, self.alpha, self.damp)
+            T = stats.transform(name, self.damp)
             self._put(key, self.model.get_submodule(name).weight, T, result)
 
     def _put(self, key: str, W: torch.Tensor, T: Transform, result: CalibratedSpectra) -> None:
@@ -223,8 +188,7 @@ class Calibrator:
         """Hooks on the matrices of `idx` whose entries are still missing (none: no statistics)."""
         mods = {self.names[i]: self.model.get_submodule(self.names[i]) for i in idx
                 if keys[i] is not None and not self.cache.has(keys[i])}
-        return InputStats(mods, gram=self.factorization == "whitened", abs_sum=self.factorization == "scaled",
-                          sink_weight=self.sink_weight)
+        return InputStats(mods, sink_weight=self.sink_weight)
 
     def _finish(self, result: CalibratedSpectra) -> CalibratedSpectra:
         for name, key in zip(result.names, result.keys):
@@ -250,15 +214,15 @@ class Calibrator:
         if missing:
             inputs = LayerInputs(self.model, self.calibration.tokens, self.should_stop)
             last = max(missing)
-            for L, layer in enumerate(self.layers):
-                if L > last:
-                    break
+            for L in range(last + 1):
+                layer = self.store.open(L)
                 idx = self.by_layer.get(L, [])
                 with self._stats(idx, keys) as stats:
                     inputs.run(layer, stats, update=L < last)
                 result.forward_passes += 1
                 self._factorize_layer(stats, idx, [keys[i] for i in idx], result)
                 del stats
+                self.store.close(L)
                 self.progress(ProgressEvent("calibrate", L + 1, last + 1, message=f"layer {L}",
                                             metrics={"factorized": result.factorized}))
         return self._finish(result)
@@ -282,7 +246,8 @@ class Calibrator:
         last = max((layer_index(self.names[i]) for i, k in enumerate(keys)
                     if k is not None and not self.cache.has(k)), default=-1)
         inputs = LayerInputs(self.model, self.calibration.tokens, self.should_stop) if last >= 0 else None
-        for L, layer in enumerate(self.layers):
+        for L in range(len(self.layers)):
+            layer = self.store.open(L)
             idx = [i for i in self.by_layer.get(L, []) if keys[i] is not None]
             closers = [i for i in idx if compensate and closes_block(self.names[i])]
             others = [i for i in idx if i not in closers]
@@ -314,4 +279,5 @@ class Calibrator:
                 result.forward_passes += 1
             self.progress(ProgressEvent("calibrate", L + 1, len(self.layers), message=f"layer {L} (sequential)",
                                         metrics={"factorized": result.factorized}))
+            self.store.close(L)  # streamed: the compressed layer is written and dropped
         return self._finish(result)
