@@ -257,6 +257,17 @@ def test_openapi_documents_the_api(idle_client):
         assert path in spec["paths"], path
     schemas = spec["components"]["schemas"]
     assert '"exclusiveMaximum": 1' in json.dumps(schemas["CompressParams"]["properties"]["err"])
+    ops = {(m.upper(), p): op for p, item in spec["paths"].items() for m, op in item.items()}
+    for (method, path), op in ops.items():
+        codes = set(op["responses"])
+        if path.startswith("/v1/"):
+            assert {"401", "422"} <= codes or (path == "/v1/models" and "401" in codes), (method, path, codes)
+        if "{job_id}" in path or "{file_id}" in path:
+            assert "404" in codes, (method, path)
+    assert {"409", "415", "503"} <= set(ops[("POST", "/v1/jobs")]["responses"])
+    assert {"413", "415"} <= set(ops[("POST", "/v1/files")]["responses"])
+    assert "416" in ops[("GET", "/v1/jobs/{job_id}/artifacts/{name}")]["responses"]
+    assert ("HEAD", "/v1/jobs/{job_id}/artifacts/{name}") in ops
     assert "HTTPBearer" in spec["components"]["securitySchemes"]
 
 
@@ -311,7 +322,16 @@ def test_broker_down_is_not_ready_and_submit_fails_cleanly(settings, key):
         r = c.get("/readyz")
         assert r.status_code == 503 and r.json()["checks"]["broker"].startswith("error")
         assert r.json()["checks"]["database"] == "ok"
-        r = c.post("/v1/jobs", json={"type": "evaluate", "model": "tiny", "params": {}}, headers=key)
+        body = {"type": "evaluate", "model": "tiny", "params": {}}
+        r = c.post("/v1/jobs", json=body, headers={**key, "Idempotency-Key": "retry-me"})
         assert r.status_code == 503 and r.json()["error"]["code"] == "enqueue_failed"
-        job = c.get(f"/v1/jobs/{r.json()['error']['job_id']}", headers=key).json()
+        failed = r.json()["error"]["job_id"]
+        job = c.get(f"/v1/jobs/{failed}", headers=key).json()
         assert job["status"] == "failed" and job["error"]["code"] == "enqueue_failed"
+    # The broker is back: a retry with the same Idempotency-Key submits the job again.
+    idle = settings.model_copy(update={"queue_prefix": settings.queue_prefix + "_idle"})
+    with make_client(idle) as c:
+        again = c.post("/v1/jobs", json=body, headers={**key, "Idempotency-Key": "retry-me"})
+        assert again.status_code == 202 and again.json()["id"] != failed and "idempotent-replayed" not in again.headers
+        replay = c.post("/v1/jobs", json=body, headers={**key, "Idempotency-Key": "retry-me"})
+        assert replay.json()["id"] == again.json()["id"] and replay.headers["idempotent-replayed"] == "true"
