@@ -22,17 +22,6 @@ def idle_client(settings):
         yield c
 
 
-@pytest.fixture
-def key(settings):
-    """A fresh API key per test, so listings see only that test's jobs."""
-    from api.auth.keys import create_key
-    from api.db import session_scope
-
-    with session_scope(settings.db_url) as s:
-        _, plain = create_key(s, "per-test")
-    return {"Authorization": f"Bearer {plain}"}
-
-
 def _eval(c, h, **params):
     return c.post("/v1/jobs", json={"type": "evaluate", "model": "tiny", "params": params}, headers=h)
 

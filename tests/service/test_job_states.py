@@ -29,16 +29,6 @@ def app(fast):
         yield c
 
 
-@pytest.fixture
-def key(settings):
-    from api.auth.keys import create_key
-    from api.db import session_scope
-
-    with session_scope(settings.db_url) as s:
-        _, plain = create_key(s, "states")
-    return {"Authorization": f"Bearer {plain}"}
-
-
 def _job(app, key, **params) -> str:
     r = app.post("/v1/jobs", json={"type": "evaluate", "model": "tiny",
                                    "params": {"data": "boolq", "seq_len": 8, "windows": 1, **params}}, headers=key)

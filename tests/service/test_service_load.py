@@ -137,21 +137,12 @@ def _wait_all(url: str, h: dict, n: int, timeout: float = 900) -> list[dict]:
             time.sleep(1)
 
 
-def _new_key(settings) -> dict:
-    from api.auth.keys import create_key
-    from api.db import session_scope
-
-    with session_scope(settings.db_url) as s:
-        _, plain = create_key(s, "load")
-    return {"Authorization": f"Bearer {plain}"}
-
-
-def test_200_gets_and_100_submits_all_answered_listed_then_cancelled(load, settings, tmp_path):
+def test_200_gets_and_100_submits_all_answered_listed_then_cancelled(load, key, tmp_path):
     """On a queue no worker reads (the default run; the slow test below runs every job)."""
     idle = load.model_copy(update={"queue_prefix": load.queue_prefix + "_idle"})
     api = ApiServer(idle, tmp_path)
     try:
-        h = _new_key(settings)
+        h = key
         ids = _submit_load(api.url, h)
 
         async def cancel_all():
@@ -165,7 +156,7 @@ def test_200_gets_and_100_submits_all_answered_listed_then_cancelled(load, setti
 
 
 @pytest.mark.slow
-def test_200_gets_and_100_submits_all_answered_listed_and_finished(stack, settings):
-    h = _new_key(settings)
+def test_200_gets_and_100_submits_all_answered_listed_and_finished(stack, key):
+    h = key
     ids = _submit_load(stack.url, h)
     assert [j["status"] for j in _wait_all(stack.url, h, len(ids))] == ["succeeded"] * len(ids)
