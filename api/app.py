@@ -11,6 +11,8 @@ from typing import Optional
 import anyio.to_thread
 from fastapi import FastAPI
 
+from welore_core.settings import configure
+
 from . import errors
 from .artifacts.routes import router as artifacts_router
 from .catalog.routes import router as models_router
@@ -55,6 +57,7 @@ def recover_embedded(settings: Settings, bus, dispatcher) -> list[str]:
 
 def create_app(settings: Optional[Settings] = None) -> FastAPI:
     settings = settings or get_settings()
+    configure(settings)  # the core's cache dir, data dir and device come from the service's settings
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -56,7 +56,8 @@ def _tied_keys(model: nn.Module) -> set[str]:
     return tied
 
 
-def _weights(model: nn.Module, merged: bool) -> dict[str, torch.Tensor]:
+def _weights(model: nn.Module, merged: bool, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+    """The tensors to write (each once), on the CPU; floating ones in `dtype` when given."""
     tied = _tied_keys(model)
     lowrank = factored_modules(model)
     out: dict[str, torch.Tensor] = {}
@@ -72,6 +73,8 @@ def _weights(model: nn.Module, merged: bool) -> dict[str, torch.Tensor]:
             continue
         out[key] = t
     out = {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+    if dtype is not None:
+        out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in out.items()}
     for k, v in out.items():
         if v.is_floating_point() and not all_finite(v):
             raise NonFiniteWeights(f"tensor {k} holds NaN or Inf; nothing was written. The model "
@@ -109,9 +112,11 @@ def _write_atomically(out: Path, fill, overwrite: bool) -> Path:
     return out
 
 
-def save_checkpoint(model: nn.Module, tokenizer, out: Path | str, meta: dict, overwrite: bool = False) -> Path:
-    """Write a WeLore checkpoint. `meta` is merged into welore.json (report, source, training)."""
-    weights = _weights(model, merged=False)  # validates before anything touches the disk
+def save_checkpoint(model: nn.Module, tokenizer, out: Path | str, meta: dict, overwrite: bool = False,
+                    dtype: Optional[torch.dtype] = None) -> Path:
+    """Write a WeLore checkpoint. `meta` is merged into welore.json (report, source, training);
+    `dtype` (default: as held) is the dtype its floating-point tensors are written in."""
+    weights = _weights(model, merged=False, dtype=dtype)  # validates before anything touches the disk
     record = {
         "format_version": FORMAT_VERSION,
         "welore_version": __version__,

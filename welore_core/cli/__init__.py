@@ -55,6 +55,7 @@ def quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a command re-launching itself passes on
     try:
         return int(args.func(args) or 0)
     except WeloreError as exc:
