@@ -112,18 +112,23 @@ def _write_atomically(out: Path, fill, overwrite: bool) -> Path:
     return out
 
 
+def checkpoint_record(meta: dict, factored: dict[str, int]) -> dict:
+    """The content of welore.json: format, versions, time, `meta` (report, source, ...), `factored`."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "welore_version": __version__,
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **meta,
+        "factored": factored,
+    }
+
+
 def save_checkpoint(model: nn.Module, tokenizer, out: Path | str, meta: dict, overwrite: bool = False,
                     dtype: Optional[torch.dtype] = None) -> Path:
     """Write a WeLore checkpoint. `meta` is merged into welore.json (report, source, training);
     `dtype` (default: as held) is the dtype its floating-point tensors are written in."""
     weights = _weights(model, merged=False, dtype=dtype)  # validates before anything touches the disk
-    record = {
-        "format_version": FORMAT_VERSION,
-        "welore_version": __version__,
-        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        **meta,
-        "factored": factored_modules(model),
-    }
+    record = checkpoint_record(meta, factored_modules(model))
 
     def fill(d: Path) -> None:
         save_file(weights, str(d / WEIGHTS), metadata={"format": "pt"})

@@ -125,9 +125,12 @@ class Publisher:
             last = event.total and event.done >= event.total
             if new_stage or last or engine or now - self._last_progress >= PROGRESS_EVERY_S:
                 self._last_progress = now
-                self.emit("progress", {"stage": event.stage, "done": event.done, "total": event.total,
-                                       "fraction": round(event.fraction, 6), "progress": round(self.progress, 6),
-                                       "message": redact(event.message, self.settings)})
+                data = {"stage": event.stage, "done": event.done, "total": event.total,
+                        "fraction": round(event.fraction, 6), "progress": round(self.progress, 6),
+                        "message": redact(event.message, self.settings)}
+                if event.stage == "plan":  # the memory plan (estimated peak, cache bytes), before the work
+                    data["metrics"] = engine  # (finite numbers only)
+                self.emit("progress", data)
             if engine or last or now - self._last_metric >= METRIC_EVERY_S:
                 self._last_metric = now
                 values = {**resource_sample(), **engine}
