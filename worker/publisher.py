@@ -129,7 +129,8 @@ class Publisher:
                         "fraction": round(event.fraction, 6), "progress": round(self.progress, 6),
                         "message": redact(event.message, self.settings)}
                 if event.stage == "plan":  # the memory plan (estimated peak, cache bytes), before the work
-                    data["metrics"] = engine  # (finite numbers only)
+                    data["metrics"] = {k: v for k, v in (event.metrics or {}).items()  # JSON-safe values only
+                                       if isinstance(v, (str, bool)) or k in engine or v is None}
                 self.emit("progress", data)
             if engine or last or now - self._last_metric >= METRIC_EVERY_S:
                 self._last_metric = now
