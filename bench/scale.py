@@ -89,8 +89,8 @@ def compress_row(model: Path, work: Path, streamed: bool, env: dict, timeout=Non
     out = work / f"out-{model.name}-{'s' if streamed else 'm'}"
     child_env = {**env, "WELORE_CACHE_DIR": str(cache), "WELORE_STREAM_ABOVE_GB": "0" if streamed else "1e9",
                  **(extra_env or {})}
-    r = run_child([sys.executable, "-m", "welore_core.cli", "compress", str(model), "--err", "0.3", "--calibration", "none",
-                   "--out", str(out), "--overwrite", "--json"], child_env, timeout=timeout, nice=nice)
+    r = run_child([sys.executable, "-m", "welore_core.cli", "compress", str(model), "--err", "0.3",
+                   "--calibration", "none", "--out", str(out), "--overwrite", "--json"], child_env, timeout=timeout, nice=nice)
     if r["rc"] != 0 and not r["timed_out"]:
         raise RuntimeError(f"compress {model} failed:\n{r['stderr']}")
     cache_bytes = sum(f.stat().st_size for f in (cache / "svd").glob("*.safetensors")) if (cache / "svd").is_dir() else 0

@@ -148,7 +148,8 @@ class ShardWriter:
             head.pop("__metadata__", None)
             for name, info in sorted(head.items(), key=lambda kv: kv[1]["data_offsets"][0]):
                 start, end = info["data_offsets"]
-                header[name] = {"dtype": info["dtype"], "shape": info["shape"], "data_offsets": [offset, offset + end - start]}
+                header[name] = {"dtype": info["dtype"], "shape": info["shape"],
+                                "data_offsets": [offset, offset + end - start]}
                 parts.append((path, 8 + size + start, end - start))
                 offset += end - start
         header["__metadata__"] = {"format": "pt"}
