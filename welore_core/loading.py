@@ -207,20 +207,9 @@ def build_model(config, state: dict[str, torch.Tensor], factored: dict[str, int]
     copy of the weights), so a replaced matrix later frees its memory. Strict: every parameter
     must come from `state` (a tied LM head from its embedding) and nothing may be left over.
     """
-    from transformers import AutoModelForCausalLM
+    from .layerwise.layers import meta_model, rebuild_buffers
 
-    from .lowrank import LowRankLinear, swap_module
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        for name, rank in factored.items():
-            try:
-                old = model.get_submodule(name)
-            except AttributeError as exc:
-                raise CorruptCheckpoint(f"welore.json names module {name!r}, which the config's "
-                                        "architecture does not have") from exc
-            swap_module(model, name, LowRankLinear(old.in_features, old.out_features, int(rank),
-                                                   bias=old.bias is not None))
+    model = meta_model(config, factored)
     try:
         _, unexpected = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as exc:
@@ -231,11 +220,7 @@ def build_model(config, state: dict[str, torch.Tensor], factored: dict[str, int]
     if missing or unexpected:
         raise CorruptCheckpoint(f"weights do not match the model (missing: {missing[:5]}, unexpected: "
                                 f"{unexpected[:5]}); the checkpoint is damaged")
-    for name, module in list(model.named_modules()):  # non-persistent buffers (RoPE) are rebuilt
-        if any(b.is_meta for b in module.buffers(recurse=False)):
-            if not hasattr(module, "inv_freq"):
-                raise UnsupportedModel(f"cannot rebuild the buffers of {name} ({type(module).__name__})")
-            swap_module(model, name, type(module)(config=module.config))
+    rebuild_buffers(model, config)  # non-persistent buffers (RoPE) are not in checkpoints
     return model.to(device=device, dtype=dtype).eval()
 
 

@@ -7,7 +7,7 @@ from typing import Any, Optional
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from ..deps import CurrentKey, SessionDep, SettingsDep
+from ..deps import CurrentKey, DbDep, JobId, SettingsDep
 from ..jobs import service as jobs_service
 from . import service
 
@@ -42,6 +42,7 @@ class Report(BaseModel):
             summary="Per-matrix report of a compress/finetune job: ranks, LRC/N-LRC, spectra, tau",
             responses={404: {"description": "no such job, or it has no welore.json"},
                        409: {"description": "the job has not succeeded"}})
-def job_report(job_id: str, key: CurrentKey, session: SessionDep, settings: SettingsDep) -> Report:
-    job = jobs_service.get(session, job_id, key)
-    return Report.model_validate(service.report(settings, session, job))
+def job_report(job_id: JobId, key: CurrentKey, db: DbDep, settings: SettingsDep) -> Report:
+    with db() as s:
+        job = jobs_service.get(s, job_id, key)
+        return Report.model_validate(service.report(settings, s, job))

@@ -96,6 +96,16 @@ def test_download_every_artifact_and_compare_logits(client, keys, compressed, se
     assert r.status_code == 416
     etag = f'"{sha256(weights)}"'
     assert client.get(url, headers={**h, "If-None-Match": etag}).status_code == 304
+    assert client.get(url, headers={**h, "If-None-Match": f'"other", W/{etag}'}).status_code == 304  # weak
+    for bad in ("bytes=abc", "bytes=5-1", "items=0-10", "bytes=", "bytes=-"):  # ignored: the whole file
+        r = client.get(url, headers={**h, "Range": bad})
+        assert r.status_code == 200 and r.content == weights, bad
+    r = client.get(url, headers={**h, "Range": f"bytes={len(weights) + 10}-"})
+    assert r.status_code == 416 and r.json()["error"]["code"] == "range_not_satisfiable"
+    assert r.headers["content-range"] == f"bytes */{len(weights)}"
+    head = client.head(url, headers=h)
+    assert head.status_code == 200 and head.content == b"" and int(head.headers["content-length"]) == len(weights)
+    assert head.headers["etag"] == etag
 
     # The whole checkpoint as one tar stream.
     r = client.get(f"/v1/jobs/{job_id}/checkpoint.tar", headers=h)
