@@ -49,3 +49,9 @@ def store(db, settings: Settings, owner: ApiKey, got: Received) -> File:
         raise
     finally:
         Path(got.path).unlink(missing_ok=True)
+
+
+def list_files(session: Session, owner: ApiKey, limit: int = 500) -> list[File]:
+    """The caller's uploads, newest first."""
+    q = select(File).where(File.owner_id == owner.id).order_by(File.created_at.desc(), File.id.desc()).limit(limit)
+    return list(session.scalars(q))
