@@ -71,7 +71,7 @@ def render(ctx: dict) -> str:
                      _mb(m["grad_bytes"]), _mb(m["optimizer_state_bytes"]), _mb(state),
                      _x(state, base["memory"]["training_state_bytes"]), _x(state, same["memory"]["training_state_bytes"]),
                      round(peak), _x(peak, base["memory"]["peak_mb"]), _x(peak, same["memory"]["peak_mb"]),
-                     round(r["peak_rss_mb"]), round(r["tokens_per_s"] or 0, 1),
+                     round(r["peak_rss_mb"]) if r.get("peak_rss_mb") else "-", round(r["tokens_per_s"] or 0, 1),
                      _x(r["tokens_per_s"], base["tokens_per_s"]), f"{c[0][1]:.3f} → {c[-1][1]:.3f}",
                      f"{r['val_perplexity_after']:.4g}"])
     return "\n".join([
@@ -85,7 +85,7 @@ def render(ctx: dict) -> str:
         "run's metrics.json. Peak RSS training = the resident set's peak while training (reset when training "
         "starts: weights, activations, gradients, optimizer, allocator slack); peak RSS process = the whole "
         "process, loading in fp32 and writing the fp32 checkpoint included. Tokens/s on a shared 2-core CPU "
-        "from a few steps is indicative only.",
+        "from a few steps is indicative only." + (f" {ctx['note']}" if ctx.get("note") else ""),
     ])
 
 
