@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..allocation import normalise
+from ..compression.allocation import normalise
 from ..loading import load_model
 from ..progress import TqdmProgress
 from ..settings import get_core_settings
