@@ -1,7 +1,9 @@
 """GET /v1/jobs/{id}/artifacts, .../artifacts/{name} (ETag, HTTP Range) and .../checkpoint.tar.
 
 Only names recorded for the job can be fetched, and each must resolve inside the job's
-directory: any other path is refused with 404.
+directory: any other path is refused with 404. Every file is checked against the size and
+SHA-256 recorded when the job finished before it is served; a damaged one is refused with 409
+`artifact_corrupt` naming it (never served as if it were fine).
 """
 
 from __future__ import annotations
@@ -18,6 +20,12 @@ from ..jobs import service as jobs_service
 from .tarstream import stream_tar, tar_size
 
 router = APIRouter(prefix="/v1/jobs", tags=["artifacts"])
+
+
+def _check_intact(settings, job_id: str, row, path) -> None:
+    if not storage.intact(settings, path, row.size, row.sha256):
+        raise Conflict(f"artifact {row.name!r} of job {job_id} no longer matches the SHA-256 recorded when the job "
+                       "finished (the stored file is damaged); run the job again", code="artifact_corrupt")
 
 
 class ArtifactOut(BaseModel):
@@ -54,6 +62,7 @@ def download_artifact(job_id: str, name: str, request: Request, key: CurrentKey,
     path = storage.safe_child(storage.job_dir(settings, job.id), name) if row is not None else None
     if row is None or path is None:
         raise NotFound(f"job {job.id} has no artifact {name!r}", code="artifact_not_found")
+    _check_intact(settings, job.id, row, path)
     etag = f'"{row.sha256}"'
     if_none_match = request.headers.get("if-none-match")
     if if_none_match and (if_none_match.strip() == "*" or etag in [t.strip() for t in if_none_match.split(",")]):
@@ -78,6 +87,7 @@ def download_checkpoint(job_id: str, key: CurrentKey, session: SessionDep, setti
         path = storage.safe_child(base, a.name)
         if path is None:
             raise NotFound(f"artifact {a.name!r} of job {job.id} is missing from the store", code="artifact_missing")
+        _check_intact(settings, job.id, a, path)
         members.append((f"{job.id}/{a.name}", path))
     length = tar_size([(arc, p.stat().st_size) for arc, p in members])
     return StreamingResponse(stream_tar(members), media_type="application/x-tar",

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..pipelines import compress_checkpoint
-from ..progress import TqdmProgress
-from .common import add_device_flag, add_json_flag, emit, fraction, peak_rss_mb, positive_int
+from .common import (add_device_flag, add_json_flag, check_outputs, emit, fraction, peak_rss_mb, positive_int,
+                     progress_for)
 
 
 def register(sub) -> None:
@@ -86,15 +85,17 @@ def calibration_lines(c: dict | None) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    bar = TqdmProgress()
-    result = compress_checkpoint(args.model, args.out, err=args.err, params_kept=args.params_kept,
-                                 method=args.method, min_ratio=args.min_ratio, merged_out=args.merged_out,
-                                 overwrite=args.overwrite, device=args.device, progress=bar,
-                                 calibration=args.calibration, calib_samples=args.calib_samples,
-                                 calib_seq_len=args.calib_seq_len, factorization=args.factorization,
-                                 rank_from=args.rank_from, sequential=args.sequential, alpha=args.alpha,
-                                 damp=args.damp, sink_weight=args.sink_weight, compensate=args.compensate)
-    bar.close()
+    from ..pipelines import compress_checkpoint
+
+    check_outputs(args, "out", "merged_out")
+    with progress_for(args) as bar:
+        result = compress_checkpoint(args.model, args.out, err=args.err, params_kept=args.params_kept,
+                                     method=args.method, min_ratio=args.min_ratio, merged_out=args.merged_out,
+                                     overwrite=args.overwrite, device=args.device, progress=bar,
+                                     calibration=args.calibration, calib_samples=args.calib_samples,
+                                     calib_seq_len=args.calib_seq_len, factorization=args.factorization,
+                                     rank_from=args.rank_from, sequential=args.sequential, alpha=args.alpha,
+                                     damp=args.damp, sink_weight=args.sink_weight, compensate=args.compensate)
     result["peak_rss_mb"] = peak_rss_mb()
     emit(result, args.json, human_report(result))
     return 0

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_device_flag, add_json_flag, emit, fraction, peak_rss_mb, positive_int
+from .common import (add_device_flag, add_dtype_flag, add_json_flag, emit, fraction, peak_rss_mb,
+                     positive_int, progress_for)
 
 
 def _nonneg_int(text: str) -> int:
@@ -72,7 +73,10 @@ def register(sub) -> None:
                         "checkpoint was compressed from: the loss matches its next-token distribution")
     p.add_argument("--distill-weight", type=fraction, default=1.0,
                    help="with --teacher: loss = (1-w)*cross-entropy + w*KL(teacher||model) (default 1.0)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--merged-out", metavar="DIR",
+                   help="also write a dense (merged) export of the result, loadable by plain transformers")
+    add_dtype_flag(p)
+    p.add_argument("--overwrite", action="store_true", help="replace --out / --merged-out if they exist")
     add_device_flag(p)
     add_json_flag(p)
     p.set_defaults(func=run)
@@ -103,16 +107,15 @@ def human_report(r: dict) -> str:
     if r.get("loss_curve"):
         c = r["loss_curve"]
         lines.append(f"training loss {c[0][1]:.4f} (step {c[0][0]}) -> {c[-1][1]:.4f} (step {c[-1][0]})")
-    lines.append(f"written to {r['out']} ({r['seconds']:.1f} s)")
+    merged = f" (merged export: {r['merged_out']})" if r.get("merged_out") else ""
+    lines.append(f"written to {r['out']}{merged}, {r.get('dtype', 'fp32')} weights ({r['seconds']:.1f} s)")
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..finetune import finetune_checkpoint
-    from ..progress import TqdmProgress
 
-    bar = TqdmProgress()
-    try:
+    with progress_for(args) as bar:
         result = finetune_checkpoint(
             args.model, args.out, data=args.data, method=args.method, steps=args.steps, lr=args.lr,
             batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum,
@@ -123,9 +126,7 @@ def run(args: argparse.Namespace) -> int:
             min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
             lora_alpha=args.lora_alpha, choice_examples=args.choice_examples,
             gradient_checkpointing=args.gradient_checkpointing, precision=args.precision,
-            teacher=args.teacher, distill_weight=args.distill_weight)
-    finally:
-        bar.close()
+            teacher=args.teacher, distill_weight=args.distill_weight, dtype=args.dtype, merged_out=args.merged_out)
     result["peak_rss_mb"] = peak_rss_mb()
     if result.get("already_complete"):
         print(f"the run in {args.out} is already complete; nothing to do", file=__import__("sys").stderr)

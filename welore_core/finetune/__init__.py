@@ -5,9 +5,17 @@ Public entry point: `finetune_checkpoint(model, out, data=..., method=...)` (pip
 Modules: config (settings), data (files → sequences → batches), methods (what trains),
 loss (chunked LM-head cross-entropy), trainer (the loop, resume), metrics (memory,
 validation, accuracy), pipeline (load → train → write).
+The names below import lazily, so `finetune.config` (torch-free) loads without torch.
 """
 
-from .config import METHODS, FinetuneConfig
-from .pipeline import METRICS_FILE, STATE_FILE, finetune_checkpoint
+import importlib
 
-__all__ = ["finetune_checkpoint", "FinetuneConfig", "METHODS", "METRICS_FILE", "STATE_FILE"]
+_HOME = {"finetune_checkpoint": "pipeline", "METRICS_FILE": "pipeline", "STATE_FILE": "pipeline",
+         "FinetuneConfig": "config", "METHODS": "config"}
+__all__ = list(_HOME)
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)

@@ -19,10 +19,12 @@ from pathlib import Path
 
 import torch
 
+from ..dtypes import short_name
 from ..hashing import file_sha256
-from ..checkpoint import META, save_checkpoint
+from ..checkpoint import META, save_checkpoint, save_merged
 from ..errors import CorruptCheckpoint, InvalidArgument, OutputExists
-from ..loading import load_model, pick_device, read_json
+from ..loading import load_model, output_dtype, pick_device, read_json
+from ..outputs import check_output
 from ..progress import ProgressEvent, ProgressFn, StopFn, check_stop, no_progress
 from .config import FinetuneConfig
 from .data import BatchStream, build_dataset
@@ -34,15 +36,15 @@ from .trainer import Trainer
 STATE_FILE = "trainer_state.pt"
 METRICS_FILE = "metrics.json"
 _COPIED_META = {"format_version", "welore_version", "created_at", "factored", "training", "kind",
-                "training_history"}
+                "training_history", "files", "dtype"}
 
 
-def _publish(out: Path, model, tokenizer, meta: dict, extra: dict[str, object]) -> None:
+def _publish(out: Path, model, tokenizer, meta: dict, extra: dict[str, object], dtype: torch.dtype) -> None:
     """Write checkpoint + extra files into a staging directory, then swap it into `out`."""
     staging = out.with_name(f".{out.name}.ft-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        save_checkpoint(model, tokenizer, staging, meta)
+        save_checkpoint(model, tokenizer, staging, meta, dtype=dtype)
         for name, obj in extra.items():
             if name.endswith(".json"):
                 (staging / name).write_text(json.dumps(obj, indent=2, default=str) + "\n")
@@ -121,12 +123,15 @@ def finetune_checkpoint(model: str, out: str | Path, *, data: str, method: str =
                         val_fraction: float = 0.1, val_sequences: int = 32, data_format: str = "auto",
                         overwrite: bool = False, device: str | None = None,
                         progress: ProgressFn = no_progress, should_stop: StopFn | None = None,
-                        **options) -> dict:
-    """Fine-tune `model` (any spec load_model accepts) on `data` and write the result to `out`.
+                        merged_out: str | Path | None = None, **options) -> dict:
+    """Fine-tune `model` (any spec load_model accepts) on `data` and write the result to `out`
+    (weights in `options["dtype"]`, default auto: the source's), and with `merged_out` also a
+    dense merged export there.
 
     `options` takes the other FinetuneConfig fields (warmup_steps, min_lr_ratio, weight_decay,
     max_grad_norm, lora_alpha, lora_dropout, choice_examples, gradient_checkpointing,
-    precision, timing_warmup_steps). Returns the result dict, also written to out/metrics.json.
+    precision, timing_warmup_steps, teacher, distill_weight, dtype). Returns the result dict, also
+    written to out/metrics.json.
     """
     t_start = time.perf_counter()
     unknown = sorted(set(options) - set(FinetuneConfig.__dataclass_fields__))
@@ -144,6 +149,10 @@ def finetune_checkpoint(model: str, out: str | Path, *, data: str, method: str =
     if point is None and out.exists() and not overwrite and not (out.is_dir() and not any(out.iterdir())):
         raise OutputExists(f"{out} already exists and is not empty; choose another --out, pass --overwrite "
                            "to replace it, or --resume to continue the run saved there")
+    if merged_out is not None:
+        if Path(merged_out).expanduser().resolve() == out.resolve():
+            raise OutputExists(f"--out and --merged-out name the same directory {out}; give each its own")
+        check_output(merged_out, overwrite, "--merged-out")
     check_stop(should_stop)
 
     # -- model, data, method
@@ -157,6 +166,7 @@ def finetune_checkpoint(model: str, out: str | Path, *, data: str, method: str =
         raise InvalidArgument(f"model {model!r} has no tokenizer files; fine-tuning needs one. Re-create the "
                               "checkpoint from a model directory that includes its tokenizer")
     progress(ProgressEvent("load", 1, 1, message=str(model)))
+    save_dtype = output_dtype(cfg.dtype, loaded.source)
     dataset = build_dataset(tok, data, seq_len=cfg.seq_len, val_fraction=cfg.val_fraction,
                             val_sequences=cfg.val_sequences, choice_examples=cfg.choice_examples,
                             data_format=cfg.data_format)
@@ -199,7 +209,7 @@ def finetune_checkpoint(model: str, out: str | Path, *, data: str, method: str =
     def save_partial(tr: Trainer) -> None:
         progress(ProgressEvent("save", 0, 1, message=f"step {tr.state.step}"))
         _publish(out, merged_copy(tr.model), tok, record("partial"),
-                 {STATE_FILE: {"trainer": tr.state_dict(), "before": before}})
+                 {STATE_FILE: {"trainer": tr.state_dict(), "before": before}}, save_dtype)
         progress(ProgressEvent("save", 1, 1, message=f"step {tr.state.step}"))
 
     # -- train
@@ -229,7 +239,8 @@ def finetune_checkpoint(model: str, out: str | Path, *, data: str, method: str =
         "val_perplexity_before": before["val"]["perplexity"], "val_perplexity_after": after["val"]["perplexity"],
         "accuracy": {"before": before["accuracy"], "after": after["accuracy"]} if before["accuracy"] else None,
         "resumed_at": state.resumed_at, "device": str(dev), "bf16_autocast": trainer.bf16,
-        "load_seconds": load_seconds,
+        "load_seconds": load_seconds, "dtype": short_name(save_dtype),
+        "merged_out": str(merged_out) if merged_out is not None else None,
     }
     final = finalize(train_model)
     result["seconds"] = time.perf_counter() - t_start
@@ -237,6 +248,8 @@ def finetune_checkpoint(model: str, out: str | Path, *, data: str, method: str =
                                "throughput": throughput, "memory": memory,
                                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     progress(ProgressEvent("save", 0, 1, message=str(out)))
-    _publish(out, final, tok, meta, {METRICS_FILE: result})
+    _publish(out, final, tok, meta, {METRICS_FILE: result}, save_dtype)
+    if merged_out is not None:
+        save_merged(final, tok, merged_out, overwrite=overwrite, dtype=save_dtype)
     progress(ProgressEvent("save", 1, 1, message=str(out)))
     return result
