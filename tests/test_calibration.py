@@ -355,9 +355,10 @@ def test_argument_errors(tiny_llama, fresh_cache, byte_tokenizer):
 def test_cli_flags_reach_the_pipeline(monkeypatch):
     from welore_core.cli import build_parser
     import welore_core.cli.compress as cli
+    import welore_core.pipelines as pipelines
 
     seen = {}
-    monkeypatch.setattr(cli, "compress_checkpoint", lambda *a, **kw: seen.update(kw) or {})
+    monkeypatch.setattr(pipelines, "compress_checkpoint", lambda *a, **kw: seen.update(kw) or {})
     monkeypatch.setattr(cli, "emit", lambda *a, **kw: None)
     monkeypatch.setattr(cli, "human_report", lambda r: "")
     args = build_parser().parse_args(

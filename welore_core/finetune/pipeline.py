@@ -23,7 +23,7 @@ from ..dtypes import short_name
 from ..hashing import file_sha256
 from ..checkpoint import META, save_checkpoint, save_merged
 from ..errors import CorruptCheckpoint, InvalidArgument, OutputExists
-from ..loading import load_model, output_dtype, pick_device, read_json
+from ..loading import LoadedModel, load_model, output_dtype, pick_device, read_json
 from ..outputs import check_output
 from ..progress import ProgressEvent, ProgressFn, StopFn, check_stop, no_progress
 from .config import FinetuneConfig
@@ -116,17 +116,24 @@ def _load_teacher(spec: str, lm, tokenizer, dev: torch.device, progress: Progres
     return teacher
 
 
-def finetune_checkpoint(model: str, out: str | Path, *, data: str, method: str = "welore", steps: int = 100,
-                        lr: float = 2e-4, batch_size: int = 4, seq_len: int = 256, grad_accum: int = 1,
-                        eval_every: int = 0, save_every: int = 0, resume: bool = False,
-                        freeze_norms: bool = False, lora_rank: int = 8, seed: int = 0,
-                        val_fraction: float = 0.1, val_sequences: int = 32, data_format: str = "auto",
-                        overwrite: bool = False, device: str | None = None,
-                        progress: ProgressFn = no_progress, should_stop: StopFn | None = None,
-                        merged_out: str | Path | None = None, **options) -> dict:
-    """Fine-tune `model` (any spec load_model accepts) on `data` and write the result to `out`
-    (weights in `options["dtype"]`, default auto: the source's), and with `merged_out` also a
-    dense merged export there.
+def finetune_checkpoint(model, out: str | Path, **kwargs) -> dict:
+    """Fine-tune `model` (any spec load_model accepts, or a LoadedModel) on `data` and write the
+    result to `out`; returns the result dict (also written to out/metrics.json). See finetune_run."""
+    return finetune_run(model, out, **kwargs)[0]
+
+
+def finetune_run(model, out: str | Path, *, data: str, method: str = "welore", steps: int = 100,
+                 lr: float = 2e-4, batch_size: int = 4, seq_len: int = 256, grad_accum: int = 1,
+                 eval_every: int = 0, save_every: int = 0, resume: bool = False,
+                 freeze_norms: bool = False, lora_rank: int = 8, seed: int = 0,
+                 val_fraction: float = 0.1, val_sequences: int = 32, data_format: str = "auto",
+                 overwrite: bool = False, device: str | None = None,
+                 progress: ProgressFn = no_progress, should_stop: StopFn | None = None,
+                 merged_out: str | Path | None = None, **options) -> tuple[dict, torch.nn.Module]:
+    """Fine-tune `model` (any spec load_model accepts, or a LoadedModel already in memory) on
+    `data` and write the result to `out` (weights in `options["dtype"]`, default auto: the
+    source's), and with `merged_out` also a dense merged export there. Returns (result, the
+    trained model as saved).
 
     `options` takes the other FinetuneConfig fields (warmup_steps, min_lr_ratio, weight_decay,
     max_grad_norm, lora_alpha, lora_dropout, choice_examples, gradient_checkpointing,
@@ -143,9 +150,11 @@ def finetune_checkpoint(model: str, out: str | Path, *, data: str, method: str =
                          freeze_norms=freeze_norms, lora_rank=lora_rank, seed=seed, val_fraction=val_fraction,
                          val_sequences=val_sequences, data_format=data_format, **options).validate()
     out = Path(out).expanduser()
+    given = model if isinstance(model, LoadedModel) else None
+    model = given.source.spec if given is not None else str(model)
     point = _resume_point(out, cfg, model) if resume else None
     if point and "done" in point:
-        return {**point["done"], "already_complete": True}
+        return {**point["done"], "already_complete": True}, None
     if point is None and out.exists() and not overwrite and not (out.is_dir() and not any(out.iterdir())):
         raise OutputExists(f"{out} already exists and is not empty; choose another --out, pass --overwrite "
                            "to replace it, or --resume to continue the run saved there")
@@ -159,7 +168,11 @@ def finetune_checkpoint(model: str, out: str | Path, *, data: str, method: str =
     progress(ProgressEvent("load", 0, 1, message=str(model)))
     dev = pick_device(device)
     t0 = time.perf_counter()
-    loaded = load_model(model, device=str(dev), dtype=torch.float32)  # fp32 master weights; bf16 autocast
+    if given is not None:
+        loaded = given
+        loaded.model.to(device=dev, dtype=torch.float32)
+    else:
+        loaded = load_model(model, device=str(dev), dtype=torch.float32)  # fp32 master weights; bf16 autocast
     load_seconds = time.perf_counter() - t0
     tok = loaded.tokenizer
     if tok is None:
@@ -252,4 +265,4 @@ def finetune_checkpoint(model: str, out: str | Path, *, data: str, method: str =
     if merged_out is not None:
         save_merged(final, tok, merged_out, overwrite=overwrite, dtype=save_dtype)
     progress(ProgressEvent("save", 1, 1, message=str(out)))
-    return result
+    return result, final

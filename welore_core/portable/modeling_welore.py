@@ -59,7 +59,11 @@ class LowRankLinear(nn.Module):
         return mod
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.A), self.B, self.bias)
+        # Two GEMMs on a 2-D view: the n-D path of F.linear costs ~2 µs more per call, which is
+        # a quarter of a small matrix's time when decoding one token on a CPU.
+        lead = x.shape[:-1]
+        h = F.linear(x.reshape(-1, self.in_features), self.A)  # (tokens, k)
+        return F.linear(h, self.B, self.bias).view(*lead, self.out_features)
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
