@@ -70,6 +70,9 @@ class FinetuneParams(_Params):
     choice_examples: Optional[int] = Field(None, ge=0, le=100_000)
     gradient_checkpointing: Optional[bool] = None
     precision: Optional[Literal["auto", "fp32", "bf16"]] = None
+    frozen_dtype: Optional[Literal["auto", "bf16", "fp32"]] = Field(
+        None, description="dtype of the frozen weights while training (auto: bf16 on a GPU, fp32 on a CPU); "
+                          "trainable factors keep fp32 master weights")
     teacher: Optional[str] = Field(None, min_length=1, max_length=200,
                                    description="distil from this model (named like `model`), e.g. the one the "
                                                "checkpoint was compressed from")

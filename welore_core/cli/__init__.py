@@ -62,6 +62,7 @@ def quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a command re-launching itself passes on
     quiet_libraries()
     try:
         return int(args.func(args) or 0)

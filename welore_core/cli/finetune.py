@@ -1,9 +1,12 @@
 """`welore finetune MODEL --data FILE|boolq|commonsenseqa --method welore|full|lora --out DIR`:
-WeLore-COFT (train only the low-rank factors) or the full / LoRA baselines."""
+WeLore-COFT (train only the low-rank factors) or the full / LoRA baselines. `--nproc N` (or
+`torchrun --nproc-per-node N -m welore_core.cli finetune …`) trains data-parallel in N processes."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 from .common import (add_device_flag, add_dtype_flag, add_json_flag, emit, fraction, peak_rss_mb,
                      positive_int, progress_for)
@@ -30,7 +33,7 @@ def _positive_float(text: str) -> float:
 
 
 def register(sub) -> None:
-    from ..finetune.config import DATA_FORMATS, METHODS, PRECISIONS
+    from ..finetune.config import DATA_FORMATS, FROZEN_DTYPES, METHODS, PRECISIONS
 
     p = sub.add_parser("finetune", help="fine-tune a model: WeLore-COFT (low-rank factors only), full or LoRA",
                        description="Fine-tune MODEL (registry name, model directory or WeLore checkpoint). "
@@ -68,6 +71,13 @@ def register(sub) -> None:
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16 autocast on GPU, fp32 on CPU; bf16: autocast on either (fp32 weights and "
                         "optimizer state; ~2x faster on CPUs with AVX-512 BF16)")
+    p.add_argument("--frozen-dtype", choices=FROZEN_DTYPES, default="auto",
+                   help="dtype the frozen weights (N-LRCs, embeddings, LM head, frozen norms) are held in while "
+                        "training; trainable factors keep fp32 master weights, gradients and AdamW state. auto: "
+                        "bf16 on a GPU (unless --precision fp32), fp32 on a CPU. bf16 computes under bf16 autocast")
+    p.add_argument("--nproc", type=positive_int, default=1,
+                   help="train data-parallel in N processes on this machine (starts torchrun; gloo on CPU, "
+                        "nccl with one GPU per process); each takes its share of every batch (default 1)")
     p.add_argument("--teacher", default="", metavar="MODEL",
                    help="distil from MODEL (registry name or directory; same tokenizer), e.g. the model the "
                         "checkpoint was compressed from: the loss matches its next-token distribution")
@@ -97,6 +107,8 @@ def human_report(r: dict) -> str:
         f"peak memory {mem['peak_mb']:.0f} MB ({mem['kind']}; +{mem['peak_growth_mb']:.0f} MB during training); "
         f"trainable {mem.get('trainable_param_bytes', 0) / 2**20:.1f} MB, gradients "
         f"{mem.get('grad_bytes', 0) / 2**20:.1f} MB, optimizer state {mem.get('optimizer_state_bytes', 0) / 2**20:.1f} MB",
+        "weights held " + ", ".join(f"{k} {v / 2**20:.1f} MB" for k, v in mem.get("weight_bytes_by_dtype", {}).items())
+        + f"; training state {mem.get('training_state_bytes', 0) / 2**20:.1f} MB in all",
         f"held-out loss {val['before']['loss']:.4f} -> {val['after']['loss']:.4f}, perplexity "
         f"{val['before']['perplexity']:.4g} -> {val['after']['perplexity']:.4g}",
     ]
@@ -107,28 +119,54 @@ def human_report(r: dict) -> str:
     if r.get("loss_curve"):
         c = r["loss_curve"]
         lines.append(f"training loss {c[0][1]:.4f} (step {c[0][0]}) -> {c[-1][1]:.4f} (step {c[-1][0]})")
+    if r.get("distributed"):
+        d = r["distributed"]
+        lines.append(f"data-parallel over {d['world_size']} processes ({d['backend']}; rows per process "
+                     f"{d['rank_batch_sizes']})")
     merged = f" (merged export: {r['merged_out']})" if r.get("merged_out") else ""
     lines.append(f"written to {r['out']}{merged}, {r.get('dtype', 'fp32')} weights ({r['seconds']:.1f} s)")
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..finetune import finetune_checkpoint
+    from ..errors import InvalidArgument
+    from ..finetune import distributed
 
-    with progress_for(args) as bar:
+    if distributed.launched_by_torchrun():
+        world = int(os.environ["WORLD_SIZE"])
+        if args.nproc not in (1, world):
+            raise InvalidArgument(f"--nproc {args.nproc} differs from the {world} processes torchrun started; "
+                                  "drop --nproc when launching with torchrun")
+    elif args.nproc > 1:
+        return distributed.launch(args.nproc, list(args.argv))
+    main, device = distributed.init_from_env(args.device)
+    try:
+        return _train(args, device, main)
+    finally:
+        distributed.shutdown()
+
+
+def _train(args: argparse.Namespace, device: str | None, main: bool) -> int:
+    from ..finetune import finetune_checkpoint
+    from ..progress import TqdmProgress
+
+    with progress_for(args) if main else TqdmProgress(enabled=False) as bar:
         result = finetune_checkpoint(
             args.model, args.out, data=args.data, method=args.method, steps=args.steps, lr=args.lr,
             batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum,
             eval_every=args.eval_every, save_every=args.save_every, resume=args.resume,
             freeze_norms=args.freeze_norms, lora_rank=args.lora_rank, seed=args.seed,
             val_fraction=args.val_fraction, val_sequences=args.val_sequences, data_format=args.data_format,
-            overwrite=args.overwrite, device=args.device, progress=bar, warmup_steps=args.warmup_steps,
+            overwrite=args.overwrite, device=device, progress=bar, warmup_steps=args.warmup_steps,
             min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
             lora_alpha=args.lora_alpha, choice_examples=args.choice_examples,
             gradient_checkpointing=args.gradient_checkpointing, precision=args.precision,
-            teacher=args.teacher, distill_weight=args.distill_weight, dtype=args.dtype, merged_out=args.merged_out)
+            teacher=args.teacher, distill_weight=args.distill_weight, frozen_dtype=args.frozen_dtype,
+            dtype=args.dtype, merged_out=args.merged_out)
+    if not main:
+        return 0
     result["peak_rss_mb"] = peak_rss_mb()
     if result.get("already_complete"):
-        print(f"the run in {args.out} is already complete; nothing to do", file=__import__("sys").stderr)
+        print(f"the run in {args.out} is already complete; nothing to do", file=sys.stderr)
     emit(result, args.json, human_report(result))
     return 0

@@ -14,6 +14,7 @@ from ..errors import InvalidArgument
 
 METHODS = ("welore", "full", "lora")
 PRECISIONS = ("auto", "fp32", "bf16")
+FROZEN_DTYPES = ("auto", "bf16", "fp32")
 DATA_FORMATS = ("auto", "text", "prompt_completion", "boolq", "commonsenseqa")
 
 # Settings that do not change what is computed (only when it is reported or saved).
@@ -44,7 +45,8 @@ class FinetuneConfig:
     val_sequences: int = 32  # at most this many held-out sequences are scored
     choice_examples: int = 100  # held-out multiple-choice examples scored for accuracy (tasks)
     gradient_checkpointing: bool = False
-    precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    precision: str = "auto"  # auto: bf16 autocast on GPU (or with bf16 frozen weights), fp32 on CPU
+    frozen_dtype: str = "auto"  # frozen weights held in: auto = bf16 on GPU unless precision fp32, else fp32
     timing_warmup_steps: int = 2  # steps left out of tokens/s and step time
     teacher: str = ""  # distil from this model (spec as for load_model); "" = plain next-token loss
     distill_weight: float = 1.0  # with a teacher: loss = (1 − w)·CE + w·KL(teacher ‖ student)
@@ -55,6 +57,18 @@ class FinetuneConfig:
             return min(self.warmup_steps, self.steps)
         return max(1, math.ceil(0.06 * self.steps))
 
+    def resolved_frozen_dtype(self, device_type: str) -> str:
+        """bf16 | fp32: the dtype frozen weights are held in during training on `device_type`."""
+        if self.frozen_dtype != "auto":
+            return self.frozen_dtype
+        return "bf16" if device_type == "cuda" and self.precision != "fp32" else "fp32"
+
+    def resolved_bf16(self, device_type: str) -> bool:
+        """Whether the matrix products run under bf16 autocast (always with bf16 frozen weights)."""
+        if self.precision != "auto":
+            return self.precision == "bf16"
+        return device_type == "cuda" or self.resolved_frozen_dtype(device_type) == "bf16"
+
     def validate(self) -> "FinetuneConfig":
         def bad(name, expected):
             raise InvalidArgument(f"{name} must be {expected}; received {getattr(self, name)!r}")
@@ -63,6 +77,12 @@ class FinetuneConfig:
             bad("method", f"one of {', '.join(METHODS)}")
         if self.precision not in PRECISIONS:
             bad("precision", f"one of {', '.join(PRECISIONS)}")
+        if self.frozen_dtype not in FROZEN_DTYPES:
+            bad("frozen_dtype", f"one of {', '.join(FROZEN_DTYPES)}")
+        if self.frozen_dtype == "bf16" and self.precision == "fp32":
+            raise InvalidArgument("frozen_dtype bf16 computes under bf16 autocast, but precision fp32 was asked "
+                                  "for; received precision 'fp32' with frozen_dtype 'bf16'. Pass --precision bf16 "
+                                  "(or auto), or --frozen-dtype fp32")
         if self.data_format not in DATA_FORMATS:
             bad("data_format", f"one of {', '.join(DATA_FORMATS)}")
         for name in ("steps", "batch_size", "grad_accum", "lora_rank"):

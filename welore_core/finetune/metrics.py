@@ -68,14 +68,20 @@ def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
-def training_state_bytes(params: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> dict:
-    """Exact bytes held for training: trainable parameters, their gradients (as allocated
-    after a backward pass), and every tensor in the optimizer state."""
+def training_state_bytes(model: nn.Module, params: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> dict:
+    """Exact bytes held for training: the model's weights by dtype (trainable and frozen),
+    the gradients (as allocated after a backward pass), every tensor in the optimizer state,
+    and their sum."""
+    from .precision import weight_bytes
+
     grads = [p.grad for p in params if p.grad is not None]
     opt = [v for st in optimizer.state.values() for v in st.values()]
-    return {"trainable_param_bytes": tensor_bytes(params),
-            "grad_bytes": tensor_bytes(grads) if grads else tensor_bytes(params),
-            "optimizer_state_bytes": tensor_bytes(opt)}
+    out = {**weight_bytes(model), "trainable_params": sum(p.numel() for p in params),
+           "grad_bytes": tensor_bytes(grads) if grads else tensor_bytes(params),
+           "optimizer_state_bytes": tensor_bytes(opt)}
+    out["training_state_bytes"] = (sum(out["weight_bytes_by_dtype"].values()) + out["grad_bytes"]
+                                   + out["optimizer_state_bytes"])
+    return out
 
 
 def autocast_ctx(device: torch.device, bf16: bool):

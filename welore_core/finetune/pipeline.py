@@ -6,6 +6,10 @@ Output safety: `out` only ever receives complete directories, swapped in by rena
 `save_every`, `out` holds the latest resumable checkpoint (a loadable WeLore checkpoint
 whose `training.status` is "partial", plus trainer_state.pt); the final one replaces it.
 A cancelled or failed run leaves `out` as it was after the last complete save.
+
+Frozen weights may be held in bf16 during training (`frozen_dtype`, precision.py); the
+checkpoint is written in the output `dtype` (auto: the source's dtype), trained factors too.
+Under torch.distributed (distributed.py) every rank trains, rank 0 alone reports and writes.
 """
 
 from __future__ import annotations
@@ -28,11 +32,14 @@ from ..outputs import check_output
 from ..progress import ProgressEvent, ProgressFn, StopFn, check_stop, no_progress
 from .config import FinetuneConfig
 from .data import BatchStream, build_dataset
+from .distributed import DataParallel
 from .methods import (apply_method, base_causal_lm, count_parameters, finalize, merged_copy, n_lrc,
                       unique_parameters)
 from .metrics import MemoryMeter, choice_accuracy, tensor_bytes
+from .precision import DTYPES, hold_frozen
 from .trainer import Trainer
 
+LOAD_DTYPE = torch.float32  # weights are loaded as fp32 masters (written in the output dtype)
 STATE_FILE = "trainer_state.pt"
 METRICS_FILE = "metrics.json"
 _COPIED_META = {"format_version", "welore_version", "created_at", "factored", "training", "kind",
@@ -100,11 +107,19 @@ def _resume_point(out: Path, cfg: FinetuneConfig, model: str) -> dict | None:
     return {"state": state}
 
 
-def _load_teacher(spec: str, lm, tokenizer, dev: torch.device, progress: ProgressFn):
-    """The frozen model to distil from; its vocabulary must be the student's."""
+def _cast_on(dev: torch.device, frozen: torch.dtype) -> torch.device:
+    """Where to load a model whose frozen weights are then cast: the CPU when they are held in
+    a smaller dtype on a GPU, so the GPU never holds the fp32 copy."""
+    return torch.device("cpu") if frozen != LOAD_DTYPE else dev
+
+
+def _load_teacher(spec: str, lm, tokenizer, dev: torch.device, progress: ProgressFn, frozen: torch.dtype):
+    """The frozen model to distil from (held in the frozen weights' dtype); its vocabulary must be the student's."""
     progress(ProgressEvent("load", 0, 1, message=f"teacher {spec}"))
-    loaded = load_model(spec, device=str(dev), dtype=torch.float32)
+    loaded = load_model(spec, device=str(_cast_on(dev, frozen)), dtype=LOAD_DTYPE)
     teacher = loaded.model.eval().requires_grad_(False)
+    hold_frozen(teacher, frozen)
+    teacher.to(dev)
     t_vocab, s_vocab = teacher.lm_head.weight.shape[0], lm.lm_head.weight.shape[0]
     same_tokens = loaded.tokenizer is None or tokenizer.get_vocab() == loaded.tokenizer.get_vocab()
     if t_vocab != s_vocab or not same_tokens:
@@ -152,6 +167,14 @@ def finetune_run(model, out: str | Path, *, data: str, method: str = "welore", s
     out = Path(out).expanduser()
     given = model if isinstance(model, LoadedModel) else None
     model = given.source.spec if given is not None else str(model)
+    parallel = DataParallel.current()
+    if parallel is not None and cfg.batch_size < parallel.world:
+        raise InvalidArgument(f"batch_size {cfg.batch_size} is smaller than the {parallel.world} processes; each "
+                              f"process computes its share of every micro-batch, so pass --batch-size ≥ "
+                              f"{parallel.world} or start fewer processes")
+    main = parallel is None or parallel.is_main
+    if not main:
+        progress = no_progress
     point = _resume_point(out, cfg, model) if resume else None
     if point and "done" in point:
         return {**point["done"], "already_complete": True}, None
@@ -167,12 +190,15 @@ def finetune_run(model, out: str | Path, *, data: str, method: str = "welore", s
     # -- model, data, method
     progress(ProgressEvent("load", 0, 1, message=str(model)))
     dev = pick_device(device)
+    if parallel is not None and dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())  # the launcher set this rank's GPU
+    frozen = DTYPES[cfg.resolved_frozen_dtype(dev.type)]
     t0 = time.perf_counter()
     if given is not None:
         loaded = given
-        loaded.model.to(device=dev, dtype=torch.float32)
+        loaded.model.to(device=_cast_on(dev, frozen), dtype=LOAD_DTYPE)
     else:
-        loaded = load_model(model, device=str(dev), dtype=torch.float32)  # fp32 master weights; bf16 autocast
+        loaded = load_model(model, device=str(_cast_on(dev, frozen)), dtype=LOAD_DTYPE)  # fp32 masters
     load_seconds = time.perf_counter() - t0
     tok = loaded.tokenizer
     if tok is None:
@@ -186,11 +212,14 @@ def finetune_run(model, out: str | Path, *, data: str, method: str = "welore", s
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     torch.manual_seed(cfg.seed)
     train_model = apply_method(loaded.model, cfg)
+    hold_frozen(train_model, frozen)
+    train_model.to(dev)
     lm = base_causal_lm(train_model)
     params = count_parameters(train_model)
     stream = BatchStream(dataset.train, cfg.batch_size, cfg.seed, pad_id)
-    teacher = _load_teacher(cfg.teacher, lm, tok, dev, progress) if cfg.teacher else None
-    trainer = Trainer(train_model, lm, cfg, stream, dev, val=dataset.val, pad_id=pad_id, teacher=teacher)
+    teacher = _load_teacher(cfg.teacher, lm, tok, dev, progress, frozen) if cfg.teacher else None
+    trainer = Trainer(train_model, lm, cfg, stream, dev, val=dataset.val, pad_id=pad_id, teacher=teacher,
+                      parallel=parallel)
     data_info = {**dataset.summary(), "sha256": file_sha256(dataset.path)}
 
     def accuracy():
@@ -220,6 +249,8 @@ def finetune_run(model, out: str | Path, *, data: str, method: str = "welore", s
             "val_before": before["val"], "accuracy_before": before["accuracy"], **(extra or {})}}
 
     def save_partial(tr: Trainer) -> None:
+        if not main:
+            return
         progress(ProgressEvent("save", 0, 1, message=f"step {tr.state.step}"))
         _publish(out, merged_copy(tr.model), tok, record("partial"),
                  {STATE_FILE: {"trainer": tr.state_dict(), "before": before}}, save_dtype)
@@ -238,6 +269,7 @@ def finetune_run(model, out: str | Path, *, data: str, method: str = "welore", s
     memory.update(state.state_bytes)
     memory["model_param_bytes"] = tensor_bytes([p for _, p in unique_parameters(train_model)])
     memory["device"] = dev.type
+    memory["frozen_dtype"] = cfg.resolved_frozen_dtype(dev.type)
     throughput = {"tokens_per_s": state.timed_tokens / state.timed_seconds if state.timed_seconds else None,
                   "step_seconds": state.timed_seconds / state.timed_steps if state.timed_steps else None,
                   "tokens_per_cpu_s": state.timed_tokens / state.timed_cpu_seconds if state.timed_cpu_seconds else None,
@@ -252,17 +284,21 @@ def finetune_run(model, out: str | Path, *, data: str, method: str = "welore", s
         "val_perplexity_before": before["val"]["perplexity"], "val_perplexity_after": after["val"]["perplexity"],
         "accuracy": {"before": before["accuracy"], "after": after["accuracy"]} if before["accuracy"] else None,
         "resumed_at": state.resumed_at, "device": str(dev), "bf16_autocast": trainer.bf16,
-        "load_seconds": load_seconds, "dtype": short_name(save_dtype),
-        "merged_out": str(merged_out) if merged_out is not None else None,
+        "frozen_dtype": memory["frozen_dtype"], "load_seconds": load_seconds,
+        "distributed": parallel.summary(cfg.batch_size) if parallel is not None else None,
+        "dtype": short_name(save_dtype), "merged_out": str(merged_out) if merged_out is not None else None,
     }
     final = finalize(train_model)
     result["seconds"] = time.perf_counter() - t_start
     meta = record("complete", {"val_after": after["val"], "accuracy_after": after["accuracy"],
                                "throughput": throughput, "memory": memory,
                                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-    progress(ProgressEvent("save", 0, 1, message=str(out)))
-    _publish(out, final, tok, meta, {METRICS_FILE: result}, save_dtype)
-    if merged_out is not None:
-        save_merged(final, tok, merged_out, overwrite=overwrite, dtype=save_dtype)
-    progress(ProgressEvent("save", 1, 1, message=str(out)))
+    if main:
+        progress(ProgressEvent("save", 0, 1, message=str(out)))
+        _publish(out, final, tok, meta, {METRICS_FILE: result}, save_dtype)
+        if merged_out is not None:
+            save_merged(final, tok, merged_out, overwrite=overwrite, dtype=save_dtype)
+        progress(ProgressEvent("save", 1, 1, message=str(out)))
+    if parallel is not None:
+        parallel.barrier()  # every rank returns once the checkpoint is there
     return result, final

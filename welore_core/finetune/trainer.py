@@ -3,6 +3,8 @@ decay, gradient accumulation (loss normalised over the whole step's scored token
 accumulation equals a bigger batch), gradient clipping, bf16 autocast, optional gradient
 checkpointing, a stop check every step, and a state (parameters, optimizer, counters, RNG)
 that resumes bit-for-bit: batches are a pure function of the step (data.BatchStream).
+With a DataParallel group (distributed.py) each rank computes its rows of every micro-batch and
+the gradients are summed over the ranks before clipping.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from ..errors import Cancelled, CorruptCheckpoint
 from ..progress import ProgressEvent, ProgressFn, StopFn, no_progress
 from .config import FinetuneConfig
 from .data import BatchStream, Sequence
+from .distributed import DataParallel
 from .loss import Teacher, causal_lm_loss
 from .methods import unique_parameters
 from .metrics import autocast_ctx, training_state_bytes, validation_loss
@@ -50,14 +53,16 @@ class TrainState:
 
 class Trainer:
     def __init__(self, model: nn.Module, lm: nn.Module, cfg: FinetuneConfig, stream: BatchStream,
-                 device: torch.device, *, val: list[Sequence], pad_id: int, teacher: nn.Module | None = None):
+                 device: torch.device, *, val: list[Sequence], pad_id: int, teacher: nn.Module | None = None,
+                 parallel: DataParallel | None = None):
         self.model, self.lm, self.cfg, self.stream, self.device = model, lm, cfg, stream, device
+        self.parallel = parallel
         self.teacher = teacher  # a frozen causal LM to distil from (cfg.teacher), or None
         self.val, self.pad_id = val, pad_id
         named = [(n, p) for n, p in unique_parameters(model) if p.requires_grad]
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
-        self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+        self.bf16 = cfg.resolved_bf16(device.type)
         self.compute_dtype = torch.bfloat16 if self.bf16 else torch.float32
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
                                      weight_decay=cfg.weight_decay)
@@ -78,6 +83,8 @@ class Trainer:
         self.model.train()
         total = 0.0
         for b in batches:
+            if self.parallel is not None:
+                b = self.parallel.shard(b)  # n_targets stays the whole step's
             mask = b["attention_mask"].to(self.device) if b["attention_mask"] is not None else None
             ids = b["input_ids"].to(self.device)
             with autocast_ctx(self.device, self.bf16):
@@ -85,11 +92,13 @@ class Trainer:
                                              self._teacher(ids, mask))
             (loss_sum / n_targets).backward()  # frozen parameters: no .grad is ever allocated
             total += float(loss_sum.detach())
+        if self.parallel is not None:
+            total = self.parallel.sum_gradients(self.params, total)
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
         self.opt.step()
         if not self.state.state_bytes:
-            self.state.state_bytes = training_state_bytes(self.params, self.opt)
+            self.state.state_bytes = training_state_bytes(self.model, self.params, self.opt)
         self.opt.zero_grad(set_to_none=True)
         return total / n_targets, sum(b["tokens"] for b in batches)
 
@@ -108,6 +117,8 @@ class Trainer:
     def run(self, progress: ProgressFn = no_progress, should_stop: StopFn | None = None,
             on_save: Optional[Callable[["Trainer"], None]] = None) -> TrainState:
         cfg, st = self.cfg, self.state
+        if self.parallel is not None:
+            self.parallel.broadcast(self.params)  # every rank starts (or resumes) from rank 0's weights
         while st.step < cfg.steps:
             if should_stop is not None and should_stop():
                 raise Cancelled(f"fine-tuning stopped at the caller's request before step {st.step + 1} of "
