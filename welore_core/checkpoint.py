@@ -41,6 +41,7 @@ from .portable.integrity import check_directory, file_records
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 META = "welore.json"
+_WRITTEN_KEYS = {"format_version", "welore_version", "created_at", "factored", "dtype", "files"}  # set on write
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -144,7 +145,7 @@ def save_checkpoint(model: nn.Module, tokenizer, out: Path | str, meta: dict, ov
         "format_version": FORMAT_VERSION,
         "welore_version": __version__,
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        **{k: v for k, v in meta.items() if k != "files"},
+        **{k: v for k, v in meta.items() if k not in _WRITTEN_KEYS},
         "factored": factored,
     }
 
@@ -247,8 +248,7 @@ def export_checkpoint(path: Path | str, *, merged_out: Path | str | None = None,
     result = {"checkpoint": str(path), "dtype": short_name(target), "merged_out": None, "out": None,
               "factored": len(loaded.meta["factored"])}
     if out is not None:
-        meta = {k: v for k, v in loaded.meta.items() if k not in ("format_version", "welore_version", "created_at")}
-        save_checkpoint(loaded.model, loaded.tokenizer, out, meta, overwrite=overwrite, dtype=target)
+        save_checkpoint(loaded.model, loaded.tokenizer, out, loaded.meta, overwrite=overwrite, dtype=target)
         result["out"] = str(out)
     if merged_out is not None:
         save_merged(loaded.model, loaded.tokenizer, merged_out, overwrite=overwrite, dtype=target)

@@ -296,6 +296,7 @@ def finetune_run(model, out: str | Path, *, data: str, method: str = "welore", s
     if main:
         progress(ProgressEvent("save", 0, 1, message=str(out)))
         _publish(out, final, tok, meta, {METRICS_FILE: result}, save_dtype)
+        final.welore_meta = read_json(out / META)  # what was written: the model's record from now on
         if merged_out is not None:
             save_merged(final, tok, merged_out, overwrite=overwrite, dtype=save_dtype)
         progress(ProgressEvent("save", 1, 1, message=str(out)))
