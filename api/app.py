@@ -9,6 +9,8 @@ from typing import Optional
 
 from fastapi import FastAPI
 
+from welore_core.settings import configure
+
 from . import errors
 from .artifacts.routes import router as artifacts_router
 from .catalog.routes import router as models_router
@@ -44,6 +46,7 @@ def recover_embedded(settings: Settings, dispatcher) -> list[str]:
 
 def create_app(settings: Optional[Settings] = None) -> FastAPI:
     settings = settings or get_settings()
+    configure(settings)  # the core's cache dir, data dir and device come from the service's settings
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

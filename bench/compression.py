@@ -1,19 +1,17 @@
-"""Compression benchmark on the real SmolLM2-135M → the `compression` section of BENCHMARKS.md.
+"""The cost of data-free WeLore compression on the real SmolLM2-135M → the `compression` section
+of BENCHMARKS.md (the quality of the recipes is bench/recipes.py's section).
 
-1. Quality: ERR 0.1–0.5 × {WeLore min_ratio 0, WeLore min_ratio 0.5, uniform}: perplexity on
-   BoolQ passages, parameters kept, seconds and peak RSS of the `welore compress` process.
-2. Cost, side by side in one run: our single-pass compression with a cold spectrum cache, the
+1. Cost, side by side in one run: our single-pass compression with a cold spectrum cache, the
    same with a warm cache at another ERR, and the reference code's two-pass procedure
    (singular values of every matrix, then a second SVD of each LRC). Best of --repeats.
-3. Memory: peak RSS of a cold `welore compress` against the dense float32 model's bytes.
+2. Memory: peak RSS of a cold `welore compress` against the dense float32 model's bytes.
 
-Usage: python -m bench.compression [--windows N] [--repeats N] [--quick]
+Usage: python -m bench.compression [--repeats N]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -23,26 +21,22 @@ from pathlib import Path
 
 import torch
 
-from bench.report import machine, table, write_section
-from welore_core.allocation import allocate_welore
-from welore_core.compress import compress_model
-from welore_core.corpus import read_texts
-from welore_core.evaluate import perplexity
-from welore_core.factorize import factors
+from bench.report import machine, table, welore_json as cli, write_section
+from welore_core.compression.allocation import allocate_welore
+from welore_core.compression.config import CompressConfig
+from welore_core.compression.factorize import factors
+from welore_core.compression.model import compress_model
 from welore_core.loading import load_model
 from welore_core.lowrank import LowRankLinear, swap_module
 from welore_core.spectrum import SpectrumCache
 from welore_core.targets import target_names
 
 MODEL = "smollm2-135m"
+DATA_FREE = ("--calibration", "none")
 
 
-def cli(*args, env=None) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "welore_core.cli", *map(str, args), "--json"],
-                          capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stderr[-2000:])
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def data_free(err: float, min_ratio: float) -> CompressConfig:
+    return CompressConfig(err=err, min_ratio=min_ratio, calibration=None)
 
 
 def reference_two_pass(model, err: float, min_ratio: float) -> float:
@@ -72,10 +66,10 @@ def cost_rows(repeats: int) -> list[list]:
             with tempfile.TemporaryDirectory() as d:
                 cache = SpectrumCache(Path(d))
                 model = load_model(MODEL, device="cpu").model
-                cold.append(compress_model(model, err=err, min_ratio=min_ratio, cache=cache).seconds)
+                cold.append(compress_model(model, data_free(err, min_ratio), cache=cache).seconds)
                 other = 0.2 if err != 0.2 else 0.4  # warm: the same model at another ERR
                 model = load_model(MODEL, device="cpu").model
-                warm.append(compress_model(model, err=other, min_ratio=min_ratio, cache=cache).seconds)
+                warm.append(compress_model(model, data_free(other, min_ratio), cache=cache).seconds)
             model = load_model(MODEL, device="cpu").model
             ref.append(reference_two_pass(model, err, min_ratio))
         c, w, r = min(cold), min(warm), min(ref)
@@ -83,35 +77,16 @@ def cost_rows(repeats: int) -> list[list]:
     return rows
 
 
-def quality_rows(windows: int, errs: list[float], work: Path) -> list[list]:
-    texts = read_texts("boolq")
-    dense = load_model(MODEL, device="cpu")
-    rows = [["dense", "-", "-", 1.0, "-", "-", perplexity(dense.model, dense.tokenizer, texts, 512, windows).perplexity]]
-    tokenizer = dense.tokenizer
-    del dense
-    for err in errs:
-        for label, extra in (("WeLore min_ratio 0", ["--min-ratio", "0"]),
-                             ("WeLore min_ratio 0.5", ["--min-ratio", "0.5"]),
-                             ("uniform", ["--method", "uniform"])):
-            out = work / f"{label.replace(' ', '_')}-{err}"
-            r = cli("compress", MODEL, "--err", err, *extra, "--out", out, "--overwrite")
-            model = load_model(str(out), device="cpu").model
-            ppl = perplexity(model, tokenizer, texts, 512, windows).perplexity
-            rows.append([label, err, round(r["err_achieved"], 4), round(r["params_kept_achieved"], 4),
-                         r["n_lrc"], f"{r['compress_seconds']:.1f} / {r['seconds']:.1f}", ppl, round(r["peak_rss_mb"])])
-    return rows
-
-
 def memory_row(work: Path) -> list:
     with tempfile.TemporaryDirectory() as d:
         env = {**os.environ, "WELORE_CACHE_DIR": d}
         # the model conversion lives in the cache too: convert once, then measure a cold-spectrum run
-        cli("compress", MODEL, "--err", "0.3", "--out", work / "mem-warmup", "--overwrite", env=env)
+        cli("compress", MODEL, "--err", "0.3", *DATA_FREE, "--out", work / "mem-warmup", "--overwrite", env=env)
         for f in (Path(d) / "svd").iterdir():
             f.unlink()
-        r = cli("compress", MODEL, "--err", "0.3", "--out", work / "mem", "--overwrite", env=env)
+        r = cli("compress", MODEL, "--err", "0.3", *DATA_FREE, "--out", work / "mem", "--overwrite", env=env)
     probe = ("import resource, torch, transformers, transformers.models.llama.modeling_llama, tokenizers, "
-             "welore_core.pipelines, welore_core.cli.compress;"
+             "welore_core.compression.pipeline, welore_core.cli.compress;"
              "from welore_core.cli.common import peak_rss_mb; print(peak_rss_mb())")
     base = float(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.split()[-1])
     model_mb = r["params_before"] * 4 / 2**20
@@ -121,11 +96,8 @@ def memory_row(work: Path) -> list:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--windows", type=int, default=8, help="perplexity windows of 512 tokens (default 8)")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--quick", action="store_true", help="ERR 0.1 and 0.5 only")
     args = ap.parse_args()
-    errs = [0.1, 0.5] if args.quick else [0.1, 0.2, 0.3, 0.4, 0.5]
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
         cli("spectrum", MODEL)  # make sure the GGUF conversion and spectra exist (not timed)
@@ -133,21 +105,17 @@ def main() -> None:
         print(table(["ERR", "reference two-pass s", "ours cold s", "ours warm s", "cold/reference", "warm/cold"], cost))
         mem = memory_row(work)
         print(table(["dense fp32 MB", "RSS after imports MB", "peak RSS MB", "growth MB", "peak/model", "growth/model"], [mem]))
-        quality = quality_rows(args.windows, errs, work)
-        print(table(["method", "ERR", "achieved", "params kept", "LRCs", "s (compress / total)", "perplexity", "peak RSS MB"], quality))
     body = "\n\n".join([
         "## Compression (`python -m bench.compression`)",
-        f"Machine: {machine()}. Model: SmolLM2-135M (packaged GGUF, dequantised to float32). "
-        f"Perplexity: BoolQ dev passages joined by blank lines, {args.windows} windows of 512 tokens.",
+        f"Machine: {machine()}. Model: SmolLM2-135M (packaged GGUF, dequantised to float32).",
         "### Cost of one compression: cold and warm spectrum cache vs the reference two-pass procedure",
         "Seconds of the compression itself (spectra + allocation + factorisation, model already loaded), "
         f"best of {args.repeats}, all measured in this run. Warm = the same model at another ERR with the cache filled.",
         table(["ERR", "reference two-pass s", "ours cold s", "ours warm s", "cold/reference", "warm/cold"], cost),
-        "### Peak memory of a cold `welore compress` (ERR 0.3)",
+        "### Peak memory of a cold data-free `welore compress` (ERR 0.3)",
         table(["dense fp32 MB", "RSS after imports MB", "peak RSS MB", "growth MB", "peak/model", "growth/model"], [mem]),
-        "### Quality: WeLore vs uniform",
-        "Seconds: the compression itself / the whole command (process start, load, write). Peak RSS of that process.",
-        table(["method", "ERR", "achieved", "params kept", "LRCs", "s (compress / total)", "perplexity", "peak RSS MB"], quality),
+        "Quality of the recipes (the calibrated default, data-free WeLore and uniform, other allocations): "
+        "§ compression-recipes (`python -m bench.recipes`).",
     ])
     write_section("compression", body)
 

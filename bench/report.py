@@ -1,16 +1,31 @@
-"""Shared by the benchmark scripts: markdown tables, machine description, and writing one
-section of BENCHMARKS.md (between `<!-- bench:NAME -->` markers) without touching the others."""
+"""The benchmark harness shared by the scripts in bench/: running a `welore` command as its own
+process (its JSON report, its seconds and peak RSS), markdown tables, the machine description, and
+writing one section of BENCHMARKS.md (between `<!-- bench:NAME -->` markers) without touching the
+others."""
 
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import platform
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 HEADER = "# Benchmarks\n\nWritten by the scripts in `bench/`; each section is replaced whole by its script.\n"
+
+
+def welore_json(*args, env: dict | None = None) -> dict:
+    """`welore ARGS --json` in a process of its own → its JSON report (a failure raises with its stderr)."""
+    proc = subprocess.run([sys.executable, "-m", "welore_core.cli", *map(str, args), "--json"], capture_output=True,
+                          text=True, cwd=BENCHMARKS.parent, env={**os.environ, "TOKENIZERS_PARALLELISM": "false",
+                                                                 **(env or {})})
+    if proc.returncode != 0:
+        raise RuntimeError(f"welore {' '.join(map(str, args))} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def table(headers: list[str], rows: list[list]) -> str:

@@ -54,8 +54,8 @@ def _isolated_cache(tmp_path_factory):
     (WELORE_TEST_CACHE_DIR overrides) so a CI run converts the GGUF once."""
     cache = os.environ.get("WELORE_TEST_CACHE_DIR") or str(Path.home() / ".cache" / "welore")
     os.environ["WELORE_CACHE_DIR"] = cache
-    from welore_core.settings import get_core_settings
-    get_core_settings.cache_clear()
+    from welore_core.settings import reset
+    reset()
     yield
 
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from welore_core.allocation import (MatrixPlan, allocate_uniform, allocate_welore, effective_rank_reduction,
-                                    normalise, params_kept_fraction, relative_error, uniform_plans,
-                                    welore_plans)
+from welore_core.compression.allocation import (MatrixPlan, allocate_loss, allocate_uniform, allocate_welore,
+                                                effective_rank_reduction, normalise, params_kept_fraction,
+                                                relative_error, uniform_plans, welore_plans)
 from welore_core.errors import InvalidArgument
 
 
@@ -114,3 +114,76 @@ def test_relative_error_from_spectrum():
 
 def test_uniform_plans_keep_at_least_one_rank():
     assert all(p.kept >= 1 for p in uniform_plans([(4, 4), (2, 8)], 0.99))
+
+
+# -- the truncation-loss allocation (method "loss": the spectra are those of W·S) --------------
+
+def _total_loss(values, plans):
+    return sum(relative_error(s, p.kept) ** 2 for s, p in zip(values, plans))
+
+
+@pytest.mark.parametrize("min_ratio", [0.0, 0.5])
+@pytest.mark.parametrize("kind, goal", [("err", 0.1), ("err", 0.3), ("err", 0.5), ("params_kept", 0.8),
+                                        ("params_kept", 0.6)])
+def test_loss_allocation_meets_the_budget_and_respects_min_ratio(kind, goal, min_ratio):
+    values, shapes = _spectra(seed=1)
+    alloc = allocate_loss(values, shapes, **{kind: goal}, min_ratio=min_ratio, tolerance=0.02)
+    assert alloc.method == "loss" and alloc.min_ratio == min_ratio and alloc.tau is None
+    achieved = alloc.err if kind == "err" else alloc.params_kept
+    assert abs(achieved - goal) <= 0.02, (achieved, goal)
+    assert alloc.n_lrc > 0
+    for p in alloc.plans:
+        assert 1 <= p.kept <= p.rank
+        if p.lrc:
+            assert p.dropped / p.rank > min_ratio, (p, min_ratio)
+        else:
+            assert p.kept == p.rank
+
+
+def test_loss_allocation_minimises_the_total_truncation_loss_under_its_budget():
+    """Lagrangian optimality: no allocation keeping at most as many ranks (WeLore's, uniform's) loses less."""
+    values, shapes = _spectra(seed=2)
+    compared = 0
+    for goal in (0.2, 0.4):
+        loss = allocate_loss(values, shapes, err=goal, min_ratio=0.0, tolerance=0.02)
+        for other in (allocate_welore(values, shapes, err=goal, min_ratio=0.0, tolerance=0.02),
+                      allocate_uniform(shapes, err=goal, tolerance=0.02)):
+            if other.err >= loss.err:
+                compared += 1
+                assert _total_loss(values, loss.plans) <= _total_loss(values, other.plans) + 1e-12
+        assert [p.kept for p in loss.plans] != [p.kept for p in allocate_uniform(shapes, err=goal, tolerance=0.02).plans]
+    assert compared == 4  # every alternative removed at least as many ranks here
+
+
+def test_loss_allocation_takes_more_ranks_from_a_steep_spectrum_than_from_a_flat_one():
+    """A steep whitened spectrum holds its energy in a few directions, so its tail costs little
+    output error; a flat one loses 1/r of its energy per rank and keeps more of them."""
+    r = 64
+    steep = torch.exp(-8.0 * torch.linspace(0, 1, r))
+    flat = torch.linspace(1.0, 0.8, r)
+    shapes = [(r, r), (r, r)]
+    for goal in (0.2, 0.4, 0.6):
+        alloc = allocate_loss([steep, flat], shapes, err=goal, min_ratio=0.0, tolerance=0.02)
+        s, f = alloc.plans
+        assert s.dropped > f.dropped, (goal, s, f)
+    # the ordering follows the spectra, not their position
+    alloc = allocate_loss([flat, steep], shapes, err=0.4, min_ratio=0.0, tolerance=0.02)
+    assert alloc.plans[1].dropped > alloc.plans[0].dropped
+
+
+def test_loss_allocation_is_deterministic():
+    values, shapes = _spectra(seed=3)
+    runs = [allocate_loss(values, shapes, params_kept=0.7, min_ratio=0.5, tolerance=0.02) for _ in range(3)]
+    assert all(r.plans == runs[0].plans for r in runs)
+    again = allocate_loss([v.clone() for v in values], list(shapes), params_kept=0.7, min_ratio=0.5, tolerance=0.02)
+    assert again.plans == runs[0].plans
+
+
+def test_loss_allocation_refuses_bad_targets():
+    values, shapes = _spectra()
+    with pytest.raises(InvalidArgument, match="exactly one target"):
+        allocate_loss(values, shapes)
+    with pytest.raises(InvalidArgument, match="min_ratio"):
+        allocate_loss(values, shapes, err=0.2, min_ratio=1.0)
+    with pytest.raises(InvalidArgument, match="cannot be reached"):  # two matrices, all-or-nothing steps
+        allocate_loss(values[:2], shapes[:2], err=0.2, min_ratio=0.9)

@@ -10,15 +10,17 @@ import json
 import pytest
 import torch
 
-from welore_core.calibration import Calibration, Calibrator, LayerInputs, load_calibration
 from welore_core.checkpoint import read_meta, save_checkpoint
-from welore_core.compress import compress_model
+from welore_core.compression.calibration import Calibration, LayerInputs, load_calibration
+from welore_core.compression.config import CalibrationConfig, CompressConfig, ExperimentalConfig
+from welore_core.compression.factorize import factors, truncated
+from welore_core.compression.input_stats import InputStats
+from welore_core.compression.model import compress_model
+from welore_core.compression.whiten import compensated_weight, gram_root, output_error, transformed_svd
 from welore_core.errors import InvalidArgument
-from welore_core.factorize import factors, truncated
-from welore_core.input_stats import InputStats
-from welore_core.spectrum import SpectrumCache
 from welore_core.targets import closes_block, decoder_layers, target_names
-from welore_core.whiten import abs_mean_scale, compensated_weight, gram_root, output_error, transformed_svd
+
+from recipes import calibrated, data_free
 
 
 def non_white_inputs(tokens: int, n: int, seed: int = 0) -> torch.Tensor:
@@ -57,12 +59,11 @@ def test_undamped_whitened_error_equals_tail_of_ws_spectrum():
         assert output_error(W, truncated(U, S, Vh, k), X) == pytest.approx(float(S[k:].norm()), rel=1e-8)
 
 
-@pytest.mark.parametrize("kind", ["whitened", "scaled"])
 @pytest.mark.parametrize("shape", [(20, 12), (12, 20)])
-def test_full_rank_reproduces_W(kind, shape):
+def test_full_rank_reproduces_W(shape):
     W = torch.randn(*shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     X = non_white_inputs(50, shape[1])
-    T = gram_root(X.T @ X) if kind == "whitened" else abs_mean_scale(X.abs().mean(0), alpha=0.5)
+    T = gram_root(X.T @ X)
     U, S, Vh = transformed_svd(W, T)
     r = min(shape)
     A, B = factors(U, S, Vh, r)
@@ -96,7 +97,6 @@ def test_eigh_fallback_and_identity_for_degenerate_grams():
     U, S, Vh = transformed_svd(W, T)
     torch.testing.assert_close(truncated(U, S, Vh, 2), W)
     assert gram_root(torch.zeros(4, 4)).how.startswith("identity")
-    assert abs_mean_scale(torch.zeros(4)).how.startswith("identity")
     with pytest.raises(InvalidArgument):
         gram_root(torch.zeros(3, 4))
 
@@ -139,7 +139,7 @@ def test_one_gram_per_distinct_input(tiny_llama):
 
 
 def test_layer_inputs_batches_and_gram_over_batches(tiny_llama, monkeypatch):
-    import welore_core.calibration as cal
+    import welore_core.compression.calibration as cal
 
     model = tiny_llama()
     t = tokens(n=7, L=16)
@@ -160,16 +160,14 @@ def test_layer_inputs_batches_and_gram_over_batches(tiny_llama, monkeypatch):
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("factorization", ["whitened", "scaled"])
-def test_compress_calibrated_tiny(tiny_llama, fresh_cache, factorization):
+def test_compress_calibrated_tiny(tiny_llama, fresh_cache):
     t = tokens()
     model = tiny_llama()
-    report = compress_model(model, err=0.3, min_ratio=0.0, cache=fresh_cache, calibration=calib(t),
-                            factorization=factorization, tolerance=0.05)
-    plain = compress_model(tiny_llama(), err=0.3, min_ratio=0.0, cache=fresh_cache, tolerance=0.05)
-    # rank_from="weights": the very same ranks as plain WeLore
+    report = compress_model(model, calibrated(err=0.3, min_ratio=0.0), calib(t), cache=fresh_cache, tolerance=0.05)
+    plain = compress_model(tiny_llama(), data_free(err=0.3, min_ratio=0.0), cache=fresh_cache, tolerance=0.05)
+    # method welore: the very same ranks (from the weights) as plain WeLore
     assert [m.kept_rank for m in report.matrices] == [m.kept_rank for m in plain.matrices]
-    assert report.factorization == factorization and report.rank_from == "weights"
+    assert report.factorization == "whitened" and report.method == "welore"
     c = report.calibration
     assert c["samples"] == 6 and c["seq_len"] == 32 and c["tokens"] == 192 and not c["sequential"]
     assert c["factorized"] == report.n_lrc and c["layer_forwards"] == 2  # only LRCs need W·S
@@ -189,8 +187,10 @@ def test_whitened_model_is_closer_on_calibration_tokens(tiny_llama, fresh_cache)
     out = {}
     for f in ("plain", "whitened"):
         m = tiny_llama()
-        compress_model(m, err=0.4, min_ratio=0.0, cache=fresh_cache, tolerance=0.05,
-                       calibration=None if f == "plain" else calib(t), factorization=f)
+        if f == "plain":
+            compress_model(m, data_free(err=0.4, min_ratio=0.0), cache=fresh_cache, tolerance=0.05)
+        else:
+            compress_model(m, calibrated(err=0.4, min_ratio=0.0), calib(t), cache=fresh_cache, tolerance=0.05)
         with torch.no_grad():
             out[f] = float((m(input_ids=t).logits - ref).norm())
     assert out["whitened"] < out["plain"]
@@ -198,45 +198,44 @@ def test_whitened_model_is_closer_on_calibration_tokens(tiny_llama, fresh_cache)
 
 def test_calibrated_cache_keys(tiny_llama, fresh_cache):
     t = tokens()
-    first = compress_model(tiny_llama(), err=0.3, min_ratio=0.0, cache=fresh_cache, calibration=calib(t),
+    first = compress_model(tiny_llama(), calibrated(err=0.3, min_ratio=0.0), calib(t), cache=fresh_cache,
                            tolerance=0.05)
     again_model = tiny_llama()
-    again = compress_model(again_model, err=0.2, min_ratio=0.0, cache=fresh_cache, calibration=calib(t),
+    again = compress_model(again_model, calibrated(err=0.2, min_ratio=0.0), calib(t), cache=fresh_cache,
                            tolerance=0.05)
     assert again.calibration["factorized"] == 0 and again.calibration["layer_forwards"] == 0
-    other = compress_model(tiny_llama(), err=0.3, min_ratio=0.0, cache=fresh_cache, calibration=calib(tokens(seed=1)),
+    other = compress_model(tiny_llama(), calibrated(err=0.3, min_ratio=0.0), calib(tokens(seed=1)), cache=fresh_cache,
                            tolerance=0.05)
     assert other.calibration["factorized"] == other.n_lrc  # new tokens → new entries
-    damped = compress_model(tiny_llama(), err=0.3, min_ratio=0.0, cache=fresh_cache, calibration=calib(t),
-                            damp=0.5, tolerance=0.05)
+    damped = compress_model(tiny_llama(), calibrated(err=0.3, min_ratio=0.0, damp=0.5), calib(t), cache=fresh_cache,
+                            tolerance=0.05)
     assert damped.calibration["factorized"] == damped.n_lrc and damped.calibration["damp"] == 0.5
     assert first.calibration["tokens_hash"] == again.calibration["tokens_hash"] != other.calibration["tokens_hash"]
 
 
-def test_rank_from_activations_and_sequential(tiny_llama, fresh_cache):
+def test_loss_ranks_and_sequential(tiny_llama, fresh_cache):
     t = tokens()
-    w = compress_model(tiny_llama(), err=0.3, min_ratio=0.0, cache=fresh_cache, calibration=calib(t),
+    w = compress_model(tiny_llama(), calibrated(err=0.3, min_ratio=0.0), calib(t), cache=fresh_cache, tolerance=0.05)
+    a = compress_model(tiny_llama(), calibrated(err=0.3, min_ratio=0.0, method="loss"), calib(t), cache=fresh_cache,
                        tolerance=0.05)
-    a = compress_model(tiny_llama(), err=0.3, min_ratio=0.0, cache=fresh_cache, calibration=calib(t),
-                       rank_from="activations", tolerance=0.05)
-    assert a.rank_from == "activations"
+    assert a.method == "loss" and a.tau is None
     assert a.calibration["factorized"] == len(a.matrices) - w.n_lrc  # W·S of every matrix; LRCs' cached
     assert [m.kept_rank for m in a.matrices] != [m.kept_rank for m in w.matrices]
     assert abs(a.err_achieved - 0.3) <= 0.05
-    # activation ranks put the error where the activations are: smaller total output error
+    # ranks from the whitened spectra put the error where the activations are: smaller total output error
     assert sum((m.calib_error or 0) ** 2 for m in a.matrices) <= sum((m.calib_error or 0) ** 2 for m in w.matrices)
 
     model = tiny_llama()
-    s = compress_model(model, err=0.3, min_ratio=0.0, cache=fresh_cache, calibration=calib(t),
-                       sequential=True, tolerance=0.05)
+    s = compress_model(model, calibrated(err=0.3, min_ratio=0.0, sequential=True), calib(t), cache=fresh_cache,
+                       tolerance=0.05)
     assert s.calibration["sequential"] and [m.kept_rank for m in s.matrices] == [m.kept_rank for m in w.matrices]
     # layer 0 sees the same inputs either way; layer 1 sees layer 0 compressed
     lrc = [i for i, m in enumerate(w.matrices) if m.label == "LRC"]
     assert s.matrices[lrc[0]].calib_error == pytest.approx(w.matrices[lrc[0]].calib_error, rel=1e-5)
     assert s.matrices[lrc[-1]].calib_error != pytest.approx(w.matrices[lrc[-1]].calib_error, rel=1e-5)
     assert s.calibration["layer_forwards"] == 3  # layer 0 twice (dense stats, compressed output), layer 1 once
-    again = compress_model(tiny_llama(), err=0.3, min_ratio=0.0, cache=fresh_cache, calibration=calib(t),
-                           sequential=True, tolerance=0.05)
+    again = compress_model(tiny_llama(), calibrated(err=0.3, min_ratio=0.0, sequential=True), calib(t),
+                           cache=fresh_cache, tolerance=0.05)
     assert again.calibration["layer_forwards"] == 0
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=t).logits).all()
@@ -274,11 +273,12 @@ def test_compensated_truncation_is_the_best_rank_k_map_to_the_dense_outputs():
 
 def test_compensate_fits_the_closing_matrices_to_the_dense_blocks(tiny_llama, fresh_cache):
     t = tokens()
-    kw = dict(err=0.3, min_ratio=0.0, cache=fresh_cache, calibration=calib(t), sequential=True, tolerance=0.05)
+    kw = dict(cache=fresh_cache, tolerance=0.05)
+    seq, comp = (calibrated(err=0.3, min_ratio=0.0, sequential=True, compensate=on) for on in (False, True))
     dense = tiny_llama()
     seq_model, comp_model = tiny_llama(), tiny_llama()
-    s = compress_model(seq_model, **kw)
-    c = compress_model(comp_model, compensate=True, **kw)
+    s = compress_model(seq_model, seq, calib(t), **kw)
+    c = compress_model(comp_model, comp, calib(t), **kw)
     assert c.calibration["compensate"] and not s.calibration["compensate"]
     assert [m.kept_rank for m in c.matrices] == [m.kept_rank for m in s.matrices]
     assert c.calibration["factorized"] == c.n_lrc  # new keys: nothing reused from the plain sequential run
@@ -301,7 +301,7 @@ def test_compensate_fits_the_closing_matrices_to_the_dense_blocks(tiny_llama, fr
     assert e_comp < 0.9 * e_seq, (e_comp, e_seq)
     # three layer runs where the closers are fitted (statistics, compressed pass, output), none when cached
     assert c.calibration["layer_forwards"] > s.calibration["layer_forwards"]
-    again = compress_model(tiny_llama(), compensate=True, **kw)
+    again = compress_model(tiny_llama(), comp, calib(t), **kw)
     assert again.calibration["layer_forwards"] == 0 and again.calibration["factorized"] == 0
 
 
@@ -311,66 +311,64 @@ def test_checkpoint_records_calibration(tiny_llama, fresh_cache, tmp_path, byte_
     c = load_calibration(byte_tokenizer, str(texts), samples=4, seq_len=64)
     assert c.tokens.shape == (4, 64)
     model = tiny_llama()
-    report = compress_model(model, err=0.3, min_ratio=0.0, cache=fresh_cache, calibration=c,
-                            factorization="scaled", alpha=0.7, tolerance=0.05)
+    recipe = calibrated(err=0.3, min_ratio=0.0, data=str(texts), damp=0.05)
+    report = compress_model(model, recipe, c, cache=fresh_cache, tolerance=0.05)
     save_checkpoint(model, None, tmp_path / "ckpt", {"kind": "compressed", **report.to_dict()})
     meta = read_meta(tmp_path / "ckpt")
-    assert meta["factorization"] == "scaled" and meta["rank_from"] == "weights"
+    assert meta["factorization"] == "whitened" and meta["method"] == "welore"
     rec = meta["calibration"]
     assert rec["data"] == str(texts) and len(rec["data_hash"]) == 64
-    assert (rec["samples"], rec["seq_len"], rec["alpha"], rec["sequential"], rec["sink_weight"]) == (4, 64, 0.7,
-                                                                                                 False, 1.0)
-    plain = compress_model(tiny_llama(), err=0.3, min_ratio=0.0, cache=fresh_cache, tolerance=0.05)
+    assert (rec["samples"], rec["seq_len"], rec["damp"], rec["sequential"], rec["sink_weight"]) == (4, 64, 0.05,
+                                                                                                False, 1.0)
+    assert CompressConfig.from_dict(meta["recipe"]) == recipe.resolve()  # the whole recipe is stored
+    plain = compress_model(tiny_llama(), data_free(err=0.3, min_ratio=0.0), cache=fresh_cache, tolerance=0.05)
     assert plain.factorization == "plain" and plain.calibration is None
     assert all(m.calib_error is None for m in plain.matrices)
 
 
 def test_argument_errors(tiny_llama, fresh_cache, byte_tokenizer):
     t = calib(tokens())
-    with pytest.raises(InvalidArgument, match="needs calibration data"):
-        compress_model(tiny_llama(), err=0.3, cache=fresh_cache, factorization="whitened")
-    with pytest.raises(InvalidArgument, match="calibrated factorization"):
-        compress_model(tiny_llama(), err=0.3, cache=fresh_cache, calibration=t, factorization="plain")
-    with pytest.raises(InvalidArgument, match="calibrated factorization"):
-        compress_model(tiny_llama(), err=0.3, cache=fresh_cache, rank_from="activations")
-    with pytest.raises(InvalidArgument, match="rank_from"):
-        compress_model(tiny_llama(), err=0.3, cache=fresh_cache, calibration=t, rank_from="gradients")
-    with pytest.raises(InvalidArgument, match="factorization must be"):
-        compress_model(tiny_llama(), err=0.3, cache=fresh_cache, calibration=t, factorization="svd-llm")
+    with pytest.raises(InvalidArgument, match="this recipe is calibrated"):
+        compress_model(tiny_llama(), calibrated(err=0.3), cache=fresh_cache)
+    with pytest.raises(InvalidArgument, match="data-free recipe"):
+        compress_model(tiny_llama(), data_free(err=0.3), t, cache=fresh_cache)
+    with pytest.raises(InvalidArgument, match="needs calibration"):
+        data_free(err=0.3, method="loss")
+    for bad in ("plain", "scaled", "svd-llm"):
+        with pytest.raises(InvalidArgument, match="factorization must be one of whitened"):
+            CompressConfig(err=0.3, calibration=CalibrationConfig(factorization=bad))
     with pytest.raises(InvalidArgument, match="max_position_embeddings"):
-        compress_model(tiny_llama(), err=0.3, cache=fresh_cache, calibration=calib(tokens(n=1, L=300)))
+        compress_model(tiny_llama(), calibrated(err=0.3), calib(tokens(n=1, L=300)), cache=fresh_cache)
     with pytest.raises(InvalidArgument, match="tokenizer"):
         load_calibration(None, "boolq")
-    with pytest.raises(InvalidArgument, match="calibrated factorization"):
-        compress_model(tiny_llama(), err=0.3, cache=fresh_cache, sink_weight=8)
-    with pytest.raises(InvalidArgument, match="sink_weight must be > 0"):
-        compress_model(tiny_llama(), err=0.3, cache=fresh_cache, calibration=t, sink_weight=0)
-    with pytest.raises(InvalidArgument, match="add --sequential"):
-        compress_model(tiny_llama(), err=0.3, cache=fresh_cache, calibration=t, compensate=True)
-    with pytest.raises(InvalidArgument, match="add --sequential"):
-        compress_model(tiny_llama(), err=0.3, cache=fresh_cache, calibration=t, factorization="scaled",
-                       sequential=True, compensate=True)
+    with pytest.raises(InvalidArgument, match="sink_weight weighs calibration tokens"):
+        data_free(err=0.3, experimental=ExperimentalConfig(sink_weight=8))
+    with pytest.raises(InvalidArgument, match=r"sink_weight must be in \(0, "):
+        calibrated(err=0.3, sink_weight=0)
+    with pytest.raises(InvalidArgument, match="enable sequential"):
+        calibrated(err=0.3, compensate=True)
 
 
 def test_cli_flags_reach_the_pipeline(monkeypatch):
     from welore_core.cli import build_parser
     import welore_core.cli.compress as cli
-    import welore_core.pipelines as pipelines
+
+    import welore_core.compression.pipeline as pipeline
 
     seen = {}
-    monkeypatch.setattr(pipelines, "compress_checkpoint", lambda *a, **kw: seen.update(kw) or {})
+    monkeypatch.setattr(pipeline, "compress_checkpoint", lambda *a, **kw: seen.update(args=a, **kw) or {})
     monkeypatch.setattr(cli, "emit", lambda *a, **kw: None)
     monkeypatch.setattr(cli, "human_report", lambda r: "")
     args = build_parser().parse_args(
         ["compress", "m", "--err", "0.3", "--out", "o", "--calibration", "boolq", "--calib-samples", "32",
-         "--calib-seq-len", "256", "--factorization", "scaled", "--rank-from", "activations", "--sequential",
-         "--alpha", "0.25", "--sink-weight", "64", "--compensate"])
+         "--calib-seq-len", "256", "--factorization", "whitened", "--method", "welore", "--sequential",
+         "--sink-weight", "64", "--compensate"])
     args.func(args)
-    assert {k: seen[k] for k in ("calibration", "calib_samples", "calib_seq_len", "factorization", "rank_from",
-                                 "sequential", "alpha", "damp", "sink_weight", "compensate")} == {
-        "calibration": "boolq", "calib_samples": 32, "calib_seq_len": 256, "factorization": "scaled",
-        "rank_from": "activations", "sequential": True, "alpha": 0.25, "damp": None, "sink_weight": 64.0,
-        "compensate": True}
+    model, out, config = seen["args"]
+    assert (model, out) == ("m", "o")
+    assert config == CompressConfig(err=0.3, method="welore", calibration=CalibrationConfig(
+        data="boolq", samples=32, seq_len=256, factorization="whitened", sequential=True, compensate=True),
+        experimental=ExperimentalConfig(sink_weight=64.0))
 
 
 def test_sink_weight_counts_each_windows_first_token_w_times(tiny_llama):
@@ -380,13 +378,12 @@ def test_sink_weight_counts_each_windows_first_token_w_times(tiny_llama):
     x = model.model.layers[0].input_layernorm(torch.cat(LayerInputs(model, t).hidden)).double()  # 5×16×64
     for w in (1.0, 50.0):
         inputs = LayerInputs(model, t)
-        with InputStats({n: model.get_submodule(n) for n in names}, abs_sum=True, sink_weight=w) as stats:
+        with InputStats({n: model.get_submodule(n) for n in names}, sink_weight=w) as stats:
             inputs.run(model.model.layers[0], stats)
         d = torch.ones(5, 16, 1, dtype=torch.float64)
         d[:, 0] = w
         torch.testing.assert_close(stats.gram[0], torch.einsum("bti,btj->ij", x * d, x))
-        torch.testing.assert_close(stats.abs_sum[0], (x.abs() * d).sum((0, 1)))
-        assert stats.tokens[0] == 80 and stats.mass[0] == 75 + 5 * w
+        assert stats.tokens[0] == 80
 
 
 def test_sink_weight_protects_the_first_tokens_and_has_its_own_cache_key(tiny_llama, fresh_cache):
@@ -398,8 +395,8 @@ def test_sink_weight_protects_the_first_tokens_and_has_its_own_cache_key(tiny_ll
     errs, keys = {}, {}
     for w in (1.0, 1000.0):
         model = tiny_llama()
-        report = compress_model(model, err=0.4, min_ratio=0.0, cache=fresh_cache, tolerance=0.05,
-                                calibration=calib(t), sink_weight=w)
+        report = compress_model(model, calibrated(err=0.4, min_ratio=0.0, sink_weight=w), calib(t), cache=fresh_cache,
+                                tolerance=0.05)
         assert report.calibration["sink_weight"] == w
         name = "model.layers.0.self_attn.v_proj"
         with torch.no_grad():
@@ -407,6 +404,6 @@ def test_sink_weight_protects_the_first_tokens_and_has_its_own_cache_key(tiny_ll
         keys[w] = report.calibration["factorized"]
     assert errs[1000.0] < 0.5 * errs[1.0], errs
     assert keys[1000.0] > 0  # new keys: nothing reused from the unweighted run
-    again = compress_model(tiny_llama(), err=0.4, min_ratio=0.0, cache=fresh_cache, tolerance=0.05,
-                           calibration=calib(t), sink_weight=1)
+    again = compress_model(tiny_llama(), calibrated(err=0.4, min_ratio=0.0, sink_weight=1), calib(t),
+                           cache=fresh_cache, tolerance=0.05)
     assert again.calibration["factorized"] == 0  # sink_weight=1 is the unweighted statistics: cached

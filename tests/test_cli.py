@@ -9,9 +9,9 @@ import pytest
 from tiny_llama import make_tiny_llama
 
 
-def welore(*args, check=True, env=None):
+def welore(*args, check=True, env=None, timeout=600):
     proc = subprocess.run([sys.executable, "-m", "welore_core.cli", *map(str, args)], capture_output=True,
-                          text=True, env=env, timeout=600)
+                          text=True, env=env, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"welore {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
@@ -30,7 +30,8 @@ def tiny_dir(tmp_path_factory):
 
 def test_compress_json_contract_and_reload(tiny_dir, tmp_path):
     out = tmp_path / "c"
-    proc = welore("compress", tiny_dir, "--err", "0.3", "--min-ratio", "0", "--out", out, "--json")
+    proc = welore("compress", tiny_dir, "--err", "0.3", "--min-ratio", "0", "--calibration", "none", "--out", out,
+                  "--json")
     result = last_json(proc)
     for key in ("tau", "err_requested", "err_achieved", "params_before", "params_after", "n_lrc", "n_nlrc",
                 "seconds", "peak_rss_mb"):
@@ -45,14 +46,17 @@ def test_compress_json_contract_and_reload(tiny_dir, tmp_path):
 
 
 def test_human_report_lists_every_matrix(tiny_dir, tmp_path):
-    proc = welore("compress", tiny_dir, "--err", "0.2", "--min-ratio", "0", "--method", "uniform", "--out", tmp_path / "u")
+    proc = welore("compress", tiny_dir, "--err", "0.2", "--min-ratio", "0", "--method", "uniform", "--calibration", "none",
+                  "--out", tmp_path / "u")
     assert "0.q_proj" in proc.stdout and "1.down_proj" in proc.stdout and "ERR requested 0.2" in proc.stdout
 
 
 @pytest.mark.parametrize("args, message", [
     (["compress", "nope-model", "--err", "0.3", "--out", "X"], "not found"),
     (["compress", "TINY", "--err", "0.3", "--params-kept", "0.5", "--out", "X"], "not allowed with"),
-    (["compress", "TINY", "--err", "1.7", "--out", "X"], "between 0 and 1"),
+    (["compress", "TINY", "--err", "1.7", "--out", "X"], "expected a value in (0, 1), got 1.7"),
+    (["compress", "TINY", "--err", "0.3", "--out", "X"], "--calibration none"),  # calibrated by default: needs a tokenizer
+    (["compress", "TINY", "--out", "X"], "give a target"),
     (["compress", "TINY", "--err", "0.3", "--method", "magic", "--out", "X"], "invalid choice"),
     (["eval", "TINY", "--data", "missing.jsonl"], "data 'missing.jsonl' not found"),
     (["eval", "TINY", "--data", "DATA"], "no tokenizer"),
@@ -69,10 +73,11 @@ def test_errors_are_one_clear_line(tiny_dir, tmp_path, args, message):
 
 def test_existing_out_is_refused_without_overwrite(tiny_dir, tmp_path):
     out = tmp_path / "c"
-    welore("compress", tiny_dir, "--err", "0.3", "--min-ratio", "0", "--out", out)
-    proc = welore("compress", tiny_dir, "--err", "0.3", "--min-ratio", "0", "--out", out, check=False)
+    data_free = ("--min-ratio", "0", "--calibration", "none")
+    welore("compress", tiny_dir, "--err", "0.3", *data_free, "--out", out)
+    proc = welore("compress", tiny_dir, "--err", "0.3", *data_free, "--out", out, check=False)
     assert proc.returncode == 2 and "--overwrite" in proc.stderr
-    welore("compress", tiny_dir, "--err", "0.4", "--min-ratio", "0", "--out", out, "--overwrite")
+    welore("compress", tiny_dir, "--err", "0.4", *data_free, "--out", out, "--overwrite")
     assert json.loads((out / "welore.json").read_text())["err_requested"] == 0.4
 
 

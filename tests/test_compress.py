@@ -9,13 +9,14 @@ from transformers import AutoModelForCausalLM
 
 from welore_core import spectrum as spectrum_mod
 from welore_core.checkpoint import load_checkpoint, save_checkpoint, save_merged
-from welore_core.compress import compress_model
+from welore_core.compression.model import compress_model
 from welore_core.errors import (CorruptCheckpoint, InvalidArgument, ModelNotFound, NonFiniteWeights,
                                 OutputExists, UnsupportedModel)
 from welore_core.loading import load_model
 from welore_core.lowrank import LowRankLinear
 from welore_core.targets import target_names
 
+from recipes import data_free
 from tiny_llama import make_tiny_llama
 
 
@@ -32,7 +33,7 @@ def _weights(model):
 def test_factors_equal_the_rank_k_truncated_svd(fresh_cache):
     model = make_tiny_llama(seed=1)
     before = _weights(model)
-    report = compress_model(model, err=0.4, min_ratio=0.0, cache=fresh_cache)
+    report = compress_model(model, data_free(err=0.4, min_ratio=0.0), cache=fresh_cache)
     n_factored = 0
     for name, m in zip(before, report.matrices):  # both in target order
         assert name.endswith(m.name.split(".")[1])
@@ -55,7 +56,7 @@ def test_factors_equal_the_rank_k_truncated_svd(fresh_cache):
 def test_counts_match_formulas(fresh_cache):
     model = make_tiny_llama(seed=2)
     total_before = sum(p.numel() for p in model.parameters())
-    report = compress_model(model, err=0.5, min_ratio=0.5, cache=fresh_cache, tolerance=0.1)
+    report = compress_model(model, data_free(err=0.5, min_ratio=0.5), cache=fresh_cache, tolerance=0.1)
     saved = 0
     for m in report.matrices:
         rows, cols = m.shape
@@ -75,8 +76,8 @@ def test_counts_match_formulas(fresh_cache):
 
 
 def test_uniform_and_welore_allocations_differ(fresh_cache):
-    w = compress_model(make_tiny_llama(seed=3), err=0.3, min_ratio=0.0, cache=fresh_cache)
-    u = compress_model(make_tiny_llama(seed=3), err=0.3, method="uniform", cache=fresh_cache)
+    w = compress_model(make_tiny_llama(seed=3), data_free(err=0.3, min_ratio=0.0), cache=fresh_cache)
+    u = compress_model(make_tiny_llama(seed=3), data_free(err=0.3, method="uniform"), cache=fresh_cache)
     assert u.tau is None and u.min_ratio is None
     assert len({round(m.reduction, 2) for m in u.matrices}) <= 3  # rounding of the same fraction
     assert len({round(m.reduction, 2) for m in w.matrices}) > 3
@@ -88,21 +89,21 @@ def test_each_matrix_is_decomposed_once_and_a_warm_cache_decomposes_none(fresh_c
     real_svd = spectrum_mod.svd
     monkeypatch.setattr(spectrum_mod, "svd", lambda W: calls.append(tuple(W.shape)) or real_svd(W))
     model = make_tiny_llama(seed=4)
-    cold = compress_model(model, err=0.3, min_ratio=0.0, cache=fresh_cache)
+    cold = compress_model(model, data_free(err=0.3, min_ratio=0.0), cache=fresh_cache)
     assert len(calls) == 14 and cold.decomposed == 14
     for svd_fn in ("svd", "svdvals"):  # nothing else may decompose behind the cache's back
         monkeypatch.setattr(torch.linalg, svd_fn, lambda *a, **k: pytest.fail("second decomposition"))
     warm_model = make_tiny_llama(seed=4)
-    warm = compress_model(warm_model, err=0.5, min_ratio=0.5, cache=fresh_cache, tolerance=0.1)
+    warm = compress_model(warm_model, data_free(err=0.5, min_ratio=0.5), cache=fresh_cache, tolerance=0.1)
     assert warm.decomposed == 0 and len(calls) == 14
-    again = compress_model(make_tiny_llama(seed=4), err=0.3, min_ratio=0.0, cache=fresh_cache)
+    again = compress_model(make_tiny_llama(seed=4), data_free(err=0.3, min_ratio=0.0), cache=fresh_cache)
     assert [m.kept_rank for m in again.matrices] == [m.kept_rank for m in cold.matrices]
     assert again.source_hash == cold.source_hash
 
 
 def test_save_load_round_trip_and_merged_export(fresh_cache, tmp_path):
     model = make_tiny_llama(seed=5)
-    report = compress_model(model, err=0.5, min_ratio=0.5, cache=fresh_cache, tolerance=0.1)
+    report = compress_model(model, data_free(err=0.5, min_ratio=0.5), cache=fresh_cache, tolerance=0.1)
     expected = _logits(model)
     out = save_checkpoint(model, None, tmp_path / "ckpt", {"kind": "compressed", **report.to_dict()})
     meta = json.loads((out / "welore.json").read_text())
@@ -121,7 +122,7 @@ def test_save_load_round_trip_and_merged_export(fresh_cache, tmp_path):
 
 def test_load_model_dispatches_welore_checkpoints(fresh_cache, tmp_path):
     model = make_tiny_llama(seed=6)
-    report = compress_model(model, err=0.5, min_ratio=0.5, cache=fresh_cache, tolerance=0.1)
+    report = compress_model(model, data_free(err=0.5, min_ratio=0.5), cache=fresh_cache, tolerance=0.1)
     save_checkpoint(model, None, tmp_path / "c", report.to_dict())
     loaded = load_model(str(tmp_path / "c"), device="cpu")
     assert loaded.source.kind == "welore" and loaded.meta is not None
@@ -133,7 +134,7 @@ def test_non_finite_weights_are_refused_before_writing(fresh_cache, tmp_path):
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(NonFiniteWeights, match="up_proj"):
-        compress_model(model, err=0.3, min_ratio=0.0, cache=fresh_cache)
+        compress_model(model, data_free(err=0.3, min_ratio=0.0), cache=fresh_cache)
     with pytest.raises(NonFiniteWeights):
         save_checkpoint(model, None, tmp_path / "out" / "bad", {})
     assert not (tmp_path / "out").exists()  # nothing written, not even a temp directory
@@ -141,7 +142,7 @@ def test_non_finite_weights_are_refused_before_writing(fresh_cache, tmp_path):
 
 def test_a_crash_while_writing_leaves_no_checkpoint_and_keeps_the_old_one(fresh_cache, tmp_path, monkeypatch):
     model = make_tiny_llama(seed=8)
-    compress_model(model, err=0.3, min_ratio=0.0, cache=fresh_cache)
+    compress_model(model, data_free(err=0.3, min_ratio=0.0), cache=fresh_cache)
     out = save_checkpoint(model, None, tmp_path / "ckpt", {"note": "first"})
     import welore_core.checkpoint as ck
 
@@ -166,7 +167,7 @@ def test_existing_output_needs_overwrite(fresh_cache, tmp_path):
 
 def test_corrupt_checkpoints_give_clear_errors(fresh_cache, tmp_path):
     model = make_tiny_llama(seed=10)
-    report = compress_model(model, err=0.5, min_ratio=0.5, cache=fresh_cache, tolerance=0.1)
+    report = compress_model(model, data_free(err=0.5, min_ratio=0.5), cache=fresh_cache, tolerance=0.1)
     out = save_checkpoint(model, None, tmp_path / "c", report.to_dict())
     weights = (out / "model.safetensors").read_bytes()
     (out / "model.safetensors").write_bytes(weights[: len(weights) // 2])
@@ -200,7 +201,7 @@ def test_bad_inputs(fresh_cache, tmp_path):
         load_model(str(tmp_path / "gpt2"))
     model = make_tiny_llama(seed=11)
     with pytest.raises(InvalidArgument, match="method"):
-        compress_model(model, err=0.3, method="magic", cache=fresh_cache)
-    compress_model(model, err=0.5, min_ratio=0.0, cache=fresh_cache)
+        compress_model(model, data_free(err=0.3, method="magic"), cache=fresh_cache)
+    compress_model(model, data_free(err=0.5, min_ratio=0.0), cache=fresh_cache)
     with pytest.raises(InvalidArgument, match="already WeLore-compressed"):
-        compress_model(model, err=0.5, cache=fresh_cache)
+        compress_model(model, data_free(err=0.5), cache=fresh_cache)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tiny_llama import make_tiny_llama
+from tiny_llama import make_tiny_llama, train_tokenizer as _tokenizer
 from welore_core.errors import Cancelled, InvalidArgument, InvalidData, OutputExists
 from welore_core.finetune import FinetuneConfig, finetune_checkpoint
 from welore_core.finetune.data import (IGNORE, BatchStream, Example, build_dataset, encode_example, pack,
@@ -38,24 +38,12 @@ def _toy_docs(n=60, seed=0):
     return docs
 
 
-def _tokenizer(docs):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(docs + ["Question: Answer: yes no A B C D E"], trainer=trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<pad>", "<eos>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<pad>")
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny dense Llama directory with a real tokenizer, its WeLore-compressed checkpoint,
     and a learnable toy corpus."""
-    from welore_core.pipelines import compress_checkpoint
+    from welore_core.compression.config import CompressConfig
+    from welore_core.compression.pipeline import compress_checkpoint
     from welore_core.spectrum import SpectrumCache
 
     root = tmp_path_factory.mktemp("ft")
@@ -68,7 +56,8 @@ def tiny(tmp_path_factory):
     model.save_pretrained(dense)
     tok.save_pretrained(dense)
     comp = root / "comp"
-    compress_checkpoint(str(dense), comp, err=0.4674, min_ratio=0.5, cache=SpectrumCache(root / "cache"))
+    compress_checkpoint(str(dense), comp, CompressConfig(err=0.4674, min_ratio=0.5, calibration=None),
+                        cache=SpectrumCache(root / "cache"))
     return {"root": root, "dense": str(dense), "comp": str(comp), "data": str(corpus), "tok": tok}
 
 

@@ -23,10 +23,11 @@ def _cli(*args: str) -> dict:
 
 @pytest.fixture(scope="module")
 def compressed(tmp_path_factory):
-    from welore_core.pipelines import compress_checkpoint
+    from welore_core.compression.config import CompressConfig
+    from welore_core.compression.pipeline import compress_checkpoint
 
     out = tmp_path_factory.mktemp("real") / "c05"
-    compress_checkpoint("smollm2-135m", out, err=0.5, min_ratio=0.5)
+    compress_checkpoint("smollm2-135m", out, CompressConfig(err=0.5, min_ratio=0.5, calibration=None))
     return out
 
 

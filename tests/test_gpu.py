@@ -6,11 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from welore_core.calibration import Calibration
-from welore_core.compress import compress_model
-from welore_core.factorize import truncated
+from welore_core.compression.calibration import Calibration
+from welore_core.compression.factorize import truncated
+from welore_core.compression.model import compress_model
+from welore_core.compression.whiten import gram_root, transformed_svd
 from welore_core.spectrum import SpectrumCache
-from welore_core.whiten import gram_root, transformed_svd
+
+from recipes import calibrated
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -32,9 +34,8 @@ def test_calibrated_compression_on_the_gpu_matches_the_cpu(tiny_llama, tmp_path,
     out = {}
     for device in ("cpu", "cuda"):
         model = tiny_llama().to(device)
-        report = compress_model(model, err=0.4, min_ratio=0.0, tolerance=0.05, calibration=calib,
-                                factorization="whitened", sequential=sequential, compensate=compensate,
-                                cache=SpectrumCache(tmp_path / device))
+        recipe = calibrated(err=0.4, min_ratio=0.0, sequential=sequential, compensate=compensate)
+        report = compress_model(model, recipe, calib, tolerance=0.05, cache=SpectrumCache(tmp_path / device))
         assert all(p.device.type == device for p in model.parameters())
         with torch.no_grad():
             out[device] = (report, model(input_ids=t.to(device)).logits.cpu())

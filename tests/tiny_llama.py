@@ -41,3 +41,17 @@ class ByteTokenizer:
 
     def save_pretrained(self, path):
         return None
+
+
+def train_tokenizer(docs, vocab_size: int = 300):
+    """A small byte-level BPE tokenizer (a real, saveable one) trained on `docs`; ids < vocab_size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(docs + ["Question: Answer: yes no A B C D E"], trainer=trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "<eos>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<pad>")

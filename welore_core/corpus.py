@@ -20,12 +20,18 @@ BUILTIN = {
     "commonsenseqa": "commonsenseqa/train_rand_split.jsonl",
     "commonsenseqa-dev": "commonsenseqa/dev_rand_split.jsonl",
 }
+# Built-in name → text shipped inside the package: the default calibration text and the held-out slice
+# of the quality check (see data/LICENSE-general.md).
+_PACKAGE_DATA = Path(__file__).resolve().parent / "data"
+PACKAGED = {"general": _PACKAGE_DATA / "general.jsonl", "general-heldout": _PACKAGE_DATA / "general-heldout.jsonl"}
 TEXT_FIELDS = ("text", "passage")
 
 
 def resolve_data(spec: str | Path) -> Path:
     """A built-in dataset name or a file path → an existing file."""
     spec = str(spec)
+    if spec in PACKAGED:
+        return PACKAGED[spec]
     if spec in BUILTIN:
         path = Path(get_core_settings().data_dir) / BUILTIN[spec]
         if not path.is_file():
@@ -35,7 +41,7 @@ def resolve_data(spec: str | Path) -> Path:
     path = Path(spec).expanduser()
     if not path.is_file():
         raise DataNotFound(f"data {spec!r} not found: expected a .txt or .jsonl file or a built-in "
-                           f"name ({', '.join(sorted(BUILTIN))})")
+                           f"name ({', '.join(sorted({*BUILTIN, *PACKAGED}))})")
     return path
 
 

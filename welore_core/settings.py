@@ -1,7 +1,8 @@
 """Settings of the ML core, read once from the environment (prefix WELORE_).
 
 Every setting has a default that works on a laptop with nothing configured. The service's
-settings (api/settings.py) extend this class, so one object configures everything.
+settings (api/settings.py) extend this class and hand themselves to the core with `configure()`,
+so one object configures everything and the core never reads the environment on its own.
 """
 
 from functools import lru_cache
@@ -37,6 +38,26 @@ class CoreSettings(BaseSettings):
     """auto (a GPU when present), cpu, or cuda[:N] (env WELORE_DEVICE)."""
 
 
+_configured: list[CoreSettings] = []
+
+
+def configure(settings: CoreSettings) -> None:
+    """Make `settings` (e.g. the service's Settings, a CoreSettings subclass) the core's settings."""
+    _configured[:] = [settings]
+    _from_environment.cache_clear()
+
+
 @lru_cache(maxsize=1)
-def get_core_settings() -> CoreSettings:
+def _from_environment() -> CoreSettings:
     return CoreSettings()
+
+
+def get_core_settings() -> CoreSettings:
+    """The configured settings, or (the command line) the environment's, read once."""
+    return _configured[0] if _configured else _from_environment()
+
+
+def reset() -> None:
+    """Forget the configured settings and re-read the environment on next use (tests)."""
+    _configured.clear()
+    _from_environment.cache_clear()

@@ -7,10 +7,12 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from api.settings import Settings, get_settings
+from welore_core.settings import configure
 
 def make_celery(settings: Settings) -> Celery:
     if not settings.redis_url:
         raise RuntimeError("Celery needs a broker: set WELORE_REDIS_URL (embedded `welore serve` needs no worker)")
+    configure(settings)  # the core's cache dir, data dir and device come from the service's settings
     app = Celery("welore", broker=settings.redis_url, include=["worker.tasks"])
     hard = settings.job_time_limit_s
     gpu, light = settings.queue("gpu"), settings.queue("light")

@@ -37,7 +37,6 @@ from .publisher import Heartbeat, Publisher
 log = logging.getLogger("welore.worker")
 
 MAX_ATTEMPTS = 3
-COMPRESS_KEYS = ("err", "params_kept", "method", "min_ratio", "merged")  # the rest pass through (calibration...)
 _buses: dict[tuple[int, str], EventBus] = {}
 
 
@@ -147,19 +146,18 @@ def _supported(fn: Callable, kwargs: dict) -> dict:
 
 # -- one handler per job type: (spec, out dir, progress, stop, settings) → result ------------
 def _compress(job: JobSpec, out: Path, progress, stop, settings: Settings) -> dict:
-    from welore_core.pipelines import compress_checkpoint
+    from welore_core.compression.config import OPTIONS, CompressConfig
+    from welore_core.compression.pipeline import compress_checkpoint
 
     p = dict(job.params)
-    extra = {k: v for k, v in p.items() if k not in COMPRESS_KEYS and v is not None}
-    if "calibration" in extra:
-        extra["calibration"] = data_path(settings, extra["calibration"])
-    extra = _supported(compress_checkpoint, extra)
-    result = compress_checkpoint(model_path(settings, job.model_ref), out, err=p.get("err"),
-                                 params_kept=p.get("params_kept"), method=p.get("method", "welore"),
-                                 min_ratio=p.get("min_ratio", 0.5),
-                                 merged_out=out / "merged" if p.get("merged") else None,
-                                 overwrite=False, device=_device(settings), progress=progress,
-                                 should_stop=stop, **extra)
+    options = {k: p.get(k) for k in OPTIONS}
+    if options.get("calibration"):
+        options["calibration"] = data_path(settings, options["calibration"])
+    recover_data = data_path(settings, p["recover_data"]) if p.get("recover_data") else None
+    result = compress_checkpoint(model_path(settings, job.model_ref), out, CompressConfig.from_options(options),
+                                 merged_out=out / "merged" if p.get("merged") else None, overwrite=False,
+                                 recover=int(p.get("recover") or 0), recover_data=recover_data,
+                                 device=_device(settings), progress=progress, should_stop=stop)
     return _summary(result)
 
 

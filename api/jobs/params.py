@@ -5,41 +5,55 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+
+from welore_core.compression.config import OPTIONS, CompressConfig, Option
+from welore_core.errors import InvalidArgument
 
 
 class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class CompressParams(_Params):
-    """`welore compress`: give exactly one of `err` and `params_kept`."""
+def _compress_field(o: Option):
+    """A pydantic field for one recipe option: type, range and choices from compression.config."""
+    typ = {float: float, int: int, bool: bool, str: str}[o.type]
+    if o.choices:
+        typ = Literal[o.choices]  # type: ignore[valid-type]
+    bounds = {}
+    if o.lo is not None:
+        bounds["gt" if o.lo_open else "ge"] = o.lo
+    if o.hi is not None:
+        bounds["lt" if o.hi_open else "le"] = o.hi
+    if typ is str:
+        bounds.update(min_length=1, max_length=200)
+    default = f" (default {o.default})" if o.default is not None else ""
+    return (Optional[typ], Field(None, description=o.help + default, **bounds))
 
-    err: Optional[float] = Field(None, ge=0, lt=1, description="effective rank reduction to reach")
-    params_kept: Optional[float] = Field(None, gt=0, le=1,
-                                         description="fraction of target-matrix parameters to keep")
-    method: Literal["welore", "uniform"] = "welore"
-    min_ratio: float = Field(0.5, ge=0, le=1, description="LRC threshold on the fraction of ranks dropped")
-    merged: bool = Field(False, description="also export merged dense weights (artifacts under merged/)")
-    # Calibration-aware variants: passed to the engine when it supports them.
-    calibration: Optional[str] = Field(None, description="calibration data: an uploaded file id or a built-in name")
-    calib_samples: Optional[int] = Field(None, ge=1, le=100_000)
-    calib_seq_len: Optional[int] = Field(None, ge=2, le=32_768)
-    factorization: Optional[Literal["plain", "whitened", "scaled"]] = None
-    rank_from: Optional[Literal["weights", "activations"]] = None
-    sequential: Optional[bool] = None
-    compensate: Optional[bool] = Field(None, description="with sequential: fit o_proj/down_proj to the dense "
-                                                         "blocks' outputs")
-    alpha: Optional[float] = Field(None, gt=0, le=10, description="scaled: exponent of mean|x|")
-    damp: Optional[float] = Field(None, ge=0, le=1)
-    sink_weight: Optional[float] = Field(None, gt=0, le=1e6,
-                                         description="weight of each calibration window's first token (default 1)")
 
+class _CompressBase(_Params):
     @model_validator(mode="after")
-    def _one_target(self):
-        if (self.err is None) == (self.params_kept is None):
-            raise ValueError("give exactly one of 'err' (0 ≤ err < 1) and 'params_kept' (0 < params_kept ≤ 1)")
+    def _recipe(self):
+        options = {k: getattr(self, k) for k in OPTIONS}
+        if (options["err"] is None) == (options["params_kept"] is None):
+            raise ValueError("give exactly one of 'err' (0 < err < 1) and 'params_kept' (0 < params_kept ≤ 1)")
+        try:
+            CompressConfig.from_options(options)  # the recipe's own cross-checks
+        except InvalidArgument as exc:
+            raise ValueError(exc.message) from None
         return self
+
+
+CompressParams = create_model(
+    "CompressParams", __base__=_CompressBase, __doc__="`welore compress`: the recipe options of CompressConfig "
+    "(give exactly one of `err` and `params_kept`), plus what to do with the result.",
+    **{o.name: _compress_field(o) for o in OPTIONS.values()},
+    merged=(bool, Field(False, description="also export merged dense weights (artifacts under merged/)")),
+    recover=(int, Field(0, ge=0, le=100_000, description="then fine-tune the low-rank factors for this many "
+                                                        "steps, distilled from the source model (0: no recovery)")),
+    recover_data=(Optional[str], Field(None, min_length=1, max_length=200,
+                                       description="text for recover: an uploaded file id or a built-in name "
+                                                   "(default: the shipped general text)")))
 
 
 class FinetuneParams(_Params):
@@ -94,6 +108,6 @@ class EvaluateParams(_Params):
 
 PARAMS = {"compress": CompressParams, "finetune": FinetuneParams, "evaluate": EvaluateParams}
 # Parameters naming a dataset (an uploaded file or a built-in name), resolved at submit time.
-DATA_PARAMS = ("data", "calibration")
+DATA_PARAMS = ("data", "calibration", "recover_data")
 # Parameters naming a model (like `model`), resolved at submit time into the job's model_ref.
 MODEL_PARAMS = ("teacher",)

@@ -14,7 +14,8 @@ from typing import Optional
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from welore_core.corpus import BUILTIN
+from welore_core.compression.config import NO_CALIBRATION
+from welore_core.corpus import BUILTIN, PACKAGED
 
 from ..catalog.service import resolve_model
 from ..errors import Conflict, InvalidRequest, NotFound, ServiceUnavailable
@@ -41,7 +42,9 @@ def _check_data(session: Session, owner: ApiKey, field: str, value: str) -> None
     if value.startswith("file_"):
         files_service.get(session, value, owner)  # 404 when unknown or someone else's
         return
-    names = sorted({*BUILTIN, *EXTRA_BUILTIN})
+    names = sorted({*BUILTIN, *PACKAGED, *EXTRA_BUILTIN})
+    if field == "calibration" and value.lower() == NO_CALIBRATION:
+        return
     if value not in names:
         raise InvalidRequest(f"params.{field}: {value!r} is neither an uploaded file id (file_...) nor a "
                              f"built-in dataset", code="invalid_params",

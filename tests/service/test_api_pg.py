@@ -73,7 +73,7 @@ def test_invalid_params_name_the_field_and_range(idle_client, key):
     r = idle_client.post("/v1/jobs", json={"type": "compress", "model": "tiny", "params": {"err": 1.5}}, headers=key)
     assert r.status_code == 422
     field = r.json()["error"]["fields"][0]
-    assert field["field"] == "params.err" and field["allowed"] == "0 ≤ value < 1" and field["received"] == 1.5
+    assert field["field"] == "params.err" and field["allowed"] == "0.0 < value < 1.0" and field["received"] == 1.5
     assert "params.err" in r.json()["error"]["message"]
 
     r = idle_client.post("/v1/jobs", json={"type": "compress", "model": "tiny", "params": {"err": 0.2, "params_kept": 0.5}},
@@ -100,6 +100,12 @@ def test_invalid_params_name_the_field_and_range(idle_client, key):
                                            "params": {"err": 0.2, "calibration": "boolq", "compensate": "maybe"}},
                          headers=key)
     assert r.status_code == 422 and r.json()["error"]["fields"][0]["field"] == "params.compensate"
+
+    for params, message in (({"err": 0.2, "calibration": "none", "method": "loss"}, "needs calibration"),
+                            ({"err": 0.2, "sequential": False, "compensate": True}, "enable sequential"),
+                            ({"err": 0.2, "calibration": "none", "calib_samples": 8}, "calib_samples need calibration")):
+        r = idle_client.post("/v1/jobs", json={"type": "compress", "model": "tiny", "params": params}, headers=key)
+        assert r.status_code == 422 and message in r.json()["error"]["message"], r.json()  # the recipe's cross-checks
 
     r = idle_client.post("/v1/jobs", json={"type": "train", "model": "tiny", "params": {}}, headers=key)
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_params"
@@ -139,7 +145,7 @@ def test_submit_returns_202_and_the_job(idle_client, key):
     assert r.status_code == 202
     job = r.json()
     assert job["status"] == "queued" and job["progress"] == 0 and job["started_at"] is None
-    assert job["params"] == {"params_kept": 0.6, "method": "welore", "min_ratio": 0.5, "merged": False}
+    assert job["params"] == {"params_kept": 0.6, "merged": False, "recover": 0}  # recipe defaults: CompressConfig's
     assert r.headers["location"] == f"/v1/jobs/{job['id']}"
     got = idle_client.get(f"/v1/jobs/{job['id']}", headers=key).json()
     assert got["id"] == job["id"] and got["queue"].endswith(".gpu")
@@ -282,7 +288,8 @@ def test_layering_api_imports_no_torch_and_core_no_web_stack():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
-    core = subprocess.run([sys.executable, "-c", "import sys, welore_core.pipelines, welore_core.finetune, "
+    core = subprocess.run([sys.executable, "-c", "import sys, welore_core.pipelines, welore_core.compression.pipeline, "
+                           "welore_core.finetune, "
                            "welore_core.cli; print([m for m in ('fastapi', 'sqlalchemy', 'celery', 'redis', "
                            "'starlette') if m in sys.modules])"], capture_output=True, text=True, timeout=120)
     assert core.returncode == 0, core.stderr

@@ -15,7 +15,7 @@ from helpers import parse_sse, read_sse, sha256, wait_for
 
 pytestmark = pytest.mark.service
 
-COMPRESS = {"err": 0.3, "min_ratio": 0.0}
+COMPRESS = {"err": 0.3, "min_ratio": 0.0, "calibration": "none"}
 
 
 @pytest.fixture(scope="module")
@@ -96,11 +96,12 @@ def test_download_every_artifact_and_compare_logits(client, keys, compressed, se
     assert not [p for p in (settings.artifact_dir / ".tmp").iterdir() if p.name.startswith(job_id)]
 
     # The downloaded checkpoint loads with welore_core and computes what a local run computes.
+    from welore_core.compression.config import CompressConfig
+    from welore_core.compression.pipeline import compress_checkpoint
     from welore_core.loading import load_model
-    from welore_core.pipelines import compress_checkpoint
 
     local = tmp_path / "local"
-    compress_checkpoint(str(settings.models_dir / "tiny"), local, device="cpu", **COMPRESS)
+    compress_checkpoint(str(settings.models_dir / "tiny"), local, CompressConfig.from_options(COMPRESS), device="cpu")
     served = load_model(str(out), device="cpu", dtype=torch.float32)
     reference = load_model(str(local), device="cpu", dtype=torch.float32)
     assert served.meta["factored"] == reference.meta["factored"] and served.meta["factored"]

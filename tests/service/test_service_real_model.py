@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.service, pytest.mark.real_model]
 def test_smollm2_compress_and_evaluate_through_the_service(client, keys, celery_worker):
     h = keys["A"]
     r = client.post("/v1/jobs", json={"type": "compress", "model": "smollm2-135m",
-                                      "params": {"err": 0.3, "min_ratio": 0.5}}, headers=h)
+                                      "params": {"err": 0.3, "min_ratio": 0.5, "calibration": "none"}}, headers=h)
     assert r.status_code == 202, r.json()
     job_id = r.json()["id"]
     events = read_sse(client, job_id, h)

@@ -1,46 +1,64 @@
-"""`welore compress MODEL (--err F | --params-kept F) --out DIR`: WeLore or uniform compression,
-data-free (plain SVD) or calibrated (`--calibration DATA`: whitened or scaled factorisation)."""
+"""`welore compress MODEL (--err F | --params-kept F | --recipe FILE) --out DIR`: calibrated WeLore
+compression by default, data-free with `--calibration none`; `--recover STEPS` fine-tunes after.
+
+The recipe flags are generated from compression.config.OPTIONS (one flag per CompressConfig field)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
-from .common import (add_device_flag, add_json_flag, check_outputs, emit, fraction, peak_rss_mb, positive_int,
-                     progress_for)
+from ..compression.config import OPTIONS, CompressConfig, Option, range_text
+from ..errors import InvalidArgument
+from .common import add_device_flag, add_json_flag, check_outputs, emit, peak_rss_mb, positive_int, progress_for
+
+
+def _typed(o: Option):
+    """An argparse type for an option: numbers parsed and range-checked with the option's own bounds."""
+    def parse(text: str):
+        try:
+            value = o.type(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if o.type is int else 'a number'}, got {text!r}")
+        if o.lo is not None and o.hi is not None:
+            low_bad = value <= o.lo if o.lo_open else value < o.lo
+            high_bad = value >= o.hi if o.hi_open else value > o.hi
+            if low_bad or high_bad or value != value:
+                raise argparse.ArgumentTypeError(f"expected a value in {range_text(o)}, got {text}")
+        return value
+    return parse
+
+
+def add_recipe_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per OPTIONS entry; every default stays None so the config's own default applies."""
+    target = p.add_mutually_exclusive_group()
+    cal = p.add_argument_group("calibration (activation-aware factorisation; on by default)")
+    for o in OPTIONS.values():
+        group = target if o.target else cal if o.path[0] in ("calibration", "experimental") else p
+        help = o.help + ("" if o.default is None else f" (default {str(o.default).lower() if o.type is bool else o.default})")
+        if o.type is bool:
+            group.add_argument(o.flag, dest=o.name, action=argparse.BooleanOptionalAction, default=None, help=help)
+        elif o.choices:
+            group.add_argument(o.flag, dest=o.name, choices=o.choices, default=None, help=help)
+        else:
+            group.add_argument(o.flag, dest=o.name, type=_typed(o) if o.type is not str else str, default=None,
+                               help=help, metavar="DATA" if o.name == "calibration" else None)
+    p.add_argument("--recipe", metavar="FILE", help="a recipe JSON file, or a checkpoint's welore.json, to "
+                        "reproduce; flags given as well override it")
 
 
 def register(sub) -> None:
-    p = sub.add_parser("compress", help="compress a model with WeLore (or the uniform baseline)")
+    p = sub.add_parser("compress", help="compress a model with WeLore (calibrated by default)",
+                       description="Compress MODEL to a low-rank checkpoint. Give a target (--err or --params-kept) "
+                       "or a --recipe. By default the factorisation is calibrated on text shipped with welore and "
+                       "ranks go where the whitened truncation loss is smallest; --calibration none gives the "
+                       "paper's data-free WeLore.")
     p.add_argument("model", help="registry name (smollm2-135m), .gguf file or model directory")
-    target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--err", type=fraction, help="effective rank reduction to reach (fraction of ranks removed)")
-    target.add_argument("--params-kept", type=fraction, help="fraction of target-matrix parameters to keep")
-    p.add_argument("--method", choices=["welore", "uniform"], default="welore")
-    p.add_argument("--min-ratio", type=fraction, default=0.5,
-                   help="a matrix is a Low-Rank Component when it drops more than this fraction of ranks (default 0.5)")
-    cal = p.add_argument_group("calibration (activation-aware factorisation under WeLore's ranks)")
-    cal.add_argument("--calibration", metavar="DATA",
-                     help="calibration text: a .txt/.jsonl file or a built-in name (boolq, commonsenseqa, ...)")
-    cal.add_argument("--calib-samples", type=positive_int, default=None,
-                     help="calibration windows (default 64; the first N of DATA)")
-    cal.add_argument("--calib-seq-len", type=positive_int, default=None,
-                     help="tokens per calibration window (default 512)")
-    cal.add_argument("--factorization", choices=["plain", "whitened", "scaled"], default=None,
-                     help="plain SVD of W (data-free; the default without --calibration), whitened "
-                          "(SVD of W·S, S·Sᵀ = XᵀX; the default with --calibration) or scaled (ASVD)")
-    cal.add_argument("--rank-from", choices=["weights", "activations"], default="weights",
-                     help="apply WeLore's tau to the spectra of W (the paper; default) or of W·S")
-    cal.add_argument("--sequential", action="store_true",
-                     help="gather layer L's statistics with layers 0..L-1 already compressed")
-    cal.add_argument("--compensate", action="store_true",
-                     help="with --sequential: fit each layer's o_proj and down_proj to the dense block's "
-                          "outputs, absorbing what the layer's other compressed matrices lose")
-    cal.add_argument("--alpha", type=float, default=None, help="scaled: exponent of mean|x| (default 0.5)")
-    cal.add_argument("--damp", type=float, default=None,
-                     help="whitened: Cholesky damping, fraction of the Gram's mean diagonal (default 0.01)")
-    cal.add_argument("--sink-weight", type=float, default=None, metavar="W",
-                     help="count the first token of every calibration window W times in the statistics "
-                          "(the attention sink: its value reaches every later token; default 1)")
+    add_recipe_flags(p)
+    p.add_argument("--recover", type=positive_int, default=None, metavar="STEPS",
+                   help="then fine-tune the low-rank factors for STEPS steps, distilled from MODEL (WeLore-COFT)")
+    p.add_argument("--recover-data", metavar="DATA", help="text for --recover (default: the shipped general text)")
     p.add_argument("--out", required=True, help="directory for the compressed checkpoint")
     p.add_argument("--merged-out", help="also write a dense (merged) export loadable by plain transformers")
     p.add_argument("--overwrite", action="store_true", help="replace --out / --merged-out if they exist")
@@ -49,26 +67,61 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def config_from_args(args: argparse.Namespace) -> CompressConfig:
+    """The recipe: --recipe FILE (or a checkpoint's welore.json) as the base, then the flags given."""
+    flags = {name: getattr(args, name) for name in OPTIONS if getattr(args, name, None) is not None}
+    if not args.recipe:
+        if "err" not in flags and "params_kept" not in flags:
+            raise InvalidArgument("give a target: --err F (fraction of ranks removed), --params-kept F (fraction "
+                                  "of target-matrix parameters kept) or --recipe FILE")
+        return CompressConfig.from_options(flags)
+    path = Path(args.recipe)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InvalidArgument(f"cannot read the recipe {path}: {exc}; expected a JSON recipe or a "
+                              "checkpoint's welore.json") from exc
+    if isinstance(data, dict) and "format_version" in data:  # a checkpoint's welore.json
+        if not isinstance(data.get("recipe"), dict):
+            raise InvalidArgument(f"{path} records no recipe (written by an older welore); pass the flags instead")
+        data = data["recipe"]
+    base = CompressConfig.from_dict(data).to_options()
+    if "err" in flags or "params_kept" in flags:  # a target given on the command line replaces the recipe's
+        base.pop("err"), base.pop("params_kept")
+    if str(flags.get("calibration", "")).lower() == "none":  # so do the recipe's calibration settings
+        base = {k: v for k, v in base.items() if OPTIONS[k].path[0] != "calibration"}
+    return CompressConfig.from_options({**base, **flags})
+
+
 def human_report(r: dict) -> str:
     lines = [f"{'matrix':<16}{'shape':>11}{'rank':>6}{'kept':>6}{'reduce':>8}  {'label':<6}{'storage':<8}{'rel_err':>8}"]
     for m in r["matrices"]:
         lines.append(f"{m['name']:<16}{'x'.join(map(str, m['shape'])):>11}{m['rank']:>6}{m['kept_rank']:>6}"
                      f"{m['reduction']:>8.3f}  {m['label']:<6}{m['storage']:<8}{m['rel_error']:>8.4f}")
-    tau = f"{r['tau']:.4f}" if r["tau"] is not None else "-"
+    tau = f"  tau {r['tau']:.4f}" if r["tau"] is not None else ""
     lines += [
         "",
-        f"method {r['method']}  tau {tau}  min_ratio {r['min_ratio']}  factorization "
-        f"{r.get('factorization', 'plain')}  ranks from {r.get('rank_from', 'weights')}",
+        f"method {r['method']}{tau}  min_ratio {r['min_ratio']}  factorization {r.get('factorization', 'plain')}",
         *calibration_lines(r.get("calibration")),
         f"ERR requested {r['err_requested']}  achieved {r['err_achieved']:.4f}",
         f"target-matrix parameters kept {r['params_kept_achieved']:.4f} "
         f"({r['target_params_after']:,} of {r['target_params_before']:,})",
         f"model parameters {r['params_before']:,} -> {r['params_after']:,}",
         f"LRC {r['n_lrc']}  N-LRC {r['n_nlrc']}  decomposed now {r['decomposed']}",
+        *quality_lines(r.get("quality")),
         f"written to {r['out']}" + (f" (merged export: {r['merged_out']})" if r["merged_out"] else ""),
         f"{r['seconds']:.1f} s (compression {r['compress_seconds']:.1f} s), peak RSS {r['peak_rss_mb']:.0f} MB",
     ]
     return "\n".join(lines)
+
+
+def quality_lines(q: dict | None) -> list[str]:
+    if not q:
+        return []
+    before = (f" (before recovery {q['perplexity_before_recovery']:.4g})"
+              if q.get("perplexity_before_recovery") is not None else "")
+    return [f"quality: perplexity {q['perplexity']:.4g}{before} vs dense {q['perplexity_dense']:.4g} = "
+            f"{q['ratio']:.2f}x on {q['tokens']} held-out tokens"]
 
 
 def calibration_lines(c: dict | None) -> list[str]:
@@ -85,17 +138,18 @@ def calibration_lines(c: dict | None) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..pipelines import compress_checkpoint
+    import sys
+
+    from ..compression.pipeline import compress_checkpoint
 
     check_outputs(args, "out", "merged_out")
+    config = config_from_args(args)
     with progress_for(args) as bar:
-        result = compress_checkpoint(args.model, args.out, err=args.err, params_kept=args.params_kept,
-                                     method=args.method, min_ratio=args.min_ratio, merged_out=args.merged_out,
-                                     overwrite=args.overwrite, device=args.device, progress=bar,
-                                     calibration=args.calibration, calib_samples=args.calib_samples,
-                                     calib_seq_len=args.calib_seq_len, factorization=args.factorization,
-                                     rank_from=args.rank_from, sequential=args.sequential, alpha=args.alpha,
-                                     damp=args.damp, sink_weight=args.sink_weight, compensate=args.compensate)
+        result = compress_checkpoint(args.model, args.out, config, merged_out=args.merged_out,
+                                     overwrite=args.overwrite, recover=args.recover or 0,
+                                     recover_data=args.recover_data, device=args.device, progress=bar)
     result["peak_rss_mb"] = peak_rss_mb()
+    if result.get("warning"):
+        print(f"warning: {result['warning']}", file=sys.stderr)
     emit(result, args.json, human_report(result))
     return 0

@@ -16,7 +16,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..allocation import normalise
+    from ..compression.allocation import normalise
     from ..loading import load_model
     from ..settings import get_core_settings
     from ..spectrum import SpectrumCache, compute_spectra

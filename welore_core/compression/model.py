@@ -1,12 +1,12 @@
-"""WeLore compression of a loaded model: spectra → allocation → factorisation → module swap.
+"""Compression of a loaded model by a recipe: spectra → allocation → factorisation → module swap.
 
 `compress_model` changes the model in place and returns a `CompressionReport` (everything
 `welore.json` and the command line report). Each matrix is decomposed at most once (and not
 at all when the spectrum cache already holds it).
 
-With calibration data (calibration.py, whiten.py) each LRC is instead factorised from the SVD
-of W·S for an activation-derived S (`whitened` or `scaled`); the ranks still come from WeLore's
-τ, over the spectra of W (`rank_from="weights"`, the paper) or of W·S ("activations").
+Data-free (the paper): the SVD of W, ranks from WeLore's τ (or uniform). Calibrated
+(calibration.py, whiten.py): each LRC is factorised from the SVD of W·S, S·Sᵀ = XᵀX over the
+calibration activations; the ranks come from the spectra of W·S (method "loss") or of W.
 """
 
 from __future__ import annotations
@@ -14,23 +14,24 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
 
-from .allocation import TOLERANCE, Allocation, MatrixPlan, allocate_uniform, allocate_welore, relative_error
-from .checkpoint import all_finite
-from .errors import InvalidArgument, NonFiniteWeights
+from .allocation import (TOLERANCE, Allocation, MatrixPlan, allocate_loss, allocate_uniform, allocate_welore,
+                         normalise, relative_error)
+from .config import METHODS, CompressConfig
+from ..checkpoint import all_finite
+from ..errors import InvalidArgument, NonFiniteWeights
 from .factorize import factors, truncated
-from .lowrank import LowRankLinear, swap_module
-from .progress import ProgressEvent, ProgressFn, StopFn, check_stop, no_progress
-from .settings import get_core_settings
-from .spectrum import Spectra, SpectrumCache, compute_spectra, tensor_hash
-from .targets import short_name, target_names
+from ..lowrank import LowRankLinear, swap_module
+from ..progress import ProgressEvent, ProgressFn, StopFn, check_stop, no_progress
+from ..settings import get_core_settings
+from ..spectrum import Spectra, SpectrumCache, compute_spectra, tensor_hash
+from ..targets import short_name, target_names
 
-METHODS = ("welore", "uniform")
+SKETCH_POINTS = 64
 
 
 @dataclass
@@ -44,6 +45,7 @@ class MatrixReport:
     storage: str  # "factors" | "dense"
     rel_error: float  # ‖W − Ŵ‖_F / ‖W‖_F
     calib_error: Optional[float] = None  # calibrated: ‖(W − Ŵ)·S‖_F / ‖W·S‖_F (None when plain)
+    spectrum_z: list[float] = field(default_factory=list)  # normalised spectrum, ≤ SKETCH_POINTS samples
 
 
 @dataclass
@@ -65,9 +67,9 @@ class CompressionReport:
     matrices: list[MatrixReport] = field(default_factory=list)
     seconds: float = 0.0
     decomposed: int = 0  # matrices decomposed in this run (0 with a warm cache)
-    factorization: str = "plain"  # "plain" | "whitened" | "scaled"
-    rank_from: str = "weights"  # spectra τ is applied to: of W ("weights") or of W·S ("activations")
-    calibration: Optional[dict] = None  # data, hash, samples, seq_len, sequential, alpha/damp, ...
+    factorization: str = "plain"  # "plain" | "whitened"
+    calibration: Optional[dict] = None  # data, hash, samples, seq_len, sequential, compensate, damp, ...
+    recipe: dict = field(default_factory=dict)  # the resolved CompressConfig.to_dict()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -102,6 +104,9 @@ def allocate(spectra: Spectra, method: str, err: Optional[float], params_kept: O
                                min_ratio=min_ratio, tolerance=tolerance)
     if method == "uniform":
         return allocate_uniform(spectra.shapes, err=err, params_kept=params_kept, tolerance=tolerance)
+    if method == "loss":
+        return allocate_loss(spectra.values, spectra.shapes, err=err, params_kept=params_kept,
+                             min_ratio=min_ratio, tolerance=tolerance)
     raise InvalidArgument(f"method must be one of {', '.join(METHODS)}; received {method!r}")
 
 
@@ -133,58 +138,34 @@ def _swap_in_calibrated(model: nn.Module, name: str, plan: MatrixPlan, cache: Sp
     return rel
 
 
-def _check_calibration_args(factorization: Optional[str], calibration, rank_from: str, sequential: bool,
-                            sink_weight: Optional[float] = None, compensate: bool = False) -> str:
-    from .whiten import FACTORIZATIONS
-    from .calibration import RANK_SOURCES
+def compress_model(model: nn.Module, config: CompressConfig, calibration=None, *,
+                   cache: SpectrumCache | None = None, tolerance: float = TOLERANCE,
+                   progress: ProgressFn = no_progress, should_stop: StopFn | None = None) -> CompressionReport:
+    """Compress `model` in place by the recipe `config` (resolved here). Raises Cancelled (the model
+    is then half-swapped: discard it).
 
-    if factorization is None:
-        factorization = "plain" if calibration is None else "whitened"
-    if factorization not in FACTORIZATIONS:
-        raise InvalidArgument(f"factorization must be one of {', '.join(FACTORIZATIONS)}; received {factorization!r}")
-    if rank_from not in RANK_SOURCES:
-        raise InvalidArgument(f"rank_from must be one of {', '.join(RANK_SOURCES)}; received {rank_from!r}")
-    if factorization == "plain":
-        if calibration is not None or rank_from != "weights" or sequential or sink_weight not in (None, 1):
-            raise InvalidArgument("calibration data, rank_from='activations', sequential and sink_weight need a "
-                                  "calibrated factorization; pass --factorization whitened (or scaled), or drop "
-                                  "them for plain data-free WeLore")
-    elif calibration is None:
-        raise InvalidArgument(f"factorization {factorization!r} needs calibration data; pass --calibration DATA "
-                              "(a .txt/.jsonl file or a built-in name such as boolq)")
-    if compensate and (factorization != "whitened" or not sequential):
-        raise InvalidArgument(f"compensate fits o_proj/down_proj to the dense block's outputs inside the sequential "
-                              f"whitened pass; add --sequential and --factorization whitened (received "
-                              f"factorization={factorization!r}, sequential={sequential})")
-    return factorization
+    `calibration` (a calibration.Calibration: the token windows of `config.calibration.data`) is
+    required when the recipe is calibrated. The achieved ERR (or parameter fraction) must land
+    within `tolerance` of the request; small models, whose matrices join the LRCs in coarse
+    steps, may need a looser one.
 
-
-def compress_model(model: nn.Module, *, err: Optional[float] = None, params_kept: Optional[float] = None,
-                   method: str = "welore", min_ratio: float = 0.5, cache: SpectrumCache | None = None,
-                   tolerance: float = TOLERANCE, progress: ProgressFn = no_progress,
-                   should_stop: StopFn | None = None, calibration=None, factorization: Optional[str] = None,
-                   rank_from: str = "weights", sequential: bool = False, alpha: Optional[float] = None,
-                   damp: Optional[float] = None, sink_weight: Optional[float] = None,
-                   compensate: bool = False) -> CompressionReport:
-    """Compress `model` in place. Raises Cancelled (model then half-swapped: discard it).
-
-    The achieved ERR (or parameter fraction) must land within `tolerance` of the request;
-    small models, whose matrices join the LRCs in coarse steps, may need a looser one.
-
-    Calibrated variants: `calibration` (a calibration.Calibration: token windows) with
-    `factorization` "whitened" (default when calibration is given) or "scaled" (`alpha`);
-    `rank_from` "weights" | "activations"; `sequential` gathers layer L's statistics with
-    layers 0..L−1 already compressed (with rank_from="activations" the ranks then come from
-    the dense model's activations, since a global τ needs every spectrum first);
-    `sink_weight` (default 1) counts the first token of every calibration window that many
-    times in the statistics (see calibration.py); `compensate` (whitened, sequential) fits each
-    layer's o_proj and down_proj to the dense block's outputs given its compressed other matrices.
+    Calibrated recipes factorise each LRC from the SVD of W·S (whitened); the ranks come from the
+    spectra of W·S under the dense model's activations (method "loss") or of W (welore, uniform).
+    `sequential` gathers layer L's statistics with layers 0..L−1 already compressed; `compensate`
+    fits each layer's o_proj and down_proj to the dense block's outputs given its compressed other
+    matrices.
     """
     t0 = time.perf_counter()
-    if method not in METHODS:
-        raise InvalidArgument(f"method must be one of {', '.join(METHODS)}; received {method!r}")
-    factorization = _check_calibration_args(factorization, calibration, rank_from, sequential, sink_weight,
-                                            compensate)
+    config = config.resolve()
+    cal_cfg = config.calibration
+    if cal_cfg is not None and calibration is None:
+        raise InvalidArgument("this recipe is calibrated: pass the calibration token windows "
+                              "(compression.calibration.load_calibration) or use calibration=None")
+    if cal_cfg is None and calibration is not None:
+        raise InvalidArgument("calibration windows were given for a data-free recipe; set the recipe's "
+                              "calibration or pass none")
+    method, err, params_kept, min_ratio = config.method, config.err, config.params_kept, config.min_ratio
+    factorization = "plain" if cal_cfg is None else cal_cfg.factorization
     names = target_names(model)
     if any(isinstance(model.get_submodule(n), LowRankLinear) for n in names):
         raise InvalidArgument("this model is already WeLore-compressed; compress its dense source "
@@ -198,27 +179,24 @@ def compress_model(model: nn.Module, *, err: Optional[float] = None, params_kept
     source_hash = model_fingerprint(model, spectra)
     keys, calibrated, record = spectra.keys, None, None
     applied: dict[str, float] = {}  # calibrated matrices already swapped in → ‖W − Ŵ‖/‖W‖
-    if factorization == "plain":
+    if cal_cfg is None:
         alloc = allocate(spectra, method, err, params_kept, min_ratio, tolerance)
     else:
         from .calibration import Calibrator
-        from .whiten import ALPHA, DAMP
 
-        alpha = ALPHA if alpha is None else alpha
-        damp = DAMP if damp is None else damp
-        sink_weight = 1.0 if sink_weight is None else float(sink_weight)
+        sequential, compensate = cal_cfg.sequential, bool(cal_cfg.compensate)
+        sink_weight = config.experimental.sink_weight
         t_cal = time.perf_counter()
         cal = Calibrator(model, names, spectra.keys, source_hash, calibration, factorization, cache,
-                         alpha=alpha, damp=damp, sink_weight=sink_weight, progress=progress,
-                         should_stop=should_stop)
-        if rank_from == "weights":  # ranks first: only the LRCs need calibrated SVDs
-            alloc = allocate(spectra, method, err, params_kept, min_ratio, tolerance)
-            if not sequential:
-                calibrated = cal.dense(only={i for i, p in enumerate(alloc.plans) if p.lrc})
-        else:  # τ over the spectra of W·S: every matrix's, from the dense model's activations
+                         damp=cal_cfg.damp, sink_weight=sink_weight, progress=progress, should_stop=should_stop)
+        if method == "loss":  # ranks from the spectra of W·S: every matrix's, from the dense model's activations
             calibrated = cal.dense()
             alloc = allocate(replace(spectra, values=calibrated.values), method, err, params_kept, min_ratio,
                              tolerance)
+        else:  # ranks from the weights first: only the LRCs need calibrated SVDs
+            alloc = allocate(spectra, method, err, params_kept, min_ratio, tolerance)
+            if not sequential:
+                calibrated = cal.dense(only={i for i, p in enumerate(alloc.plans) if p.lrc})
         if sequential:
             plans = dict(zip(names, alloc.plans))
 
@@ -229,7 +207,7 @@ def compress_model(model: nn.Module, *, err: Optional[float] = None, params_kept
                                         only={i for i, p in enumerate(alloc.plans) if p.lrc}, compensate=compensate)
         keys = calibrated.keys
         record = {**calibration.record(), "sequential": sequential, "compensate": compensate,
-                  **({"alpha": alpha} if factorization == "scaled" else {"damp": damp}), "sink_weight": sink_weight,
+                  "damp": cal_cfg.damp, "sink_weight": sink_weight,
                   "factorized": calibrated.factorized, "layer_forwards": calibrated.forward_passes,
                   "fallbacks": calibrated.how, "seconds": time.perf_counter() - t_cal}
     check_stop(should_stop)
@@ -238,7 +216,7 @@ def compress_model(model: nn.Module, *, err: Optional[float] = None, params_kept
     for i, (name, plan, S, key) in enumerate(zip(spectra.names, alloc.plans, spectra.values, keys)):
         check_stop(should_stop)
         calib_error = None
-        if factorization == "plain":
+        if cal_cfg is None:
             if plan.lrc and not plan.factored:  # Ŵ = W − U_tail·S_tail·V_tailᵀ: m·n·(r−k), not m·n·k
                 U_t, S_t, Vh_t = cache.tail(key, plan.kept)
                 with torch.no_grad():
@@ -256,10 +234,10 @@ def compress_model(model: nn.Module, *, err: Optional[float] = None, params_kept
             name=short_name(name), shape=plan.shape, rank=plan.rank, kept_rank=plan.kept,
             reduction=plan.dropped / plan.rank if plan.lrc else 0.0,
             label="LRC" if plan.lrc else "N-LRC", storage="factors" if plan.factored else "dense",
-            rel_error=rel_error, calib_error=calib_error))
+            rel_error=rel_error, calib_error=calib_error, spectrum_z=spectrum_sketch(S)))
         progress(ProgressEvent("factorize", i + 1, len(names), message=name))
     return CompressionReport(
-        method=method, tau=alloc.tau, min_ratio=alloc.min_ratio,
+        recipe=config.to_dict(), method=method, tau=alloc.tau, min_ratio=alloc.min_ratio,
         err_requested=err, err_achieved=alloc.err,
         params_kept_requested=params_kept, params_kept_achieved=alloc.params_kept,
         target_params_before=sum(p.params_dense for p in alloc.plans),
@@ -268,4 +246,12 @@ def compress_model(model: nn.Module, *, err: Optional[float] = None, params_kept
         n_lrc=alloc.n_lrc, n_nlrc=len(alloc.plans) - alloc.n_lrc,
         source_hash=source_hash,
         matrices=matrices, seconds=time.perf_counter() - t0, decomposed=spectra.decomposed,
-        factorization=factorization, rank_from=rank_from, calibration=record)
+        factorization=factorization, calibration=record)
+
+
+def spectrum_sketch(S: torch.Tensor, points: int = SKETCH_POINTS) -> list[float]:
+    """The normalised singular values z (descending) at ≤ `points` evenly spaced ranks 0..r−1."""
+    z = normalise(S)
+    r = z.numel()
+    idx = torch.linspace(0, r - 1, min(points, r)).round().long()
+    return [round(float(v), 4) for v in z[idx]]

@@ -2,7 +2,7 @@
 pre-hooks on its target linears (calibration.py runs the layer; this module only accumulates):
 
 - `InputStats`: per distinct input tensor (q/k/v share one, gate/up share one), the float64 Gram
-  matrix XᵀX (whitened) and/or Σ|x| (scaled), with each window's first token weighted by
+  matrix XᵀX (the whitening's G), with each window's first token weighted by
   `sink_weight`.
 - `CrossStats` (`compensate`): for the matrices that close a block, their dense inputs X kept
   from one run, then C = XᵀX̂ and Ĝ = X̂ᵀX̂ with the inputs X̂ of a second run.
@@ -15,8 +15,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .errors import InvalidArgument, InvalidData
-from .whiten import ALPHA, DAMP, Transform, abs_mean_scale, compensated_weight, gram_root
+from ..errors import InvalidData
+from .whiten import DAMP, Transform, compensated_weight, gram_root
 
 
 class _PreHooks:
@@ -54,23 +54,19 @@ def token_weights(x: torch.Tensor, sink_weight: float) -> Optional[torch.Tensor]
 
 class InputStats(_PreHooks):
     """Forward pre-hooks on some linear modules accumulating, per distinct input tensor, the
-    float64 Gram matrix XᵀX and/or Σ|x| over all tokens seen.
+    float64 Gram matrix XᵀX over all tokens seen.
 
     Modules called in one forward with the very same input tensor object (q/k/v, gate/up)
     share one accumulator. Call `end_call()` after each forward of the layer.
     """
 
-    def __init__(self, modules: dict[str, nn.Module], gram: bool = True, abs_sum: bool = False,
-                 sink_weight: float = 1.0):
+    def __init__(self, modules: dict[str, nn.Module], sink_weight: float = 1.0):
         super().__init__(modules)
-        self.want_gram, self.want_abs = gram, abs_sum
         self.sink_weight = sink_weight  # weight of each window's first token (1: plain XᵀX)
         self.group_of: dict[str, int] = {}
         self.groups: list[list[str]] = []
         self.gram: list[Optional[torch.Tensor]] = []
-        self.abs_sum: list[Optional[torch.Tensor]] = []
         self.tokens: list[int] = []
-        self.mass: list[float] = []  # Σ token weights (= tokens when sink_weight is 1)
         self.updates = 0  # accumulations performed (one per distinct input per forward)
         self._seen: list[tuple[torch.Tensor, int]] = []
 
@@ -96,9 +92,7 @@ class InputStats(_PreHooks):
                 self.group_of[name] = g
                 self.groups.append([name])
                 self.gram.append(None)
-                self.abs_sum.append(None)
                 self.tokens.append(0)
-                self.mass.append(0.0)
             self._accumulate(g, x)
             self._seen.append((x, g))
             return None
@@ -107,28 +101,19 @@ class InputStats(_PreHooks):
     @torch.no_grad()
     def _accumulate(self, g: int, x: torch.Tensor) -> None:
         w = token_weights(x, self.sink_weight)
-        windows = x.shape[0] if w is not None else 0
         x = x.detach().reshape(-1, x.shape[-1]).double()  # tokens×n
-        if self.want_gram:
-            add = x.T @ (x if w is None else x * w)  # n×n
-            self.gram[g] = add if self.gram[g] is None else self.gram[g].add_(add)
-        if self.want_abs:
-            add = (x.abs() if w is None else x.abs() * w).sum(0)  # n
-            self.abs_sum[g] = add if self.abs_sum[g] is None else self.abs_sum[g].add_(add)
+        add = x.T @ (x if w is None else x * w)  # n×n
+        self.gram[g] = add if self.gram[g] is None else self.gram[g].add_(add)
         self.tokens[g] += x.shape[0]
-        self.mass[g] += x.shape[0] + (self.sink_weight - 1) * windows
         self.updates += 1
 
-    def transform(self, name: str, factorization: str, alpha: float = ALPHA, damp: float = DAMP) -> Transform:
+    def transform(self, name: str, damp: float = DAMP) -> Transform:
+        """The whitening S (S·Sᵀ = XᵀX + δ·I) of `name`'s inputs."""
         g = self.group_of.get(name)
         if g is None:
             raise InvalidData(f"module {name} never ran during calibration; expected every target "
                               "matrix of the layer to see the calibration tokens")
-        if factorization == "whitened":
-            return gram_root(self.gram[g], damp)
-        if factorization == "scaled":
-            return abs_mean_scale(self.abs_sum[g] / max(self.mass[g], 1), alpha)
-        raise InvalidArgument(f"factorization must be whitened or scaled here; received {factorization!r}")
+        return gram_root(self.gram[g], damp)
 
 
 class CrossStats(_PreHooks):

@@ -12,7 +12,6 @@ W·S = U·Σ·Vᵀ and keep k triplets: Ŵ = U_k·Σ_k·V_kᵀ·S⁻¹, stored a
   on them. δ = damp·mean(diag G); when Cholesky fails (G not positive definite, e.g. fewer
   tokens than inputs or dead channels) the damping grows ×100 up to 3 times, then an
   eigendecomposition with clamped eigenvalues gives S = Q·√Λ. What was used is recorded.
-- scaled (ASVD, Yuan et al. 2023): S = diag(mean|x_j|^α), zero channels clamped.
 - compensated (`compensated_weight`, for the matrix that closes a block): when its inputs X̂ come
   from a block whose other matrices are already compressed while the dense block would give X,
   the target is the dense output W·Xᵀ: W' = W·C·(Ĝ + ρ·I)⁻¹ with C = XᵀX̂, Ĝ = X̂ᵀX̂ is the
@@ -29,33 +28,29 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import InvalidArgument
+from ..errors import InvalidArgument
 
-FACTORIZATIONS = ("plain", "whitened", "scaled")
+FACTORIZATIONS = ("plain", "whitened")
 DAMP = 1e-2  # δ = DAMP·mean(diag G); see BENCHMARKS.md (calibration) for the choice
-ALPHA = 0.5
 RIDGE = 1e-3  # compensated: ρ = RIDGE·mean(diag Ĝ); see BENCHMARKS.md (calibration-compensated)
 RETRIES = 3  # Cholesky retries, damping ×100 each
-MIN_SCALE = 1e-6  # scaled: channels below MIN_SCALE·max scale are clamped to it
 
 
 @dataclass
 class Transform:
     """An input transform S (n×n) and how to apply S⁻¹ from the right."""
 
-    kind: str  # "whitened" | "scaled"
-    S: torch.Tensor  # (n×n) lower-triangular or general (whitened), or (n,) diagonal (scaled); float64
-    how: str  # "cholesky", "cholesky (damping ×1e4)", "eigh (clamped)", "diagonal", "identity"
+    kind: str  # "whitened"
+    S: torch.Tensor  # (n×n) lower-triangular (Cholesky) or general (eigh fallback); float64
+    how: str  # "cholesky", "cholesky (damping ×1e4)", "eigh (clamped)", "identity"
     triangular: bool = True
 
     def right(self, W: torch.Tensor) -> torch.Tensor:
         """W·S."""
-        return W * self.S[None, :] if self.S.dim() == 1 else W @ self.S
+        return W @ self.S
 
     def right_inverse(self, M: torch.Tensor) -> torch.Tensor:
         """M·S⁻¹."""
-        if self.S.dim() == 1:
-            return M / self.S[None, :]
         if self.triangular:
             return torch.linalg.solve_triangular(self.S, M, upper=False, left=False)
         return torch.linalg.solve(self.S.T, M.T).T  # (S⁻ᵀ·Mᵀ)ᵀ = M·S⁻¹
@@ -84,17 +79,6 @@ def gram_root(G: torch.Tensor, damp: float = DAMP) -> Transform:
     lam, Q = torch.linalg.eigh(G)
     lam = lam.clamp_min(max(damp, 1e-6) * scale)
     return Transform("whitened", Q * lam.sqrt()[None, :], "eigh (clamped)", triangular=False)
-
-
-def abs_mean_scale(abs_mean: torch.Tensor, alpha: float = ALPHA) -> Transform:
-    """ASVD's diagonal S = mean|x|^α (per input channel)."""
-    if not alpha >= 0:
-        raise InvalidArgument(f"alpha must be ≥ 0; received {alpha}")
-    s = abs_mean.double().clamp_min(0) ** alpha
-    top = float(s.max()) if s.numel() else 0.0
-    if not top > 0:
-        return Transform("scaled", torch.ones_like(s), "identity (no activation energy)")
-    return Transform("scaled", s.clamp_min(MIN_SCALE * top), "diagonal")
 
 
 def compensated_weight(W: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor, ridge: float = RIDGE) -> torch.Tensor:

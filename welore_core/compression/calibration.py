@@ -6,7 +6,7 @@ How the statistics are gathered (memory: one decoder layer's statistics at a tim
      captures its input hidden states (N×L×hidden, kept on the model's device) and keyword
      arguments (rotary embeddings, mask), then stops the forward.
   2. Layer by layer: forward pre-hooks on the layer's target linears (input_stats.py) accumulate, in float64,
-     G = XᵀX (whitened) or Σ|x| (scaled) once per *distinct input tensor*: q/k/v receive the
+     G = XᵀX once per *distinct input tensor*: q/k/v receive the
      same tensor and share one accumulator, so do gate/up (found by identity, not by name).
      With `sink_weight` w ≠ 1 the first token of every window counts w times (G = XᵀDX):
      decoder LLMs park most attention on the first token (the attention sink), so an error in
@@ -39,20 +39,19 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .corpus import data_hash, read_texts
-from .errors import InvalidArgument, InvalidData
-from .evaluate import token_windows
-from .progress import ProgressEvent, ProgressFn, StopFn, check_stop, no_progress
+from ..corpus import data_hash, read_texts
+from ..errors import InvalidArgument, InvalidData
+from ..evaluate import token_windows
+from ..progress import ProgressEvent, ProgressFn, StopFn, check_stop, no_progress
 from .input_stats import CrossStats, InputStats
-from .spectrum import SpectrumCache
-from .targets import closes_block, decoder_layers, layer_index
-from .whiten import ALPHA, DAMP, FACTORIZATIONS, Transform, transformed_svd
+from ..spectrum import SpectrumCache
+from ..targets import closes_block, decoder_layers, layer_index
+from .whiten import DAMP, Transform, transformed_svd
 
 CAL_FORMAT = "calib-v1"
 DEFAULT_SAMPLES = 64
 DEFAULT_SEQ_LEN = 512
 BATCH_TOKENS = 4096  # calibration windows per forward: ⌈BATCH_TOKENS / seq_len⌉
-RANK_SOURCES = ("weights", "activations")
 
 
 @dataclass(frozen=True)
@@ -89,8 +88,8 @@ def load_calibration(tokenizer, data: str, samples: int = DEFAULT_SAMPLES,
     built-in name), in file order, like evaluation windows."""
     if tokenizer is None:
         raise InvalidArgument("calibration needs the model's tokenizer, and this model ships none; "
-                              "save the tokenizer files beside config.json or compress without "
-                              "--calibration")
+                              "save the tokenizer files beside config.json or compress data-free "
+                              "(--calibration none)")
     if samples < 1 or seq_len < 2:
         raise InvalidArgument(f"calib_samples must be ≥ 1 and calib_seq_len ≥ 2; received "
                               f"samples={samples}, seq_len={seq_len}")
@@ -151,8 +150,8 @@ class LayerInputs:
 
 
 def entry_key(name: str, weight_key: str, source_hash: str, calibration: Calibration, dtype: torch.dtype,
-              factorization: str, alpha: float, damp: float, prefix: str = "", sink_weight: float = 1.0) -> str:
-    param = f"alpha={alpha!r}" if factorization == "scaled" else f"damp={damp!r}"
+              factorization: str, damp: float, prefix: str = "", sink_weight: float = 1.0) -> str:
+    param = f"damp={damp!r}"
     if sink_weight != 1.0:  # (keys of unweighted statistics stay as they were)
         param += f",sink={sink_weight!r}"
     text = "|".join([CAL_FORMAT, name, weight_key, source_hash, calibration.tokens_hash, str(dtype),
@@ -178,11 +177,10 @@ class Calibrator:
 
     def __init__(self, model: nn.Module, names: list[str], weight_keys: list[str], source_hash: str,
                  calibration: Calibration, factorization: str, cache: SpectrumCache, *,
-                 alpha: float = ALPHA, damp: float = DAMP, sink_weight: float = 1.0,
+                 damp: float = DAMP, sink_weight: float = 1.0,
                  progress: ProgressFn = no_progress, should_stop: StopFn | None = None):
-        if factorization not in FACTORIZATIONS[1:]:
-            raise InvalidArgument(f"factorization must be whitened or scaled for calibration; "
-                                  f"received {factorization!r}")
+        if factorization != "whitened":
+            raise InvalidArgument(f"factorization must be whitened for calibration; received {factorization!r}")
         max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         if max_pos is not None and calibration.seq_len > max_pos:
             raise InvalidArgument(f"calib_seq_len {calibration.seq_len} exceeds the model's "
@@ -191,7 +189,7 @@ class Calibrator:
         self.source_hash, self.calibration, self.factorization = source_hash, calibration, factorization
         if not sink_weight > 0:
             raise InvalidArgument(f"sink_weight must be > 0 (1: every token counts once); received {sink_weight}")
-        self.cache, self.alpha, self.damp, self.sink_weight = cache, alpha, damp, float(sink_weight)
+        self.cache, self.damp, self.sink_weight = cache, damp, float(sink_weight)
         self.progress, self.should_stop = progress, should_stop
         self.dtype = next(model.parameters()).dtype
         self.layers = decoder_layers(model)
@@ -201,7 +199,7 @@ class Calibrator:
 
     def key(self, i: int, prefix: str = "") -> str:
         return entry_key(self.names[i], self.weight_keys[i], self.source_hash, self.calibration, self.dtype,
-                         self.factorization, self.alpha, self.damp, prefix, self.sink_weight)
+                         self.factorization, self.damp, prefix, self.sink_weight)
 
     def _factorize_layer(self, stats: InputStats, idx: list[int], keys: list[str], result: CalibratedSpectra) -> None:
         for i, key in zip(idx, keys):
@@ -209,7 +207,7 @@ class Calibrator:
                 continue
             name = self.names[i]
             check_stop(self.should_stop)
-            T = stats.transform(name, self.factorization, self.alpha, self.damp)
+            T = stats.transform(name, self.damp)
             self._put(key, self.model.get_submodule(name).weight, T, result)
 
     def _put(self, key: str, W: torch.Tensor, T: Transform, result: CalibratedSpectra) -> None:
@@ -223,8 +221,7 @@ class Calibrator:
         """Hooks on the matrices of `idx` whose entries are still missing (none: no statistics)."""
         mods = {self.names[i]: self.model.get_submodule(self.names[i]) for i in idx
                 if keys[i] is not None and not self.cache.has(keys[i])}
-        return InputStats(mods, gram=self.factorization == "whitened", abs_sum=self.factorization == "scaled",
-                          sink_weight=self.sink_weight)
+        return InputStats(mods, sink_weight=self.sink_weight)
 
     def _finish(self, result: CalibratedSpectra) -> CalibratedSpectra:
         for name, key in zip(result.names, result.keys):

@@ -12,12 +12,13 @@ where anything changes (the z values themselves).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
 
-from .errors import InvalidArgument
+from ..errors import InvalidArgument
 
 TOLERANCE = 0.005
 
@@ -200,3 +201,89 @@ def relative_error(S: torch.Tensor, kept: int) -> float:
     S = S.double()
     total = float((S ** 2).sum())
     return (float((S[kept:] ** 2).sum()) / total) ** 0.5 if total > 0 else 0.0
+
+
+def loss_plans(spectra: Sequence[torch.Tensor], shapes: Sequence[tuple[int, int]], lam: float, kind: str,
+               min_ratio: float) -> list[MatrixPlan]:
+    """For one multiplier λ, each matrix's rank minimising e(k) + λ·cost(k)/Σcost (see allocate_loss)."""
+    plans = []
+    total = sum(min(s) for s in shapes) if kind == "err" else sum(m * n for m, n in shapes)
+    for S, (m, n) in zip(spectra, shapes):
+        r = min(m, n)
+        energy = S.double() ** 2
+        tail = torch.flip(torch.cumsum(torch.flip(energy, [0]), 0), [0])  # tail[k] = Σ_{i≥k} s_i²
+        tail = torch.cat([tail, tail.new_zeros(1)]) / max(float(energy.sum()), 1e-300)  # e(k), k = 0..r
+        k = torch.arange(r + 1, dtype=torch.float64)
+        if kind == "err":
+            cost = k.clone()
+        else:
+            cost = torch.where(k * (m + n) < m * n, k * (m + n), torch.full_like(k, float(m * n)))
+        k_cap = max(1, math.ceil(r * (1.0 - min_ratio)) - 1)  # an LRC drops more than min_ratio of its ranks
+        allowed = (k >= 1) & (k <= k_cap)
+        allowed[r] = True  # or the matrix stays whole (an N-LRC)
+        obj = torch.where(allowed, tail + lam * cost / total, torch.full_like(tail, float("inf")))
+        kept = int(torch.argmin(obj))
+        plans.append(MatrixPlan((m, n), r, kept, kept < r))
+    return plans
+
+
+def _between(short: list[MatrixPlan], over: list[MatrixPlan], spectra, kind: str, goal: float) -> list[MatrixPlan]:
+    """Between the plans of two close multipliers (`short` of the budget, `over` it), move matrices from
+    their `short` rank to their `over` rank, cheapest loss per unit of budget first, and stop at the
+    plan closest to the goal (the relaxation alone can jump over the requested budget)."""
+    def value(plans):
+        return effective_rank_reduction(plans) if kind == "err" else params_kept_fraction(plans)
+
+    def e(S, k):
+        energy = S.double() ** 2
+        return float(energy[k:].sum() / max(float(energy.sum()), 1e-300))
+
+    moves = [i for i, (a, b) in enumerate(zip(short, over)) if a != b]
+    def rate(i):
+        spent = abs(value(short[:i] + [over[i]] + short[i + 1:]) - value(short)) or 1e-300
+        return (e(spectra[i], over[i].kept) - e(spectra[i], short[i].kept)) / spent
+    plans, best = list(short), list(short)
+    for i in sorted(moves, key=rate):
+        plans[i] = over[i]
+        if abs(value(plans) - goal) < abs(value(best) - goal):
+            best = list(plans)
+    return best
+
+
+def allocate_loss(spectra: Sequence[torch.Tensor], shapes: Sequence[tuple[int, int]], *,
+                  err: Optional[float] = None, params_kept: Optional[float] = None, min_ratio: float = 0.5,
+                  tolerance: float = TOLERANCE) -> Allocation:
+    """Ranks that minimise the total relative truncation loss Σ_W e_W(k_W) under the budget.
+
+    `spectra` are the singular values of W·S (whitened: e_W(k) = Σ_{i≥k} σ_i² / Σ σ_i² is the
+    relative output error of the rank-k truncation on the calibration activations). The budget is
+    the ranks kept (an ERR target) or the parameters stored (params_kept), counting an N-LRC whole
+    and a factored LRC at k·(m+n). Solved by Lagrangian relaxation: for a multiplier λ every matrix
+    independently picks the k minimising e_W(k) + λ·cost_W(k)/Σcost; λ is bisected (on a log
+    scale) until the budget is met. Like WeLore, a matrix is either an N-LRC or drops more than
+    `min_ratio` of its ranks.
+    """
+    kind, goal = _target(err, params_kept)
+    if not 0.0 <= min_ratio < 1.0:
+        raise InvalidArgument(f"min_ratio must be in [0, 1); received {min_ratio}")
+
+    def measure(lam: float) -> float:
+        plans = loss_plans(spectra, shapes, lam, kind, min_ratio)
+        return effective_rank_reduction(plans) if kind == "err" else params_kept_fraction(plans)
+
+    increasing = kind == "err"  # a larger λ removes more
+    lo, hi = -12.0, 6.0  # log10 λ
+    if (measure(10 ** hi) < goal) if increasing else (measure(10 ** hi) > goal):
+        hi = 9.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        reached = measure(10 ** mid) >= goal if increasing else measure(10 ** mid) <= goal
+        lo, hi = (lo, mid) if reached else (mid, hi)
+    plans = _between(loss_plans(spectra, shapes, 10 ** lo, kind, min_ratio),
+                     loss_plans(spectra, shapes, 10 ** hi, kind, min_ratio), spectra, kind, goal)
+    alloc = Allocation("loss", plans, None, None, min_ratio)
+    achieved = alloc.err if kind == "err" else alloc.params_kept
+    _check_reached(kind, goal, achieved, measure(10 ** lo), measure(10 ** hi), tolerance,
+                   "the model's matrices join the LRCs in steps too coarse for this target; lower "
+                   "min_ratio or request a reachable value")
+    return alloc

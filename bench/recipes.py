@@ -1,0 +1,170 @@
+"""Compression recipes compared on the real SmolLM2-135M → the quality table of the `compression`
+section of BENCHMARKS.md (bench/compression.py calls `quality_section`).
+
+For ERR 0.1/0.3/0.5 and params kept 0.8/0.6: the default recipe (calibrated on the shipped general
+text, loss allocation) against data-free WeLore and data-free uniform (the paper's setting), and
+against WeLore- and uniform-allocation whitening under the default's own calibration (the same
+recipe with only `--method` changed); then the default at ERR 0.5 with `--recover 150`. Each row is
+one `welore compress … --json` process (its seconds and peak RSS), then `welore eval` on two
+held-out corpora of domains the calibration text does not hold: CommonsenseQA dev questions with
+their choices and answer, and the Python documentation's reference topics (read from the stdlib,
+never used for tuning anything).
+
+Rows are saved as they finish (`--results`), so an interrupted run resumes where it stopped.
+Usage: python -m bench.recipes [--windows 8] [--results .welore/bench/recipes.json] [--only LABEL ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from bench.report import machine, table, welore_json as cli
+from welore_core.compression.config import CompressConfig
+
+MODEL = "smollm2-135m"
+ROOT = Path(__file__).resolve().parent.parent
+TARGETS = [("err", 0.1), ("err", 0.3), ("err", 0.5), ("params_kept", 0.8), ("params_kept", 0.6)]
+VARIANTS = [  # label, extra flags
+    ("default recipe", []),
+    ("data-free WeLore", ["--calibration", "none"]),
+    ("data-free uniform", ["--calibration", "none", "--method", "uniform"]),
+    ("whitened, WeLore allocation", ["--method", "welore"]),
+    ("whitened, uniform allocation", ["--method", "uniform"]),
+]
+RECOVER = [("err", 0.5, 150)]
+GOALS = {("err", 0.3): 2.0, ("err", 0.5): 8.0}
+RECOVER_GOAL = 2.5
+WARMUP = ["--calibration", "none"]  # first row: converts the GGUF and fills the spectrum cache (not reported)
+
+
+def corpora(work: Path, data_dir: Path) -> dict[str, Path]:
+    """Held-out text of two other domains as JSONL files (`text` per line)."""
+    import pydoc_data.topics as topics
+
+    def csqa(obj: dict) -> str:
+        q = obj["question"]
+        choices = " ".join(f"({c['label']}) {c['text']}" for c in q["choices"])
+        answer = next((c["text"] for c in q["choices"] if c["label"] == obj.get("answerKey")), "")
+        return f"Question: {q['stem']} Choices: {choices} Answer: {answer}"
+
+    rows = (data_dir / "commonsenseqa" / "dev_rand_split.jsonl").read_text().splitlines()
+    texts = {"csqa": [csqa(json.loads(r)) for r in rows if r.strip()],
+             "pydoc": [topics.topics[k] for k in sorted(topics.topics)]}
+    out = {}
+    for name, items in texts.items():
+        out[name] = work / f"{name}.jsonl"
+        out[name].write_text("".join(json.dumps({"text": t}) + "\n" for t in items))
+    return out
+
+
+def evaluate(model: str, files: dict[str, Path], windows: int) -> dict[str, float]:
+    return {name: cli("eval", model, "--data", f, "--windows", windows)["perplexity"] for name, f in files.items()}
+
+
+def run_rows(work: Path, files: dict[str, Path], windows: int, results: Path, only: list[str]) -> dict:
+    done = json.loads(results.read_text()) if results.is_file() else {}
+
+    def save(key: str, row: dict) -> None:
+        done[key] = row
+        results.parent.mkdir(parents=True, exist_ok=True)
+        results.write_text(json.dumps(done, indent=1))
+        print(f"{key}: {json.dumps({k: v for k, v in row.items() if k != 'report'})}", file=sys.stderr, flush=True)
+
+    if "dense" not in done:
+        cli("compress", MODEL, "--err", "0.3", *WARMUP, "--out", work / "warmup", "--overwrite")
+        save("dense", {"ppl": evaluate(MODEL, files, windows)})
+    todo = [(kind, v, label, flags, 0) for kind, v in TARGETS for label, flags in VARIANTS]
+    todo += [(kind, v, f"default recipe + --recover {steps}", ["--recover", steps], steps) for kind, v, steps in RECOVER]
+    # cheap rows first (light targets share one cached calibration pass), the default before its baselines
+    todo.sort(key=lambda t: (CompressConfig(**{t[0]: t[1]}).heavy(), t[4] > 0, t[2] != "default recipe"))
+    for kind, value, label, flags, steps in todo:
+        key = f"{kind}={value} | {label}"
+        if key in done or (only and not any(o in key for o in only)):
+            continue
+        out = work / "ckpt"
+        r = cli("compress", MODEL, f"--{kind.replace('_', '-')}", value, *flags, "--out", out, "--overwrite")
+        save(key, {"kind": kind, "value": value, "label": label, "err": r["err_achieved"],
+                   "params_kept": r["params_kept_achieved"], "seconds": r["seconds"],
+                   "compress_seconds": r["compress_seconds"], "peak_rss_mb": r["peak_rss_mb"],
+                   "quality": r.get("quality"), "ppl": evaluate(str(out), files, windows)})
+    return done
+
+
+def fmt(rows: dict, windows: int) -> str:
+    dense = rows["dense"]["ppl"]
+    head = ["target", "recipe", "ERR", "params kept", "ppl CSQA", "× dense", "ppl pydoc", "× dense",
+            "quality check ×", "s", "peak RSS MB"]
+    body = [["dense", "-", "-", "1", f"{dense['csqa']:.2f}", "1.00×", f"{dense['pydoc']:.2f}", "1.00×", "-", "-", "-"]]
+    lines = []
+    for key, r in rows.items():
+        if key == "dense":
+            continue
+        x = {c: r["ppl"][c] / dense[c] for c in dense}
+        q = r.get("quality") or {}
+        body.append([f"{'ERR' if r['kind'] == 'err' else 'params kept'} {r['value']}", r["label"], f"{r['err']:.3f}",
+                     f"{r['params_kept']:.3f}", f"{r['ppl']['csqa']:.2f}", f"{x['csqa']:.2f}×", f"{r['ppl']['pydoc']:.2f}",
+                     f"{x['pydoc']:.2f}×", f"{q['ratio']:.2f}×" if q else "-", f"{r['seconds']:.0f}",
+                     f"{r['peak_rss_mb']:,.0f}"])
+    for (kind, value), goal in GOALS.items():
+        r = rows.get(f"{kind}={value} | default recipe")
+        if r:
+            worst = max(r["ppl"][c] / dense[c] for c in dense)
+            lines.append(f"Goal {kind} {value}: default ≤ {goal:g}× dense on both corpora — worst {worst:.2f}× "
+                         f"({'met' if worst <= goal else 'not met'}).")
+    for kind, value in TARGETS:
+        if kind != "params_kept":
+            continue
+        rs = {lab: rows.get(f"{kind}={value} | {lab}") for lab in ("default recipe", "whitened, WeLore allocation",
+                                                                    "whitened, uniform allocation")}
+        if all(rs.values()):
+            ok = all(rs["default recipe"]["ppl"][c] < min(rs[b]["ppl"][c] for b in list(rs)[1:]) for c in dense)
+            lines.append(f"Goal params kept {value}: default better than both whitened allocations on both corpora — "
+                         f"{'met' if ok else 'not met'}.")
+    for kind, value, steps in RECOVER:
+        r = rows.get(f"{kind}={value} | default recipe + --recover {steps}")
+        if r:
+            worst = max(r["ppl"][c] / dense[c] for c in dense)
+            lines.append(f"Goal {kind} {value} + --recover {steps}: ≤ {RECOVER_GOAL:g}× dense on both corpora — worst "
+                         f"{worst:.2f}× ({'met' if worst <= RECOVER_GOAL else 'not met'}).")
+    intro = (f"`python -m bench.recipes` — {machine()}. SmolLM2-135M; perplexity on {windows} windows × 512 tokens "
+             "of two held-out corpora of domains the calibration text does not hold (CommonsenseQA dev questions; "
+             "Python's reference documentation, on which nothing was tuned). Default recipe = `welore compress "
+             "MODEL --err F` with nothing else: calibrated on the shipped general text (64 × 512 tokens), loss "
+             "allocation, sequential, compensated from ERR 0.4. `whitened, … allocation` = the same recipe with "
+             "only `--method` changed. `quality check ×` = the ratio the command itself reported on its held-out "
+             "slice. Seconds and peak RSS: the whole `welore compress` process (load, calibration, compression, "
+             "quality check, write).")
+    return "\n\n".join([intro, table(head, body), *lines])
+
+
+def quality_section(work: Path, windows: int, results: Path, only: list[str] | None = None) -> str:
+    from welore_core.settings import get_core_settings
+
+    files = corpora(work, Path(get_core_settings().data_dir))
+    return fmt(run_rows(work, files, windows, results, only or []), windows)
+
+
+def main() -> int:
+    import tempfile
+
+    from bench.report import write_section
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--results", type=Path, default=None,
+                    help="rows measured so far (default .welore/bench/recipes-w<windows>.json)")
+    ap.add_argument("--only", nargs="*", default=[], help="run only rows whose key contains one of these")
+    args = ap.parse_args()
+    results = args.results or ROOT / ".welore" / "bench" / f"recipes-w{args.windows}.json"
+    with tempfile.TemporaryDirectory() as d:
+        body = quality_section(Path(d), args.windows, results, args.only)
+    print(body)
+    write_section("compression-recipes", "## Compression recipes: quality at equal ERR and at equal parameters\n\n" + body)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,315 @@
+"""The compression recipe: `CompressConfig` and its nested `CalibrationConfig` / `ExperimentalConfig`.
+
+Torch-free (the service's request path imports it). Every option's default, range and
+cross-check lives here once; the `welore compress` flags, the REST `params` of compress jobs and
+the worker's call are derived from `OPTIONS` (one flat name per field), and `welore.json` stores
+`to_dict()` of the resolved recipe, which `from_dict()` (`welore compress --recipe FILE`) reads back.
+
+`resolve()` turns the "auto" choices of the method and the calibration into concrete ones from the
+target, so the stored recipe reproduces its checkpoint exactly (`dtype` "auto" stays: it means the
+source's own dtype). The defaults are the measured best
+(BENCHMARKS.md § compression; docs/research/ for the studies behind them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field, fields, replace
+from typing import Any, Optional, Union
+
+from ..errors import InvalidArgument
+
+METHODS = ("auto", "loss", "welore", "uniform")
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+NO_CALIBRATION = "none"
+DEFAULT_CALIBRATION = "general"  # the text shipped in welore_core/data (see corpus.BUILTIN)
+HEAVY_FROM_ERR = 0.4  # sequential/compensate "auto": on from this ERR (or its parameter equivalent) up
+RECIPE_VERSION = 1
+MAX_ERR, MIN_PARAMS_KEPT = 0.9, 0.1  # beyond these a compressed model is refused as unusable
+
+
+def _opt(flag: str, help: str, *, lo=None, hi=None, lo_open=False, hi_open=False, choices=None, **kw):
+    """Field metadata: the flat option name (CLI flag `--<flag with dashes>`, REST param) and its range."""
+    return {"flag": flag, "help": help, "lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open,
+            "choices": choices, **kw}
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Calibration-aware factorisation: activations of real text decide what each truncation keeps."""
+
+    data: str = field(default=DEFAULT_CALIBRATION, metadata=_opt(
+        "calibration", "calibration text: a .txt/.jsonl file, a built-in name (general: the text shipped "
+        "with welore), or none for data-free WeLore"))
+    samples: int = field(default=64, metadata=_opt("calib_samples", "calibration windows (the first N of the text)",
+                                                   lo=1, hi=100_000))
+    seq_len: int = field(default=512, metadata=_opt("calib_seq_len", "tokens per calibration window",
+                                                    lo=2, hi=32_768))
+    factorization: str = field(default="whitened", metadata=_opt(
+        "factorization", "whitened: each LRC from the SVD of W·S with S·Sᵀ = XᵀX, the least output error on "
+        "the calibration activations (SVD-LLM); the data-free plain SVD of W is --calibration none",
+        choices=("whitened",)))
+    sequential: Optional[bool] = field(default=None, metadata=_opt(
+        "sequential", "gather layer L's statistics with layers 0..L-1 already compressed (one more layer run "
+        f"per layer); auto: on from ERR {HEAVY_FROM_ERR}", tristate=True))
+    compensate: Optional[bool] = field(default=None, metadata=_opt(
+        "compensate", "refit each layer's o_proj/down_proj to the dense block's outputs (needs sequential; one "
+        f"more layer run per layer); auto: on from ERR {HEAVY_FROM_ERR} when sequential", tristate=True))
+    damp: float = field(default=0.01, metadata=_opt("damp", "whitening damping, a fraction of the Gram's mean "
+                                                    "diagonal", lo=0.0, hi=1.0))
+
+
+@dataclass(frozen=True)
+class ExperimentalConfig:
+    """Research knobs kept because a measurement showed them paying somewhere (docs/research/)."""
+
+    sink_weight: float = field(default=1.0, metadata=_opt(
+        "sink_weight", "count each calibration window's first token (the attention sink) W times in the "
+        "statistics; helps only with --min-ratio 0 at light compression", lo=0.0, hi=1e6, lo_open=True))
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """One compression recipe. Give exactly one target: `err` or `params_kept`."""
+
+    err: Optional[float] = field(default=None, metadata=_opt(
+        "err", "effective rank reduction to reach (fraction of the target matrices' ranks removed)",
+        lo=0.0, hi=1.0, lo_open=True, hi_open=True, target=True))
+    params_kept: Optional[float] = field(default=None, metadata=_opt(
+        "params_kept", "fraction of the target matrices' parameters to keep", lo=0.0, hi=1.0, lo_open=True,
+        target=True))
+    method: str = field(default="auto", metadata=_opt(
+        "method", "rank allocation: loss (minimise the whitened truncation loss under the budget; needs "
+        "calibration), welore (the paper: one threshold on the normalised weight spectra), uniform (the same "
+        "fraction everywhere); auto: loss with calibration, welore without", choices=METHODS))
+    min_ratio: float = field(default=0.5, metadata=_opt(
+        "min_ratio", "a matrix is a Low-Rank Component only when it drops more than this fraction of its ranks",
+        lo=0.0, hi=1.0, hi_open=True))
+    dtype: str = field(default="auto", metadata=_opt(
+        "dtype", "dtype of the written weights (auto: the source's; a GGUF source gives bf16)", choices=DTYPES))
+    calibration: Optional[CalibrationConfig] = field(default_factory=CalibrationConfig)
+    experimental: ExperimentalConfig = field(default_factory=ExperimentalConfig)
+
+    def __post_init__(self):
+        validate(self)
+
+    # -- derived ---------------------------------------------------------------------------
+    @property
+    def calibrated(self) -> bool:
+        return self.calibration is not None
+
+    @property
+    def target(self) -> tuple[str, float]:
+        return ("err", self.err) if self.err is not None else ("params_kept", self.params_kept)
+
+    def heavy(self) -> bool:
+        """At or beyond ERR HEAVY_FROM_ERR (a parameter target: at or below its rough equivalent)."""
+        kind, value = self.target
+        return value >= HEAVY_FROM_ERR if kind == "err" else value <= 1.0 - HEAVY_FROM_ERR
+
+    def resolve(self) -> "CompressConfig":
+        """The same recipe with every "auto" made concrete (what welore.json stores)."""
+        method = self.method if self.method != "auto" else ("loss" if self.calibrated else "welore")
+        cal = self.calibration
+        if cal is not None:
+            sequential = (self.heavy() or bool(cal.compensate)) if cal.sequential is None else cal.sequential
+            compensate = sequential and self.heavy() if cal.compensate is None else cal.compensate
+            cal = replace(cal, sequential=sequential, compensate=compensate)
+        return replace(self, method=method, calibration=cal)
+
+    # -- serialisation ---------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"version": RECIPE_VERSION, **_to_dict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CompressConfig":
+        """A recipe from `to_dict()` output (or a checkpoint's welore.json `recipe`); unknown keys are refused."""
+        if not isinstance(data, dict):
+            raise InvalidArgument(f"a recipe must be a JSON object; received {type(data).__name__}")
+        data = dict(data)
+        version = data.pop("version", RECIPE_VERSION)
+        if version != RECIPE_VERSION:
+            raise InvalidArgument(f"recipe version {version!r} is not supported (this welore reads version "
+                                  f"{RECIPE_VERSION}); re-create the recipe")
+        return _from_dict(cls, data, "recipe")
+
+    def to_options(self) -> dict[str, Any]:
+        """The flat options (by `OPTIONS` name) that `from_options` turns back into this recipe."""
+        out = {}
+        for o in OPTIONS.values():
+            obj: Any = self
+            for part in o.path[:-1]:
+                obj = getattr(obj, part) if obj is not None else None
+            out[o.name] = getattr(obj, o.path[-1]) if obj is not None else None
+        if self.calibration is None:
+            out["calibration"] = NO_CALIBRATION
+        return out
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> "CompressConfig":
+        """A recipe from flat options (CLI flags / REST params, by `OPTIONS` name); None = the default."""
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            raise InvalidArgument(f"unknown compression option(s) {', '.join(unknown)}; expected some of "
+                                  f"{', '.join(OPTIONS)}")
+        nested: dict[str, dict] = {"calibration": {}, "experimental": {}}
+        top: dict[str, Any] = {}
+        data = options.get("calibration")
+        for name, value in options.items():
+            if value is None:
+                continue
+            path = OPTIONS[name].path
+            if len(path) == 1:
+                top[path[0]] = value
+            else:
+                nested[path[0]][path[1]] = value
+        if data is not None and str(data).lower() == NO_CALIBRATION:
+            given = sorted(k for k in nested["calibration"] if k != "data")
+            if given:
+                raise InvalidArgument(f"{', '.join(OPTIONS_BY_PATH[('calibration', k)] for k in given)} need "
+                                      "calibration; drop them or choose calibration text instead of none")
+            top["calibration"] = None
+        else:
+            top["calibration"] = CalibrationConfig(**nested["calibration"])
+        top["experimental"] = ExperimentalConfig(**nested["experimental"])
+        return cls(**top)
+
+
+# ---------------------------------------------------------------------------------------------
+# The flat option table (CLI flags, REST params) derived from the dataclasses' field metadata
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # flat name: REST param; CLI flag --name-with-dashes
+    path: tuple[str, ...]  # where it lives in CompressConfig (("calibration", "samples"))
+    type: type
+    default: Any
+    help: str
+    lo: Optional[float] = None
+    hi: Optional[float] = None
+    lo_open: bool = False
+    hi_open: bool = False
+    choices: Optional[tuple] = None
+    tristate: bool = False  # a bool whose None means "auto"
+    target: bool = False  # one of the mutually exclusive targets
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+_TYPES = {"Optional[float]": float, "float": float, "int": int, "str": str, "bool": bool, "Optional[bool]": bool}
+_SECTIONS = {"calibration": CalibrationConfig, "experimental": ExperimentalConfig}
+
+
+def _options() -> dict[str, Option]:
+    out: dict[str, Option] = {}
+
+    def add(cls, prefix: tuple[str, ...]) -> None:
+        for f in fields(cls):
+            if f.name in _SECTIONS:
+                add(_SECTIONS[f.name], (f.name,))
+                continue
+            m = dict(f.metadata)
+            flag = m.pop("flag")
+            default = f.default if f.default is not MISSING else None
+            out[flag] = Option(name=flag, path=prefix + (f.name,), type=_TYPES[str(f.type).replace("typing.", "")],
+                               default=default, **m)
+
+    add(CompressConfig, ())
+    return out
+
+
+OPTIONS: dict[str, Option] = _options()
+OPTIONS_BY_PATH: dict[tuple[str, ...], str] = {o.path: o.name for o in OPTIONS.values()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: ranges from the option table, then the cross-checks
+
+
+def _check_range(o: Option, value: Any) -> None:
+    if value is None:
+        return
+    if o.type is bool:
+        if not isinstance(value, bool):
+            raise InvalidArgument(f"{o.name} must be true or false; received {value!r}")
+        return
+    if o.type is str:
+        if not isinstance(value, str) or not value:
+            raise InvalidArgument(f"{o.name} must be a non-empty string; received {value!r}")
+        if o.choices and value not in o.choices:
+            raise InvalidArgument(f"{o.name} must be one of {', '.join(o.choices)}; received {value!r}")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (o.type is int and not isinstance(value, int)):
+        raise InvalidArgument(f"{o.name} must be {'an integer' if o.type is int else 'a number'}; received {value!r}")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise InvalidArgument(f"{o.name} must be a finite number; received {value!r}")
+    low_bad = o.lo is not None and (value <= o.lo if o.lo_open else value < o.lo)
+    high_bad = o.hi is not None and (value >= o.hi if o.hi_open else value > o.hi)
+    if low_bad or high_bad:
+        raise InvalidArgument(f"{o.name} must be in {range_text(o)}; received {value}")
+
+
+def range_text(o: Option) -> str:
+    return f"{'(' if o.lo_open else '['}{o.lo:g}, {o.hi:g}{')' if o.hi_open else ']'}"
+
+
+def validate(cfg: CompressConfig) -> None:
+    for o in OPTIONS.values():
+        obj: Any = cfg
+        for part in o.path[:-1]:
+            obj = getattr(obj, part)
+            if obj is None:
+                break
+        if obj is not None:
+            _check_range(o, getattr(obj, o.path[-1]))
+    if (cfg.err is None) == (cfg.params_kept is None):
+        raise InvalidArgument("give exactly one target: err (fraction of ranks removed, 0 < err < 1) or "
+                              "params_kept (fraction of target-matrix parameters kept, 0 < f ≤ 1)")
+    kind, value = cfg.target
+    if (kind == "err" and value > MAX_ERR) or (kind == "params_kept" and value < MIN_PARAMS_KEPT):
+        raise InvalidArgument(
+            f"{kind}={value:g} would leave no usable model: beyond ERR {MAX_ERR:g} (or below "
+            f"{MIN_PARAMS_KEPT:.0%} of the parameters kept) a language model's perplexity explodes by orders of magnitude "
+            "even with calibration. Ask for at most ERR 0.5 (0.6 of the parameters) and add --recover STEPS; for a "
+            "smaller model, start from a smaller dense one")
+    cal = cfg.calibration
+    if cal is None:
+        if cfg.method == "loss":
+            raise InvalidArgument("method loss allocates ranks by the whitened truncation loss and needs "
+                                  "calibration; choose calibration text or method welore/uniform")
+        if cfg.experimental.sink_weight != 1.0:
+            raise InvalidArgument("sink_weight weighs calibration tokens and needs calibration text")
+        return
+    if cal.compensate and cal.sequential is False:
+        raise InvalidArgument("compensate fits o_proj/down_proj inside the sequential pass; enable sequential "
+                              "or turn compensate off")
+    if str(cal.data).lower() == NO_CALIBRATION:
+        raise InvalidArgument("calibration data 'none' means no calibration: pass calibration=None instead")
+
+
+def _to_dict(obj) -> dict:
+    out = {}
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        out[f.name] = _to_dict(v) if f.name in _SECTIONS and v is not None else v
+    return out
+
+
+def _from_dict(cls, data: dict, where: str):
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise InvalidArgument(f"{where}: unknown key(s) {', '.join(unknown)}; expected some of {', '.join(sorted(names))}")
+    kwargs = {}
+    for k, v in data.items():
+        if k in _SECTIONS and v is not None:
+            if not isinstance(v, dict):
+                raise InvalidArgument(f"{where}.{k} must be an object or null; received {type(v).__name__}")
+            v = _from_dict(_SECTIONS[k], v, f"{where}.{k}")
+        kwargs[k] = v
+    return cls(**kwargs)
+
+
+Number = Union[int, float]
