@@ -33,7 +33,8 @@ from .dtypes import short_name
 from .errors import CorruptCheckpoint, NonFiniteWeights
 from .hashing import stamped_sha256
 from .lowrank import LowRankLinear
-from .modelfiles import LoadedModel, ModelSource, build_model, load_tokenizer, read_json, read_safetensors
+from .modelfiles import (LoadedModel, ModelSource, build_model, load_tokenizer, read_json, read_safetensors,
+                         weights_dtype)
 from .outputs import check_output
 from .portable import factorised_config, is_factorised, plain_config
 from .portable.integrity import check_directory, file_records
@@ -121,27 +122,24 @@ def _write_atomically(out: Path, fill, overwrite: bool) -> Path:
     return out
 
 
-def _fill(d: Path, model: nn.Module, tokenizer, weights: dict, config) -> None:
-    save_file(weights, str(d / WEIGHTS), metadata={"format": "pt"})
-    first = next((v for v in weights.values() if v.is_floating_point()), None)
-    if first is not None:
-        config.dtype = str(first.dtype).removeprefix("torch.")
-    config.save_pretrained(str(d))  # a factorised config also copies its modelling code here
-    generation = getattr(model, "generation_config", None)
+def _describe(d: Path, config, tokenizer, generation=None):
+    """config.json (a factorised config also copies its modelling code), generation config and
+    tokenizer beside the weights already in `d`; returns the weights' dtype."""
+    stored = weights_dtype(d)
+    if stored is not None:
+        config.dtype = str(stored).removeprefix("torch.")
+    config.save_pretrained(str(d))
     if generation is not None:
         generation.save_pretrained(str(d))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(d))
+    return stored
 
 
-def save_checkpoint(model: nn.Module, tokenizer, out: Path | str, meta: dict, overwrite: bool = False,
-                    dtype: torch.dtype | None = None) -> Path:
-    """Write a WeLore checkpoint with its weights in `dtype` (None: the model's). `meta` is merged
-    into welore.json (report, source, training)."""
-    weights = _weights(model, merged=False, dtype=dtype)  # validates before anything touches the disk
-    factored = factored_modules(model)
-    config = factorised_config(model.config, factored)
-    record = {
+def checkpoint_record(meta: dict, factored: dict[str, int]) -> dict:
+    """The content of welore.json: format, versions, time, `meta` (report, source, ...), `factored`
+    (`dtype` and `files` are added by finish_checkpoint)."""
+    return {
         "format_version": FORMAT_VERSION,
         "welore_version": __version__,
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -149,11 +147,26 @@ def save_checkpoint(model: nn.Module, tokenizer, out: Path | str, meta: dict, ov
         "factored": factored,
     }
 
+
+def finish_checkpoint(d: Path, config, tokenizer, record: dict, generation=None) -> None:
+    """Everything of a checkpoint directory but its weights (written first): the config in its
+    factorised form with the modelling code, tokenizer, and welore.json with the weights' dtype
+    and SHA-256 record. Shared by save_checkpoint and the streamed (layerwise) writer."""
+    stored = _describe(Path(d), factorised_config(config, record["factored"]), tokenizer, generation)
+    record.update(dtype=short_name(stored) if stored is not None else None, files=file_records(d))
+    (Path(d) / META).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def save_checkpoint(model: nn.Module, tokenizer, out: Path | str, meta: dict, overwrite: bool = False,
+                    dtype: torch.dtype | None = None) -> Path:
+    """Write a WeLore checkpoint with its weights in `dtype` (None: the model's). `meta` is merged
+    into welore.json (report, source, training)."""
+    weights = _weights(model, merged=False, dtype=dtype)  # validates before anything touches the disk
+    record = checkpoint_record(meta, factored_modules(model))
+
     def fill(d: Path) -> None:
-        _fill(d, model, tokenizer, weights, config)
-        stored = next((v.dtype for v in weights.values() if v.is_floating_point()), None)
-        record.update(dtype=short_name(stored) if stored is not None else None, files=file_records(d))
-        (d / META).write_text(json.dumps(record, indent=2) + "\n")
+        save_file(weights, str(d / WEIGHTS), metadata={"format": "pt"})
+        finish_checkpoint(d, model.config, tokenizer, record, getattr(model, "generation_config", None))
 
     return _write_atomically(Path(out), fill, overwrite)
 
@@ -164,7 +177,11 @@ def save_merged(model: nn.Module, tokenizer, out: Path | str, overwrite: bool = 
     weights = _weights(model, merged=True, dtype=dtype)
     config = plain_config(model.config)
     config.architectures = [getattr(type(model), "_welore_plain_class", type(model)).__name__]
-    return _write_atomically(Path(out), lambda d: _fill(d, model, tokenizer, weights, config), overwrite)
+    def fill(d: Path) -> None:
+        save_file(weights, str(d / WEIGHTS), metadata={"format": "pt"})
+        _describe(d, config, tokenizer, getattr(model, "generation_config", None))
+
+    return _write_atomically(Path(out), fill, overwrite)
 
 
 def read_meta(path: Path | str) -> dict:
@@ -232,7 +249,6 @@ def export_checkpoint(path: Path | str, *, merged_out: Path | str | None = None,
     Both outputs are checked before anything is read; merging happens in fp32."""
     from .dtypes import check_name, resolve
     from .errors import InvalidArgument
-    from .modelfiles import weights_dtype
     from .outputs import check_outputs
 
     if merged_out is None and out is None:

@@ -53,12 +53,23 @@ def compress_checkpoint(model: str, out: str | Path, config: CompressConfig, *, 
     if recover < 0:
         raise InvalidArgument(f"recover must be ≥ 0 (fine-tuning steps after compression); received {recover}")
     config = config.resolve()
+    from ..layerwise.plan import resident_plan, streamable
+    from ..loading import resolve
+
+    if resolve(model).kind == "welore":
+        raise InvalidArgument(f"{model} is already a WeLore checkpoint; compress its dense source instead")
+    streamed = streamable(model)
+    if streamed is not None:  # above the size threshold: one decoder layer in memory at a time
+        from ..layerwise.pipeline import compress_spec_streamed
+
+        return compress_spec_streamed(model, streamed, out, config, merged_out=merged_out, overwrite=overwrite,
+                                      recover=recover, device=device, cache=cache, progress=progress,
+                                      should_stop=should_stop, t0=t0)
     progress(ProgressEvent("load", 0, 1, message=str(model)))
     loaded = load_model(model, device=device)
     progress(ProgressEvent("load", 1, 1, message=str(model)))
     load_seconds = time.perf_counter() - t0
-    if loaded.source.kind == "welore":
-        raise InvalidArgument(f"{model} is already a WeLore checkpoint; compress its dense source instead")
+    progress(ProgressEvent("plan", 1, 1, message=str(model), metrics=resident_plan(loaded.model, cache).metrics()))
     tokenizer = loaded.tokenizer
     calib = None
     if config.calibration is not None:
