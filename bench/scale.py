@@ -28,6 +28,7 @@ from bench.synthetic import SHAPES, write_synthetic
 
 ROOT = Path(__file__).resolve().parent.parent
 GB = 1e9
+RESUME_SECONDS = 180.0
 
 
 def _vmhwm_mb(pid: int) -> float | None:
@@ -76,7 +77,7 @@ def run_child(args: list[str], env: dict, timeout: float | None = None, nice: in
 
 def import_baseline(env: dict) -> float:
     code = ("import torch, transformers, welore_core.pipelines, welore_core.layerwise.compress, "
-            "welore_core.compress; from transformers import LlamaForCausalLM; "
+            "welore_core.compression.model; from transformers import LlamaForCausalLM; "
             "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1]) / 1024.0
@@ -89,7 +90,7 @@ def compress_row(model: Path, work: Path, streamed: bool, env: dict, timeout=Non
     child_env = {**env, "WELORE_CACHE_DIR": str(cache), "WELORE_STREAM_ABOVE_GB": "0" if streamed else "1e9",
                  **(extra_env or {})}
     r = run_child([sys.executable, "-m", "welore_core.cli", "compress", str(model), "--err", "0.3",
-                   "--out", str(out), "--overwrite", "--json"], child_env, timeout=timeout, nice=nice)
+                   "--calibration", "none", "--out", str(out), "--overwrite", "--json"], child_env, timeout=timeout, nice=nice)
     if r["rc"] != 0 and not r["timed_out"]:
         raise RuntimeError(f"compress {model} failed:\n{r['stderr']}")
     cache_bytes = sum(f.stat().st_size for f in (cache / "svd").glob("*.safetensors")) if (cache / "svd").is_dir() else 0
@@ -139,11 +140,11 @@ def big_rows(work: Path, env: dict, baseline: float, seconds: float, layers: int
         cap = {"WELORE_CACHE_MAX_GB": "4"}  # 8B at min_ratio 0.5 would cache ~32 GB of factors: values only
         runs = [compress_row(model, work, True, env, timeout=budget, nice=10, extra_env=cap)]
         if runs[0]["timed_out"]:  # resumed once, briefly: it continues from the journal
-            runs.append(compress_row(model, work, True, env, timeout=min(300.0, budget), nice=10,
+            runs.append(compress_row(model, work, True, env, timeout=min(RESUME_SECONDS, budget), nice=10,
                                      cache=runs[0]["cache"], extra_env=cap))
         for i, r in enumerate(runs):
             done, shards = journal_layers(r["out"]) if r["timed_out"] else (depth, None)
-            what = "complete" if not r["timed_out"] else f"stopped at {budget if i == 0 else 300:.0f} s: " \
+            what = "complete" if not r["timed_out"] else f"stopped at {budget if i == 0 else RESUME_SECONDS:.0f} s: " \
                    f"spectra of {done}/{depth} layers" + (f", {shards} shards" if shards else "")
             label = f"8B-shaped, {depth} layers" + (" (resumed)" if i else "")
             per_layer = r["seconds"] / max(done, 1)
@@ -188,6 +189,8 @@ def main(argv=None) -> None:
             f"GQA {shape['heads']}/{shape['kv_heads']}, vocab 49,152 (bf16 shards)", "", table(heads, rows), "",
             f"Peak RSS growth above the import baseline, {hi} vs {lo} layers: streamed **{growth_s:.2f}x** "
             f"(goal <= 1.2x: {'met' if growth_s <= 1.2 else 'NOT met'}), in memory {growth_m:.2f}x."]
+    write_section("scale", "## Scale: layer-streamed compression\n\n" + "\n".join(body))
+    print("\n".join(body), flush=True)
     if args.big:
         big = big_rows(work, env, baseline, args.big_seconds, args.big_layers)
         body += ["", "### Llama-3-8B-shaped (hidden 4096, intermediate 14336, GQA 32/8, vocab 49,152; bf16 shards, "

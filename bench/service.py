@@ -243,7 +243,7 @@ def run_setup(label: str, mode: str, work: Path, code: Path, args) -> dict:
         stack.close()
 
 
-def report(results: dict[str, dict], args) -> str:
+def report(results: dict[str, dict], args, load: tuple[float, float]) -> str:
     rows = []
     for label, res in results.items():
         base = res["get"][1]["p50"]
@@ -254,7 +254,8 @@ def report(results: dict[str, dict], args) -> str:
     lines = ["## Service under load (`python -m bench.service`)", "",
              f"CPU ({os.cpu_count()} cores, shared with the client and, in production, Postgres, Redis and one "
              f"worker); closed-loop clients on loopback, {args.seconds:g} s per row, 120 s client timeout; "
-             f"{time.strftime('%Y-%m-%d')}. `p99 / p50@1` divides by the status GET's p50 with one client of the "
+             f"{time.strftime('%Y-%m-%d')}; load average {load[0]:.1f} at the start, {load[1]:.1f} at the end "
+             "(other work on the machine). `p99 / p50@1` divides by the status GET's p50 with one client of the "
              "same setup (the baseline of the goal).", "",
              table(["setup", "request", "clients", "req/s", "p50 ms", "p99 ms", "p99 / p50@1", "errors", "requests"],
                    rows), ""]
@@ -286,6 +287,7 @@ def main() -> int:
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="welore-bench-service-"))
     results = {}
+    load0 = os.getloadavg()[0]
     try:
         results["production"] = run_setup("production", "production", work, ROOT, args)
         results["embedded"] = run_setup("embedded", "embedded", work, ROOT, args)
@@ -300,7 +302,7 @@ def main() -> int:
                 subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=ROOT, capture_output=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    body = report(results, args)
+    body = report(results, args, (load0, os.getloadavg()[0]))
     print(body)
     if not args.no_write:
         write_section("service", body)

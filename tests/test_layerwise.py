@@ -237,10 +237,21 @@ def test_smollm2_streamed_equals_in_memory(tmp_path, boolq_path):
     got, want = read_safetensors(tmp_path / "s"), read_safetensors(tmp_path / "m")
     assert set(got) == set(want)
     assert all(torch.allclose(got[k], want[k], atol=1e-6, rtol=0) for k in want)
-    ev = ["--data", str(boolq_path), "--windows", "4", "--seq-len", "256", "--json"]
+    ev = ["--data", str(boolq_path), "--windows", "2", "--seq-len", "128", "--json"]
     for out in ("s", "m"):
         e_s = last_json(welore("eval", tmp_path / out, *ev, env=env))
         e_m = last_json(welore("eval", tmp_path / out, *ev))
         assert e_s["streamed"] and not e_m.get("streamed")
         assert e_s["tokens"] == e_m["tokens"]
         assert math.isclose(e_s["perplexity"], e_m["perplexity"], rel_tol=1e-4)
+
+
+def test_cli_compress_streams_above_the_threshold(tmp_path):
+    from test_cli import welore
+
+    _, path = _dense(tmp_path, layers=2, seed=13)
+    env = {**os.environ, "WELORE_STREAM_ABOVE_GB": "0", "WELORE_CACHE_DIR": str(tmp_path / "cache")}
+    out = welore("compress", path, "--err", "0.4", "--min-ratio", "0", "--calibration", "none",
+                 "--out", tmp_path / "out", env=env).stdout
+    assert "streamed layer by layer (2 layers)" in out and "spectrum cache 0 hits, 14 misses" in out
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .errors import CorruptCheckpoint, UnsupportedModel
+from .errors import CorruptCheckpoint
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
@@ -137,18 +137,13 @@ def build_model(config, state: dict[str, torch.Tensor], device: torch.device | s
     copy of the weights), so a replaced matrix later frees its memory. Strict: every parameter
     must come from `state` (a tied LM head from its embedding) and nothing may be left over.
     """
-    from transformers import AutoModelForCausalLM
+    from .layerwise.layers import meta_model, rebuild_buffers
 
-    from .lowrank import swap_module
-    from .portable import register
-
-    register()
-    with torch.device("meta"):
-        try:
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        except AttributeError as exc:  # a factored name the architecture does not have
-            raise CorruptCheckpoint(f"the checkpoint names a module the config's architecture does not have "
-                                    f"({exc})") from exc
+    try:
+        model = meta_model(config)
+    except AttributeError as exc:  # a factored name the architecture does not have
+        raise CorruptCheckpoint(f"the checkpoint names a module the config's architecture does not have "
+                                f"({exc})") from exc
     try:
         _, unexpected = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as exc:
@@ -159,11 +154,7 @@ def build_model(config, state: dict[str, torch.Tensor], device: torch.device | s
     if missing or unexpected:
         raise CorruptCheckpoint(f"weights do not match the model (missing: {missing[:5]}, unexpected: "
                                 f"{unexpected[:5]}); the checkpoint is damaged")
-    for name, module in list(model.named_modules()):  # non-persistent buffers (RoPE) are rebuilt
-        if any(b.is_meta for b in module.buffers(recurse=False)):
-            if not hasattr(module, "inv_freq"):
-                raise UnsupportedModel(f"cannot rebuild the buffers of {name} ({type(module).__name__})")
-            swap_module(model, name, type(module)(config=module.config))
+    rebuild_buffers(model, config)  # non-persistent buffers (RoPE) are not in checkpoints
     return model.to(device=device, dtype=dtype).eval()
 
 

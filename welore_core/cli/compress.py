@@ -109,10 +109,23 @@ def human_report(r: dict) -> str:
         f"model parameters {r['params_before']:,} -> {r['params_after']:,}",
         f"LRC {r['n_lrc']}  N-LRC {r['n_nlrc']}  decomposed now {r['decomposed']}",
         *quality_lines(r.get("quality")),
+        *streamed_lines(r),
         f"written to {r['out']}" + (f" (merged export: {r['merged_out']})" if r["merged_out"] else ""),
         f"{r['seconds']:.1f} s (compression {r['compress_seconds']:.1f} s), peak RSS {r['peak_rss_mb']:.0f} MB",
     ]
     return "\n".join(lines)
+
+
+def streamed_lines(r: dict) -> list[str]:
+    """Streamed (a model above WELORE_STREAM_ABOVE_GB): the memory plan and the spectrum cache's use."""
+    if not r.get("streamed"):
+        return []
+    plan, cache = r["memory_plan"], r["cache"]
+    done = r.get("resumed_layers")
+    resumed = f", layers {done[0]}-{done[-1]} kept from an interrupted run" if done else ""
+    return [f"streamed layer by layer ({plan['layers']} layers{resumed}): estimated peak "
+            f"{plan['estimated_peak_bytes'] / 1e9:.2f} GB; spectrum cache {cache['hits']} hits, {cache['misses']} misses, "
+            f"{cache['bytes_written'] / 1e6:.0f} MB written ({plan['cache_mode']})"]
 
 
 def quality_lines(q: dict | None) -> list[str]:

@@ -310,7 +310,8 @@ class StreamedCompression:
         before = sum(p.params_dense for p in alloc.plans)
         after = sum(p.params_stored for p in alloc.plans)
         report = CompressionReport(
-            recipe=self.recipe.to_dict(), factorization=factorization, calibration=record, method=self.method, tau=alloc.tau, min_ratio=alloc.min_ratio, err_requested=self.err,
+            recipe=self.recipe.to_dict(), factorization=factorization, calibration=record, method=self.method,
+            tau=alloc.tau, min_ratio=alloc.min_ratio, err_requested=self.err,
             err_achieved=alloc.err, params_kept_requested=self.params_kept, params_kept_achieved=alloc.params_kept,
             target_params_before=before, target_params_after=after, params_before=params_before,
             params_after=params_before - before + after, n_lrc=alloc.n_lrc, n_nlrc=len(alloc.plans) - alloc.n_lrc,

@@ -4,7 +4,7 @@ Streamed, memory follows the largest layer, not the depth:
   peak ≈ base (interpreter, torch, ~0.4 GB)
        + the largest decoder layer in float32 (read for its spectra / factors)
        + one SVD's working set (W, U, S, Vh and LAPACK's workspace for the largest matrix)
-       + one output shard being filled (≤ shard_bytes) and the current layer's output
+       + the current layer's output (shards are assembled from spilled units on disk, writer.py)
        + for evaluation and calibration: embeddings, final norm and LM head in the compute dtype,
          the windows' hidden states (N × L × hidden) twice (a layer's input and output), and one
          window's logits (L × vocab, float32).
@@ -73,7 +73,7 @@ def memory_plan(source: CheckpointSource, shapes: list[tuple[int, int]], min_rat
     svd_b = max((svd_bytes(s) for s in shapes), default=0)
     resident = source.numel(source.other_names()) * comp_el if tokens else 0
     hidden_b = 2 * tokens * hidden * comp_el + (4 * seq_len * vocab if tokens else 0)
-    out_buffer = min(shard_bytes, layer // 4 * out_el) + layer // 4 * out_el
+    out_buffer = layer // 4 * out_el  # one layer's output (the writer spills units to disk)
     peak = BASE_BYTES + layer + svd_b + out_buffer + resident + hidden_b
     need = sum(entry_bytes(s, needed_rank(s, min_ratio)) for s in shapes)
     cap = cache.max_bytes if cache is not None else None

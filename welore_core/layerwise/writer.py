@@ -2,9 +2,10 @@
 
 The output is planned before anything is written: each *unit* (a decoder layer, or "other":
 embeddings, final norm, LM head) has a known byte size, and consecutive units are grouped into
-shards of at most `shard_bytes` (a unit bigger than that gets a shard of its own). A shard is
-held in memory only until its last unit arrives, then written atomically (tmp + rename), so
-memory stays at most one shard plus one layer, independent of depth.
+shards of at most `shard_bytes` (a unit bigger than that gets a shard of its own). Each unit is
+spilled to a file of its own as it arrives; once a shard's last unit is in, its unit files are
+concatenated into the shard (bytes copied in chunks) and renamed into place, so the writer holds
+no tensors: memory stays one layer, independent of depth and of the shard size.
 
 The work happens in a stable directory beside the output (`.<out>.partial/`), with
 `progress.json` naming the recipe fingerprint and the shards already written: a killed run
@@ -78,7 +79,6 @@ class ShardWriter:
         self.shards: list[list[str]] = []
         self.files: list[str] = []
         self.shard_of: dict[str, int] = {}
-        self._pending: dict[int, dict[str, torch.Tensor]] = {}
         self._arrived: dict[int, set[str]] = {}
 
     def plan(self, units: list[tuple[str, int]], shard_bytes: int = SHARD_BYTES) -> None:
@@ -121,25 +121,59 @@ class ShardWriter:
             self._write_state(self.state)
         return self.state["extra"].get(key)
 
+    def _unit_file(self, unit: str) -> Path:
+        return self.dir / f".unit.{unit}.safetensors"
+
     def add(self, unit: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Spill the unit to a file of its own (nothing stays in memory); write its shard once complete."""
         i = self.shard_of[unit]
         if self.files[i] in self.written:
             return
-        self._pending.setdefault(i, {}).update({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
+        tmp = self.dir / f".unit.{unit}.tmp"
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, self._unit_file(unit))
         self._arrived.setdefault(i, set()).add(unit)
         if self._arrived[i] == set(self.shards[i]):
             self._flush(i)
 
     def _flush(self, i: int) -> None:
-        tensors = self._pending.pop(i)
+        """Concatenate the shard's unit files into one safetensors file, copying bytes in chunks."""
         file = self.files[i]
+        parts, header, offset = [], {}, 0
+        for unit in self.shards[i]:
+            path = self._unit_file(unit)
+            with open(path, "rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                head = json.loads(fh.read(size))
+            head.pop("__metadata__", None)
+            for name, info in sorted(head.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                start, end = info["data_offsets"]
+                header[name] = {"dtype": info["dtype"], "shape": info["shape"],
+                                "data_offsets": [offset, offset + end - start]}
+                parts.append((path, 8 + size + start, end - start))
+                offset += end - start
+        header["__metadata__"] = {"format": "pt"}
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
         tmp = self.dir / f".{file}.tmp"
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        with open(tmp, "wb") as out:
+            out.write(len(text).to_bytes(8, "little"))
+            out.write(text)
+            for path, start, n in parts:
+                with open(path, "rb") as fh:
+                    fh.seek(start)
+                    while n > 0:
+                        chunk = fh.read(min(n, 64 << 20))
+                        out.write(chunk)
+                        n -= len(chunk)
+            out.flush()
+            os.fsync(out.fileno())
         os.replace(tmp, self.dir / file)
+        for unit in self.shards[i]:
+            self._unit_file(unit).unlink(missing_ok=True)
         self.written[file] = {"units": self.shards[i],
-                              "tensors": {k: v.numel() * v.element_size() for k, v in tensors.items()}}
+                              "tensors": {k: v["data_offsets"][1] - v["data_offsets"][0]
+                                          for k, v in header.items() if k != "__metadata__"}}
         self._write_state(self.state)
 
     def finish(self, fill=None, overwrite: bool = False) -> Path:
