@@ -1,8 +1,9 @@
 """Service sub-commands of `welore`, registered through the `welore.commands` entry points:
 
   welore serve [--host H] [--port P]   the API (embedded with no configuration: SQLite, local
-                                       artifacts, in-process worker; it migrates and, on an
-                                       empty database, creates and prints an API key)
+                                       artifacts, in-process worker; it locks its state
+                                       directory, migrates and, on an empty database, creates
+                                       and prints an API key)
   welore keys create [--name N]        a new API key, printed as the last stdout line
   welore keys list | revoke ID
   welore db upgrade [REV] | current | downgrade REV
@@ -155,6 +156,9 @@ def serve(args: argparse.Namespace) -> int:
 
     s = _settings()
     if s.embedded:
+        from .statelock import acquire
+
+        acquire(s.state_dir)  # before anything touches the database: one server per state directory
         _ensure_schema(s)
         s.artifacts.mkdir(parents=True, exist_ok=True)
         key = bootstrap_key(s)
@@ -170,5 +174,7 @@ def serve(args: argparse.Namespace) -> int:
         print(f"welore serve — database {_redact(s.db_url)}, broker {_redact(s.redis_url)}, "
               f"artifacts {s.artifacts}; run jobs with `welore worker`", flush=True)
     print(f"listening on http://{args.host}:{args.port} (OpenAPI at /docs)", flush=True)
-    uvicorn.run(create_app(s), host=args.host, port=args.port, log_level=args.log_level)
+    # Open SSE streams get a few seconds to end on shutdown; then running jobs are handed back.
+    uvicorn.run(create_app(s), host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=5)
     return 0

@@ -7,14 +7,19 @@ Every error body is `{"error": {"code", "message", ...}}`. welore_core errors ma
 from __future__ import annotations
 
 import logging
+import math
+import secrets
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from welore_core.errors import WeloreError
+
+from .redact import redact
 
 log = logging.getLogger("welore.api")
 
@@ -51,6 +56,10 @@ class RangeNotSatisfiable(ServiceError):
     status, code = 416, "range_not_satisfiable"
 
 
+class UnsupportedMediaType(ServiceError):
+    status, code = 415, "unsupported_media_type"
+
+
 class InvalidRequest(ServiceError):
     status, code = 422, "invalid_request"
 
@@ -74,6 +83,36 @@ CORE_STATUS = {
 
 def error_body(code: str, message: str, **extra: Any) -> dict:
     return {"error": {"code": code, "message": message, **extra}}
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    model_config = {"extra": "allow"}
+
+
+class ErrorBody(BaseModel):
+    """Every error response: `{"error": {"code", "message", ...}}`."""
+
+    error: ErrorDetail
+
+
+_DESCRIPTIONS = {
+    400: "malformed request (e.g. a body that is not valid JSON)",
+    401: "missing, invalid or revoked API key",
+    404: "no such job, file, artifact or model (or it belongs to another key)",
+    409: "conflict with the job's state (or an Idempotency-Key reused with another request)",
+    413: "payload larger than the limit",
+    415: "unsupported content type",
+    416: "range not satisfiable",
+    422: "invalid parameters: names each field and its allowed range",
+    503: "a service the request needs (database, broker) is unreachable",
+}
+
+
+def responses(*codes: int) -> dict:
+    """OpenAPI `responses` for the error statuses an operation can return."""
+    return {c: {"model": ErrorBody, "description": _DESCRIPTIONS[c]} for c in codes}
 
 
 def _range_text(model_field: Any) -> str | None:
@@ -119,36 +158,80 @@ def validation_fields(errors: list[dict], schemas: dict[str, Any] | None = None)
         if err.get("type") in ("literal_error", "enum") and err.get("ctx", {}).get("expected"):
             item["allowed"] = err["ctx"]["expected"]
         if "input" in err and not isinstance(err["input"], (dict, list)):
-            item["received"] = err["input"]
+            item["received"] = _json_safe(err["input"])
         out.append(item)
     return out
 
 
+def _json_safe(value: Any) -> Any:
+    """A received value as JSON can carry it: NaN/±inf and bytes as text, long strings cut."""
+    if value is None or isinstance(value, bool) or (isinstance(value, int) and abs(value) < 2**63):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, str):
+        return value if len(value) <= 200 else value[:200] + "…"
+    text = repr(value)
+    return text if len(text) <= 200 else text[:200] + "…"
+
+
+def _settings(request: Request):
+    return getattr(request.app.state, "settings", None)
+
+
 def install(app: FastAPI, param_schemas: dict[str, Any]) -> None:
+    """Map every error to `{"error": {code, message}}`; messages never carry SQL or server paths."""
+    from sqlalchemy.exc import DataError, DBAPIError, OperationalError
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
     @app.exception_handler(ServiceError)
-    async def _service(_: Request, exc: ServiceError):
+    async def _service(request: Request, exc: ServiceError):
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return JSONResponse(error_body(exc.code, exc.message, **exc.extra), status_code=exc.status,
-                            headers=headers)
+        if exc.status == 416 and "size" in exc.extra:
+            headers = {"Content-Range": f"bytes */{exc.extra['size']}"}
+        return JSONResponse(error_body(exc.code, redact(exc.message, _settings(request)), **exc.extra),
+                            status_code=exc.status, headers=headers)
 
     @app.exception_handler(WeloreError)
-    async def _core(_: Request, exc: WeloreError):
-        return JSONResponse(error_body(exc.code, exc.message), status_code=CORE_STATUS.get(exc.code, 500))
+    async def _core(request: Request, exc: WeloreError):
+        return JSONResponse(error_body(exc.code, redact(exc.message, _settings(request))),
+                            status_code=CORE_STATUS.get(exc.code, 500))
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError):
+    async def _validation(request: Request, exc: RequestValidationError):
         fields = validation_fields(list(exc.errors()), param_schemas)
         message = "; ".join(f"{f['field']}: {f['message']}" + (f" (allowed: {f['allowed']})" if f.get("allowed") else "")
                             for f in fields)
-        return JSONResponse(error_body("invalid_params", message, fields=fields), status_code=422)
+        return JSONResponse(error_body("invalid_params", redact(message, _settings(request)), fields=fields),
+                            status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
+    @app.exception_handler(DataError)
+    async def _data(_: Request, exc: DataError):  # a value the database cannot store (a safety net)
+        log.warning("database refused a value: %s", str(exc).splitlines()[0][:300])
+        return JSONResponse(error_body("invalid_input", "a value in the request cannot be stored (control "
+                                       "characters? out of range?); check the request's strings and numbers"),
+                            status_code=422)
+
+    async def _unavailable(_: Request, exc: Exception):
+        log.warning("database unavailable: %s", type(exc).__name__)
+        return JSONResponse(error_body("database_unavailable", "the database is unreachable or busy; retry "
+                                       "shortly"), status_code=503, headers={"Retry-After": "5"})
+
+    for cls in (OperationalError, PoolTimeout):
+        app.add_exception_handler(cls, _unavailable)
+
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception):
-        log.exception("unhandled error")
-        return JSONResponse(error_body("internal_error", f"{type(exc).__name__}: {exc}"), status_code=500)
+        ref = secrets.token_hex(4)
+        if isinstance(exc, DBAPIError):
+            log.error("database error %s: %s", ref, type(exc).__name__)
+        else:
+            log.exception("unhandled error %s", ref)
+        return JSONResponse(error_body("internal_error", f"an internal error occurred (reference {ref} in the "
+                                       "server log)"), status_code=500)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy import text
 
 from . import storage
@@ -12,13 +13,19 @@ from .db import session_scope
 router = APIRouter(tags=["health"])
 
 
+class Readiness(BaseModel):
+    status: str
+    mode: str
+    checks: dict[str, str]
+
+
 @router.get("/healthz", summary="The process is up")
 def healthz() -> dict:
     return {"status": "ok"}
 
 
 @router.get("/readyz", summary="Database, broker and artifact store reachable",
-            responses={503: {"description": "something is not reachable"}})
+            responses={200: {"model": Readiness}, 503: {"model": Readiness, "description": "something is not reachable"}})
 def readyz(request: Request):
     settings = request.app.state.settings
     checks: dict[str, str] = {}
@@ -27,10 +34,10 @@ def readyz(request: Request):
             s.execute(text("SELECT 1 FROM jobs LIMIT 1"))
         checks["database"] = "ok"
     except Exception as exc:
-        checks["database"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        checks["database"] = f"error: {type(exc).__name__}"
     broker_ok = request.app.state.dispatcher.ping() and request.app.state.bus.ping()
     checks["broker"] = "ok" if broker_ok else "error: unreachable"
-    checks["artifact_store"] = "ok" if storage.writable(settings) else f"error: {settings.artifacts} not writable"
+    checks["artifact_store"] = "ok" if storage.writable(settings) else "error: not writable (WELORE_ARTIFACT_DIR)"
     ok = all(v == "ok" for v in checks.values())
     body = {"status": "ready" if ok else "not_ready", "mode": "embedded" if settings.embedded else "distributed",
             "checks": checks}

@@ -4,6 +4,7 @@ migrations (migrations/versions); these classes must match the latest one."""
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import secrets
 from typing import Any, Optional
 
@@ -11,8 +12,21 @@ from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, I
 from sqlalchemy import TypeDecorator, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-TERMINAL = ("succeeded", "failed", "cancelled")
-STATUSES = ("queued", "running", *TERMINAL)
+class JobStatus(str, enum.Enum):
+    """The one list of job statuses; every transition between them is in api/jobs/states.py."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+TERMINAL = (JobStatus.SUCCEEDED.value, JobStatus.FAILED.value, JobStatus.CANCELLED.value)
+STATUSES = tuple(s.value for s in JobStatus)
 JOB_TYPES = ("compress", "finetune", "evaluate")
 
 
@@ -88,6 +102,7 @@ class Job(Base):
     heartbeat_at: Mapped[Optional[dt.datetime]] = mapped_column(default=None)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    runner: Mapped[Optional[str]] = mapped_column(String(100), default=None)  # who holds the claim
     error_code: Mapped[Optional[str]] = mapped_column(String(64), default=None)
     error_message: Mapped[Optional[str]] = mapped_column(Text, default=None)
     result: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON, default=None)

@@ -49,15 +49,34 @@ class Settings(CoreSettings):
     embedded_workers: int = 1
     """Threads running jobs in embedded mode (env WELORE_EMBEDDED_WORKERS)."""
 
-    heartbeat_s: float = 15.0
-    stale_after_s: float = 180.0
-    """A running job whose worker sent no heartbeat for this long is marked failed (worker lost)."""
+    api_concurrency: int = 32
+    """Requests of one API process that run database work at once (env WELORE_API_CONCURRENCY): the
+    size of its request thread pool, and of its database pool plus a few connections for the event
+    fan-out and the reaper (see `db_pool_size`). More requests wait for a thread, never for a
+    connection; SSE followers hold neither (one fan-out thread per process reads the bus for all)."""
+
+    heartbeat_s: float = 10.0
+    """How often a running job writes its heartbeat (and progress) to the database."""
+    heartbeat_timeout_s: float = 45.0
+    """A running job with no heartbeat for this long has lost its worker: the reaper (in the API
+    process) puts it back in the queue, or fails it `worker_lost` once `max_attempts` are spent."""
+    max_attempts: int = 3
+    """Starts of one job (a lost worker costs one; a graceful shutdown gives its attempt back)."""
 
     event_ttl_s: int = 7 * 24 * 3600
     """How long Redis keeps a finished job's event stream (Postgres keeps them for good)."""
 
     worker_device: Optional[str] = None
     """Device the worker passes to welore_core (env WELORE_WORKER_DEVICE); unset: WELORE_DEVICE."""
+
+    @property
+    def db_pool_size(self) -> int:
+        """Connections of one process: a request thread each, plus the fan-out, the reaper and a spare."""
+        return max(1, self.api_concurrency) + 3
+
+    @property
+    def reap_every_s(self) -> float:
+        return max(0.5, min(15.0, self.heartbeat_timeout_s / 3))
 
     @property
     def embedded(self) -> bool:

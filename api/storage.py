@@ -2,15 +2,21 @@
 
   <artifact_dir>/jobs/<job id>/...        a job's output (a WeLore checkpoint), renamed into place
   <artifact_dir>/files/<file id>/<file id>.<jsonl|txt>   an uploaded dataset
-  <artifact_dir>/.tmp/                    work in progress; same filesystem, so renames are atomic
+  <artifact_dir>/.tmp/                    work in progress; same filesystem, so renames are atomic:
+      <job id>.<random>/                  one attempt of a job (removed when the job ends, when a
+                                          later attempt claims it, or by the reaper's sweep)
+      <file id>.upload                    an upload being received
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import time
 from pathlib import Path
 
 from welore_core.hashing import file_sha256 as sha256_file
+from welore_core.hashing import stamped_sha256
 
 from .settings import Settings
 
@@ -60,3 +66,46 @@ def writable(settings: Settings) -> bool:
         return True
     except OSError:
         return False
+
+
+def intact(settings: Settings, path: Path, size: int, sha256: str) -> bool:
+    """Whether a stored artifact still has the size and SHA-256 recorded when its job finished
+    (re-hashed only when the file's stat changed since it was last verified)."""
+    try:
+        return path.stat().st_size == size and stamped_sha256(path, Path(settings.cache_dir)) == sha256
+    except OSError:
+        return False
+
+
+def remove_work_dirs(settings: Settings, job_id: str) -> int:
+    """Delete what earlier attempts of `job_id` left in .tmp (call only while holding its claim)."""
+    n = 0
+    for p in tmp_dir(settings).glob(f"{job_id}.*"):
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+def sweep_tmp(settings: Settings, running_ids, upload_max_age_s: float = 3600.0) -> list[str]:
+    """Delete work directories of jobs that are not running any more (their worker died before it
+    cleaned up) and uploads older than `upload_max_age_s`; → the names removed. `running_ids()` is
+    asked after the listing, so a directory made after a claim is never taken for a dead one's."""
+    entries = list(tmp_dir(settings).iterdir())
+    if not entries:
+        return []
+    running = running_ids()
+    removed = []
+    now = time.time()
+    for p in entries:
+        name = p.name
+        if name.startswith("job_") and "." in name and name.split(".", 1)[0] not in running:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(name)
+        elif name.endswith(".upload"):
+            try:
+                if now - p.stat().st_mtime > upload_max_age_s:
+                    p.unlink(missing_ok=True)
+                    removed.append(name)
+            except OSError:
+                pass
+    return removed

@@ -8,14 +8,29 @@ from pathlib import Path
 from .corpus import read_texts
 from .evaluate import perplexity
 from .loading import load_model, require_tokenizer
-from .progress import ProgressFn, StopFn, no_progress
+from .progress import ProgressEvent, ProgressFn, StopFn, no_progress
 
 
 def evaluate_model(model: str, data: str, *, seq_len: int = 512, windows: int = 24,
                    device: str | None = None, progress: ProgressFn = no_progress,
                    should_stop: StopFn | None = None) -> dict:
+    """Perplexity of `model` on `data`; a model above the streaming threshold runs layer by layer."""
+    from .layerwise.plan import streamable
+
     texts = read_texts(data)
+    streamed = streamable(model)
+    if streamed is not None:
+        from .layerwise.evaluate import evaluate_streamed
+
+        result, plan = evaluate_streamed(streamed, texts, seq_len, windows, device=device, progress=progress,
+                                         should_stop=should_stop)
+        return {"model": str(model), "data": str(data), **result.to_dict(), "streamed": True,
+                "memory_plan": plan.metrics()}
     loaded = load_model(model, device=device)
+    from .layerwise.plan import resident_plan
+
+    progress(ProgressEvent("plan", 1, 1, message=str(model),
+                           metrics=resident_plan(loaded.model, compress=False).metrics()))
     result = perplexity(loaded.model, require_tokenizer(loaded), texts, seq_len, windows, progress=progress,
                         should_stop=should_stop)
     return {"model": str(model), "data": str(data), **result.to_dict()}

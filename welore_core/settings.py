@@ -7,6 +7,7 @@ so one object configures everything and the core never reads the environment on 
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Optional
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -33,6 +34,14 @@ class CoreSettings(BaseSettings):
 
     data_dir: Path = _default_data_dir()
     """Where built-in datasets (boolq, commonsenseqa, ...) are read from (env WELORE_DATA_DIR)."""
+
+    cache_max_gb: Optional[float] = None
+    """Size cap of the spectrum cache in GB; least recently used entries are evicted beyond it
+    (env WELORE_CACHE_MAX_GB; unset: no cap)."""
+
+    stream_above_gb: float = 4.0
+    """Models whose float32 weights exceed this many GB are compressed and evaluated layer by layer,
+    one decoder layer in memory at a time (env WELORE_STREAM_ABOVE_GB; 0: always stream)."""
 
     device: str = "auto"
     """auto (a GPU when present), cpu, or cuda[:N] (env WELORE_DEVICE)."""

@@ -29,6 +29,8 @@ def make_celery(settings: Settings) -> Celery:
         task_default_exchange=light,
         task_default_routing_key=light,
         task_routes={"welore.run_job": {"queue": gpu}, "welore.reap": {"queue": light}},
+        # `celery -A worker.celery_app beat` runs the reaper without any API process.
+        beat_schedule={"welore-reap": {"task": "welore.reap", "schedule": settings.reap_every_s}},
         broker_transport_options={"visibility_timeout": hard + 600},
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=5,

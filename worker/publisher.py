@@ -4,23 +4,26 @@
 to a few a second per stage (the first, the last and every metric-carrying event are kept);
 each comes with a metric event holding memory (RSS, GPU), throughput and the engine's own
 metrics (loss, lr, tokens/s, ppl). `flush()` writes pending events, stage, progress, latest
-metrics and a heartbeat to the job row; a heartbeat thread calls it while the job runs.
+metrics and a heartbeat to the job row (`states.progress`, conditional on the worker's claim); a
+heartbeat thread calls it while the job runs. A flush that finds the claim gone (the job was
+reaped as lost, or finished) sets `lost`: the job is no longer this worker's to run.
+Messages go out without server paths (api/redact.py).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import threading
 import time
 from typing import Any, Optional
 
-from sqlalchemy import update
-
 from api.db import session_scope
 from api.events import store
-from api.models import Job, utcnow
+from api.jobs import states
+from api.redact import redact
 
 log = logging.getLogger("welore.worker")
 
@@ -37,7 +40,9 @@ FLUSH_EVERY_S = 2.0
 
 
 def _numeric(d: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    """The finite numbers of `d` (NaN and ±inf have no JSON form)."""
+    return {k: float(v) for k, v in d.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
 def resource_sample() -> dict[str, float]:
@@ -59,8 +64,10 @@ def resource_sample() -> dict[str, float]:
 
 
 class Publisher:
-    def __init__(self, settings, bus, job_id: str, job_type: str, start_seq: int, params: dict):
+    def __init__(self, settings, bus, job_id: str, runner: str, job_type: str, start_seq: int, params: dict):
         self.settings, self.bus, self.job_id, self.job_type = settings, bus, job_id, job_type
+        self.runner = runner
+        self.lost = False
         self.params = params
         self._lock = threading.RLock()
         self._seq = start_seq
@@ -94,7 +101,7 @@ class Publisher:
         return event
 
     def log(self, message: str, level: str = "info") -> None:
-        self.emit("log", {"level": level, "message": message})
+        self.emit("log", {"level": level, "message": redact(message, self.settings)})
 
     def _overall(self, stage: str, fraction: float) -> Optional[float]:
         span = STAGE_SPANS.get(self.job_type, {}).get(stage)
@@ -118,9 +125,13 @@ class Publisher:
             last = event.total and event.done >= event.total
             if new_stage or last or engine or now - self._last_progress >= PROGRESS_EVERY_S:
                 self._last_progress = now
-                self.emit("progress", {"stage": event.stage, "done": event.done, "total": event.total,
-                                       "fraction": round(event.fraction, 6), "progress": round(self.progress, 6),
-                                       "message": event.message})
+                data = {"stage": event.stage, "done": event.done, "total": event.total,
+                        "fraction": round(event.fraction, 6), "progress": round(self.progress, 6),
+                        "message": redact(event.message, self.settings)}
+                if event.stage == "plan":  # the memory plan (estimated peak, cache bytes), before the work
+                    data["metrics"] = {k: v for k, v in (event.metrics or {}).items()  # JSON-safe values only
+                                       if isinstance(v, (str, bool)) or k in engine or v is None}
+                self.emit("progress", data)
             if engine or last or now - self._last_metric >= METRIC_EVERY_S:
                 self._last_metric = now
                 values = {**resource_sample(), **engine}
@@ -149,25 +160,33 @@ class Publisher:
         with self._lock:
             events, self._pending = self._pending, []
             self._last_flush = time.monotonic()
-            values: dict[str, Any] = {"heartbeat_at": utcnow(), "progress": self.progress}
+            values: dict[str, Any] = {"progress": self.progress}
             if self.stage:
                 values["stage"] = self.stage
             if self.metrics:
                 values["metrics"] = dict(self.metrics)
+            if self.lost:
+                return
             try:
                 with session_scope(self.settings.db_url) as s:
+                    job = states.progress(s, self.job_id, self.runner, **values)
+                    if job is None:
+                        self.lost = True
+                        log.warning("job %s is no longer this worker's (reaped or finished); stopping it",
+                                    self.job_id)
+                        return
                     store.add_events(s, self.job_id, events)
-                    s.execute(update(Job).where(Job.id == self.job_id, Job.status == "running").values(**values))
-                    self.db_cancel = bool(s.get(Job, self.job_id).cancel_requested)
+                    self.db_cancel = bool(job.cancel_requested)
             except Exception:
                 log.warning("could not write progress of %s to the database; will retry", self.job_id,
                             exc_info=True)
                 self._pending = events + self._pending
 
-    def take_pending(self) -> list[dict]:
+    def take_pending(self) -> tuple[list[dict], int]:
+        """The events not yet in the database, and the seq of the next one."""
         with self._lock:
             events, self._pending = self._pending, []
-            return events
+            return events, self._seq
 
     def final_metrics(self) -> dict:
         out = dict(self.metrics)

@@ -1,10 +1,12 @@
-"""Run one job: re-read it, claim it, call welore_core, publish the outcome. Safe to run twice.
+"""Run one job: claim it, call welore_core, publish the outcome. Safe to run twice, at least once.
 
-The output is produced in `<artifact_dir>/.tmp/` and renamed to `<artifact_dir>/jobs/<id>`
-only after the work succeeded and no cancel arrived, just before the final state is committed:
-a cancelled or failed job leaves nothing behind. Every exception ends the job `failed` with a
-code and a readable message; nothing is left `running` (a dead worker's job is failed by
-`reap_stale` once its heartbeat stops).
+Every transition goes through api/jobs/states.py. The output is produced in
+`<artifact_dir>/.tmp/` and renamed to `<artifact_dir>/jobs/<id>` only after the work succeeded,
+no cancel arrived and the claim is still this runner's, just before the final state is
+committed: a cancelled or failed job leaves nothing behind. Every exception ends the job `failed`
+with a code and a readable message (no server paths). A dead worker's job is put back in the
+queue by the reaper (api/jobs/reaper.py) once its heartbeat stops; a graceful shutdown hands it
+back at once, without spending an attempt.
 """
 
 from __future__ import annotations
@@ -23,20 +25,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from sqlalchemy import select
-
 from api import storage
 from api.db import session_scope
-from api.events import store
 from api.events.bus import EventBus, make_bus
+from api.jobs import states
 from api.models import Artifact, Job, utcnow
+from api.redact import redact, redact_values
 from api.settings import Settings
 
 from .publisher import Heartbeat, Publisher
 
 log = logging.getLogger("welore.worker")
 
-MAX_ATTEMPTS = 3
 _buses: dict[tuple[int, str], EventBus] = {}
 
 
@@ -58,8 +58,8 @@ class JobSpec:
 
 
 class _Stop:
-    """The `should_stop` given to welore_core: a user cancel (bus flag or database flag) or a
-    shutdown of the embedded server."""
+    """The `should_stop` given to welore_core: a user cancel (bus flag or database flag), a
+    shutdown of the worker or the embedded server, or the claim lost (the job was reaped)."""
 
     def __init__(self, bus: EventBus, job_id: str, publisher: Publisher, shutdown: Optional[threading.Event]):
         self.bus, self.job_id, self.publisher, self.shutdown = bus, job_id, publisher, shutdown
@@ -71,6 +71,9 @@ class _Stop:
             return True
         if self.shutdown is not None and self.shutdown.is_set():
             self.reason = "shutdown"
+            return True
+        if self.publisher.lost:
+            self.reason = "lost"
             return True
         if self.publisher.db_cancel:
             self.reason = "cancel"
@@ -128,7 +131,7 @@ def _summary(result: dict) -> dict:
             out[k] = v
         elif isinstance(v, dict) and all(isinstance(x, (str, int, float, bool)) or x is None for x in v.values()):
             out[k] = v
-    return out
+    return redact_values(out)
 
 
 def _supported(fn: Callable, kwargs: dict) -> dict:
@@ -166,12 +169,13 @@ def _finetune(job: JobSpec, out: Path, progress, stop, settings: Settings) -> di
 
     p = dict(job.params)
     data = data_path(settings, p.pop("data"))
+    merged = p.pop("merged", False)
     if p.get("teacher"):
         p["teacher"] = model_path(settings, job.model_ref["teacher"])
     kwargs = _supported(finetune_checkpoint, {k: v for k, v in p.items() if v is not None})
     result = finetune_checkpoint(model_path(settings, job.model_ref), out, data=data, resume=False,
                                  overwrite=False, device=_device(settings), progress=progress,
-                                 should_stop=stop, **kwargs)
+                                 should_stop=stop, merged_out=out / "merged" if merged else None, **kwargs)
     return _summary(result)
 
 
@@ -190,52 +194,9 @@ def _evaluate(job: JobSpec, out: Path, progress, stop, settings: Settings) -> di
 HANDLERS = {"compress": _compress, "finetune": _finetune, "evaluate": _evaluate}
 
 
-# -- claim / finish -----------------------------------------------------------------------
+# -- claim / run / end (every transition through api/jobs/states.py) ---------------------------
 def _age_s(t: Optional[dt.datetime]) -> float:
     return float("inf") if t is None else (utcnow() - t).total_seconds()
-
-
-def _claim(settings: Settings, bus: EventBus, job_id: str) -> tuple[Optional[JobSpec], int, str]:
-    """→ (spec or None, first event seq, reason when None)."""
-    with session_scope(settings.db_url) as s:
-        job = s.get(Job, job_id, with_for_update=True)
-        if job is None:
-            return None, 0, "missing"
-        if job.finished:
-            return None, 0, job.status
-        if job.status == "running" and _age_s(job.heartbeat_at) < settings.stale_after_s:
-            return None, 0, "running elsewhere"
-        try:
-            last = bus.last_seq(job_id)
-        except Exception:
-            last = -1
-        seq = max(store.max_seq(s, job_id), last) + 1
-        if job.attempts >= MAX_ATTEMPTS:
-            _finish_row(s, job, "failed", seq, code="worker_lost",
-                        message=f"the job was started {job.attempts} times and its worker was lost each time "
-                                "(out of memory? killed by a time limit?); resubmit it with smaller settings")
-            return None, 0, "gave up"
-        job.status, job.started_at = "running", job.started_at or utcnow()
-        job.heartbeat_at, job.attempts = utcnow(), job.attempts + 1
-        return JobSpec(job.id, job.type, dict(job.params), dict(job.model_ref), job.attempts), seq, ""
-
-
-def _finish_row(s, job: Job, status: str, seq: int, *, code: Optional[str] = None, message: Optional[str] = None,
-                result: Optional[dict] = None, metrics: Optional[dict] = None, events: tuple = ()) -> dict:
-    data: dict = {"status": status}
-    if code:
-        data["error"] = {"code": code, "message": message}
-    terminal = store.make_event(seq, "status", data)
-    store.add_events(s, job.id, [*events, terminal])
-    job.status, job.finished_at, job.heartbeat_at = status, utcnow(), utcnow()
-    job.error_code, job.error_message = code, message
-    if status == "succeeded":
-        job.progress = 1.0
-    if result is not None:
-        job.result = result
-    if metrics is not None:
-        job.metrics = metrics
-    return terminal
 
 
 def _list_files(d: Path) -> list[tuple[str, Path]]:
@@ -247,15 +208,79 @@ def _list_files(d: Path) -> list[tuple[str, Path]]:
     return out
 
 
-def run_job(job_id: str, settings: Settings, bus: EventBus, shutdown: Optional[threading.Event] = None) -> str:
-    """Run job `job_id` to a final state; returns that state (or why nothing was done)."""
-    spec, seq, why = _claim(settings, bus, job_id)
+def runner_id() -> str:
+    """This run's claim token: host, process and a random part (two runs never share one)."""
+    return f"{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _publish(bus: EventBus, job_id: str, events, finished: bool = False) -> None:
+    try:
+        for e in events:
+            if e is not None:
+                bus.publish(job_id, e)  # idempotent: already published seqs are skipped
+        if finished:
+            bus.finish(job_id)
+    except Exception:
+        log.warning("could not publish events of %s on the bus (the database has them)", job_id, exc_info=True)
+
+
+def _claim(settings: Settings, bus: EventBus, job_id: str, runner: str,
+           shutdown: Optional[threading.Event]) -> tuple[Optional[JobSpec], int, str]:
+    """→ (spec, seq of the `running` event, "") or (None, 0, why nothing is to be done).
+
+    A job another runner holds is watched: if its heartbeat moves within the heartbeat timeout
+    that runner is alive and this delivery is a duplicate ("running elsewhere"); if it does not,
+    that runner is dead (a redelivery after a lost worker), and the job is reaped and claimed."""
+    deadline = time.monotonic() + settings.heartbeat_timeout_s + settings.heartbeat_s
+    seen = None
+    while True:
+        with session_scope(settings.db_url) as s:
+            t, why = states.claim(s, bus, job_id, runner, settings.max_attempts)
+            if t is not None and not why:
+                job = t.job
+                spec = JobSpec(job.id, job.type, dict(job.params), dict(job.model_ref), job.attempts)
+            elif why == "running":
+                job = s.get(Job, job_id)
+                holder, age = (job.runner, job.heartbeat_at), _age_s(job.heartbeat_at)
+        if not why:
+            _publish(bus, job_id, [t.event])
+            storage.remove_work_dirs(settings, job_id)  # half-written output of a dead attempt
+            return spec, t.event["seq"], ""
+        if why != "running":
+            if t is not None:
+                _publish(bus, job_id, [t.event], finished=True)
+            return None, 0, why
+        if seen is not None and holder != seen:
+            return None, 0, "running elsewhere"  # its heartbeat moved: that runner is alive
+        seen = holder
+        if age > settings.heartbeat_timeout_s or time.monotonic() > deadline:
+            with session_scope(settings.db_url) as s:
+                t = states.reap(s, bus, job_id, settings.heartbeat_timeout_s, settings.max_attempts)
+            if t is None:
+                return None, 0, "running elsewhere"
+            log.warning("job %s: its runner %s is gone; taking it over", job_id, seen[0])
+            _publish(bus, job_id, [t.event], finished=t.job.finished)
+            seen = None
+            continue
+        if shutdown is not None and shutdown.is_set():
+            return None, 0, "shutting down"
+        time.sleep(min(1.0, settings.heartbeat_s / 2))
+
+
+def run_job(job_id: str, settings: Settings, bus: EventBus, shutdown: Optional[threading.Event] = None,
+            enqueue: Optional[Callable[[str, str], None]] = None) -> str:
+    """Run job `job_id` to a final state; returns that state (or why nothing was done).
+
+    `shutdown` set: the job stops at its next step and goes back to `queued` with its attempt
+    given back; `enqueue(job_id, queue)` then hands it to another worker (Celery), or nothing does
+    and the next start runs it (embedded)."""
+    runner = runner_id()
+    spec, seq, why = _claim(settings, bus, job_id, runner, shutdown)
     if spec is None:
         log.info("job %s: nothing to do (%s)", job_id, why)
         return why
-    pub = Publisher(settings, bus, job_id, spec.type, seq, spec.params)
-    pub.emit("status", {"status": "running", "attempt": spec.attempt, "worker": f"{socket.gethostname()}:{os.getpid()}"})
-    pub.log(f"{spec.type} of {spec.model_ref['name']} started (attempt {spec.attempt})")
+    pub = Publisher(settings, bus, job_id, runner, spec.type, seq + 1, spec.params)
+    pub.log(f"{spec.type} of {spec.model_ref['name']} started (attempt {spec.attempt} of {settings.max_attempts})")
     pub.flush()
     stop = _Stop(bus, job_id, pub, shutdown)
     heartbeat = Heartbeat(pub, settings.heartbeat_s)
@@ -263,26 +288,30 @@ def run_job(job_id: str, settings: Settings, bus: EventBus, shutdown: Optional[t
     work = storage.tmp_dir(settings) / f"{job_id}.{uuid.uuid4().hex[:8]}"
     work.mkdir(parents=True)
     final_dir = storage.job_dir(settings, job_id)
-    status, code, message, result, files = "failed", None, None, None, []
     try:
         from welore_core.errors import Cancelled, WeloreError
 
         try:
             result = HANDLERS[spec.type](spec, work / "out", pub.on_progress, stop, settings)
+            pub.flush()  # still ours? (a worker presumed dead must not publish an output)
             if stop():
                 raise Cancelled("cancel requested after the work finished; nothing was kept")
+            files = []
             if (work / "out").is_dir():
                 final_dir.parent.mkdir(parents=True, exist_ok=True)
                 shutil.rmtree(final_dir, ignore_errors=True)  # a previous attempt's orphan
                 os.replace(work / "out", final_dir)
                 files = [(name, p.stat().st_size, storage.sha256_file(p)) for name, p in _list_files(final_dir)]
-            status = "succeeded"
+            heartbeat.stop()
+            return _end(settings, bus, pub, job_id, states.SUCCEEDED, result=result, files=files)
         except Cancelled as exc:
+            heartbeat.stop()
+            if stop.reason == "lost":
+                return "lost"
             if stop.reason == "shutdown":
-                heartbeat.stop()
-                return _requeue(settings, bus, pub, job_id)
-            status, code, message = "cancelled", None, None
+                return _hand_back(settings, bus, pub, job_id, enqueue)
             pub.log(f"cancelled: {exc.message}")
+            return _end(settings, bus, pub, job_id, states.CANCELLED)
         except WeloreError as exc:
             code, message = exc.code, exc.message
         except Exception as exc:  # noqa: BLE001 — every failure must end the job
@@ -293,76 +322,59 @@ def run_job(job_id: str, settings: Settings, bus: EventBus, shutdown: Optional[t
                 code, message = "internal_error", f"{type(exc).__name__}: {exc}"
                 log.error("job %s failed:\n%s", job_id, traceback.format_exc())
         heartbeat.stop()
-        return _finish(settings, bus, pub, job_id, status, code, message, result, files, final_dir)
+        return _end(settings, bus, pub, job_id, states.FAILED, code=code, message=redact(message, settings))
     finally:
         heartbeat.stop()
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _finish(settings, bus, pub: Publisher, job_id, status, code, message, result, files, final_dir) -> str:
-    if status != "succeeded":
+def _end(settings, bus, pub: Publisher, job_id: str, status, *, code=None, message=None, result=None,
+         files=()) -> str:
+    """The job's final state, if this runner still holds its claim; the output is kept only on success."""
+    final_dir = storage.job_dir(settings, job_id)
+    if status is not states.SUCCEEDED:
         shutil.rmtree(final_dir, ignore_errors=True)
     try:
         with session_scope(settings.db_url) as s:
-            job = s.get(Job, job_id, with_for_update=True)
-            if job.finished:  # failed by the reaper meanwhile: its verdict stands
+            events, seq = pub.take_pending()
+            if status is states.FAILED:
+                t = states.fail(s, job_id, pub.runner, code, message, seq, metrics=pub.final_metrics(),
+                                stage=pub.stage, events=events)
+            else:
+                t = states.finish(s, job_id, pub.runner, status, seq, result=result, metrics=pub.final_metrics(),
+                                  stage=pub.stage, events=events)
+            if t is None:  # reaped (presumed dead) meanwhile: the job is someone else's now
                 shutil.rmtree(final_dir, ignore_errors=True)
-                return job.status
-            events = pub.take_pending()
-            seq = pub._seq
-            if pub.stage:
-                job.stage = pub.stage
-            terminal = _finish_row(s, job, status, seq, code=code, message=message, result=result,
-                                   metrics=pub.final_metrics(), events=tuple(events))
-            if status == "succeeded":
-                for name, size, sha in files:
-                    s.add(Artifact(job_id=job_id, name=name, size=size, sha256=sha))
+                return "lost"
+            for name, size, sha in files:
+                s.add(Artifact(job_id=job_id, name=name, size=size, sha256=sha))
     except BaseException:
         shutil.rmtree(final_dir, ignore_errors=True)
         raise
+    _publish(bus, job_id, [*events, t.event])
     try:
-        for e in events:
-            bus.publish(job_id, e)  # idempotent: already published ones are skipped
-        bus.publish(job_id, terminal)
-        bus.set_latest(job_id, {"stage": pub.stage, "progress": 1.0 if status == "succeeded" else pub.progress,
+        bus.set_latest(job_id, {"stage": pub.stage, "progress": 1.0 if status is states.SUCCEEDED else pub.progress,
                                 "metrics": pub.final_metrics()})
-        bus.finish(job_id)
     except Exception:
-        log.warning("could not publish the end of %s on the bus", job_id, exc_info=True)
-    log.info("job %s %s%s", job_id, status, f" ({code}: {message})" if code else "")
-    return status
+        pass
+    _publish(bus, job_id, [], finished=True)
+    log.info("job %s %s%s", job_id, status.value, f" ({code}: {message})" if code else "")
+    return status.value
 
 
-def _requeue(settings, bus, pub: Publisher, job_id: str) -> str:
-    """The embedded server is stopping: put the job back to `queued` (it runs again on restart)."""
-    pub.log("the server is shutting down; the job will run again when it restarts", "warning")
+def _hand_back(settings, bus, pub: Publisher, job_id: str, enqueue) -> str:
+    """Graceful shutdown: the job goes back to `queued` with its attempt given back."""
+    pub.log("the worker is shutting down; the job goes back to the queue and runs again", "warning")
     with session_scope(settings.db_url) as s:
-        job = s.get(Job, job_id, with_for_update=True)
-        store.add_events(s, job_id, pub.take_pending())
-        job.status, job.heartbeat_at, job.stage, job.progress = "queued", None, None, 0.0
-    return "requeued"
-
-
-def reap_stale(settings: Settings, bus: EventBus) -> int:
-    """Fail running jobs whose worker stopped sending heartbeats."""
-    cutoff = utcnow() - dt.timedelta(seconds=settings.stale_after_s)
-    n = 0
-    with session_scope(settings.db_url) as s:
-        ids = list(s.scalars(select(Job.id).where(Job.status == "running", Job.heartbeat_at < cutoff)))
-    for job_id in ids:
+        events, seq = pub.take_pending()
+        t = states.requeue(s, job_id, pub.runner, seq, give_back_attempt=True, reason="worker shutdown",
+                           events=events)
+    if t is None:
+        return "lost"
+    _publish(bus, job_id, [*events, t.event])
+    if enqueue is not None:
         try:
-            with session_scope(settings.db_url) as s:
-                job = s.get(Job, job_id, with_for_update=True)
-                if job.status != "running" or _age_s(job.heartbeat_at) < settings.stale_after_s:
-                    continue
-                seq = max(store.max_seq(s, job_id), bus.last_seq(job_id)) + 1
-                terminal = _finish_row(s, job, "failed", seq, code="worker_lost",
-                                       message=f"the worker running this job stopped responding (no heartbeat for "
-                                               f"{settings.stale_after_s:.0f} s); resubmit the job")
-            bus.publish(job_id, terminal)
-            bus.finish(job_id)
-            shutil.rmtree(storage.job_dir(settings, job_id), ignore_errors=True)
-            n += 1
+            enqueue(job_id, t.job.queue)
         except Exception:
-            log.warning("could not reap %s", job_id, exc_info=True)
-    return n
+            log.warning("could not re-enqueue %s; the reaper's next pass will", job_id, exc_info=True)
+    return "requeued"

@@ -1,59 +1,83 @@
-"""Celery tasks: thin wrappers that take a job id (see runner.py for the work)."""
+"""Celery tasks: thin wrappers that take a job id (see runner.py for the work, api/jobs/reaper.py
+for the reaper).
+
+Shutdown: a worker told to stop (SIGTERM to its main process, or to the whole process group)
+does not wait for a running job to end: the job stops at its next step, goes back to `queued`
+with its attempt given back, and is sent to the queue again for another worker. The main
+process forwards SIGTERM to its pool children; in a child, the task catches it.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import threading
 
 from celery import shared_task
+from celery.signals import worker_process_init, worker_shutting_down
+
+from api.dispatch import RUN_JOB
 
 log = logging.getLogger("welore.worker")
+
+SHUTDOWN = threading.Event()  # this process is stopping: running jobs hand themselves back
+_in_pool_child = False
 
 
 def _settings(task):
     return task.app.conf.welore_settings
 
 
-@shared_task(name="welore.run_job", bind=True, acks_late=True, reject_on_worker_lost=True)
+@shared_task(name=RUN_JOB, bind=True, acks_late=True, reject_on_worker_lost=True)
 def run_job_task(self, job_id: str) -> str:
     from .runner import bus_for, run_job
 
     settings = _settings(self)
-    return run_job(job_id, settings, bus_for(settings))
+
+    def enqueue(job_id: str, queue: str) -> None:
+        self.app.send_task(RUN_JOB, args=[job_id], queue=queue)
+
+    previous = None
+    if _in_pool_child and threading.current_thread() is threading.main_thread():
+        SHUTDOWN.clear()  # a new task in a child that is not stopping
+        previous = signal.signal(signal.SIGTERM, lambda *_: SHUTDOWN.set())
+    try:
+        return run_job(job_id, settings, bus_for(settings), shutdown=SHUTDOWN, enqueue=enqueue)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 @shared_task(name="welore.reap", bind=True)
 def reap_task(self) -> int:
-    from .runner import bus_for, reap_stale
+    """One reaper pass (for `celery beat`; the API process runs the same pass on its own)."""
+    from api.jobs.reaper import reap_once
+
+    from .runner import bus_for
 
     settings = _settings(self)
-    return reap_stale(settings, bus_for(settings))
+    return len(reap_once(settings, bus_for(settings),
+                         lambda job_id, queue: self.app.send_task(RUN_JOB, args=[job_id], queue=queue)))
 
 
-def _start_reaper(sender=None, **_kw) -> None:
-    """In the worker's main process: fail jobs whose worker died, once a minute."""
-    import threading
+@worker_process_init.connect(weak=False)
+def _mark_pool_child(**_kw) -> None:
+    global _in_pool_child
+    _in_pool_child = True
 
-    app = getattr(sender, "app", None)
-    settings = getattr(getattr(app, "conf", None), "welore_settings", None)
-    if settings is None:
-        return
 
-    def loop() -> None:
-        from .runner import bus_for, reap_stale
+@worker_shutting_down.connect(weak=False)
+def _on_shutdown(**_kw) -> None:
+    """Main process: tell the jobs to hand themselves back (solo pool: this process; prefork: the children)."""
+    SHUTDOWN.set()
+    try:
+        import psutil
 
-        while True:
+        for child in psutil.Process(os.getpid()).children():
             try:
-                n = reap_stale(settings, bus_for(settings))
-                if n:
-                    log.warning("marked %d job(s) failed: their worker stopped responding", n)
-            except Exception:
-                log.warning("reaper pass failed", exc_info=True)
-            stop.wait(60)
-
-    stop = threading.Event()
-    threading.Thread(target=loop, daemon=True, name="welore-reaper").start()
-
-
-from celery.signals import worker_ready  # noqa: E402
-
-worker_ready.connect(_start_reaper, weak=False)
+                child.send_signal(signal.SIGTERM)
+            except psutil.Error:
+                pass
+    except Exception:
+        log.warning("could not forward the shutdown to the pool processes", exc_info=True)

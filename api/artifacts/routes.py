@@ -1,23 +1,37 @@
-"""GET /v1/jobs/{id}/artifacts, .../artifacts/{name} (ETag, HTTP Range) and .../checkpoint.tar.
+"""GET/HEAD /v1/jobs/{id}/artifacts, .../artifacts/{name} (ETag, HTTP Range) and .../checkpoint.tar.
 
 Only names recorded for the job can be fetched, and each must resolve inside the job's
-directory: any other path is refused with 404.
+directory: any other path is refused with 404. `If-None-Match` compares weakly (`W/"…"` matches);
+a `Range` header that is not a valid byte range is ignored (200 with the whole file, as RFC 9110
+says); a valid one outside the file is 416. Every file is checked against the size and SHA-256
+recorded when the job finished before it is served; a damaged one is refused with 409
+`artifact_corrupt` naming it (never served as if it were fine).
 """
 
 from __future__ import annotations
+
+import re
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel
 
 from .. import storage
-from ..deps import CurrentKey, SessionDep, SettingsDep
-from ..errors import Conflict, NotFound
+from ..deps import CurrentKey, DbDep, JobId, SettingsDep
+from ..errors import Conflict, NotFound, RangeNotSatisfiable, responses
 from ..jobs import repository as repo
 from ..jobs import service as jobs_service
 from .tarstream import stream_tar, tar_size
 
 router = APIRouter(prefix="/v1/jobs", tags=["artifacts"])
+
+_RANGE = re.compile(r"^bytes=(\d{0,19})-(\d{0,19})$")
+
+
+def _check_intact(settings, job_id: str, row, path) -> None:
+    if not storage.intact(settings, path, row.size, row.sha256):
+        raise Conflict(f"artifact {row.name!r} of job {job_id} no longer matches the SHA-256 recorded when the job "
+                       "finished (the stored file is damaged); run the job again", code="artifact_corrupt")
 
 
 class ArtifactOut(BaseModel):
@@ -33,42 +47,79 @@ class ArtifactList(BaseModel):
     checkpoint_url: str | None = None
 
 
-@router.get("/{job_id}/artifacts", response_model=ArtifactList, summary="A job's files with size and SHA-256")
-def list_artifacts(job_id: str, key: CurrentKey, session: SessionDep) -> ArtifactList:
-    job = jobs_service.get(session, job_id, key)
-    rows = repo.artifacts(session, job.id)
+@router.get("/{job_id}/artifacts", response_model=ArtifactList, summary="A job's files with size and SHA-256",
+            responses=responses(401, 404, 422))
+def list_artifacts(job_id: JobId, key: CurrentKey, db: DbDep) -> ArtifactList:
+    with db() as s:
+        job = jobs_service.get(s, job_id, key)
+        rows = repo.artifacts(s, job.id)
     return ArtifactList(job_id=job.id, data=[ArtifactOut(name=a.name, size=a.size, sha256=a.sha256,
                                                          url=f"/v1/jobs/{job.id}/artifacts/{a.name}") for a in rows],
                         checkpoint_url=f"/v1/jobs/{job.id}/checkpoint.tar" if rows else None)
 
 
+def _etag_matches(header: str, etag: str) -> bool:
+    tags = [t.strip() for t in header.split(",")]
+    return "*" in tags or etag in [t[2:] if t.startswith("W/") else t for t in tags]
+
+
+def _check_range(request: Request, size: int) -> None:
+    """Drop a malformed Range header (→ 200 with everything); 416 for a valid one outside the file."""
+    value = request.headers.get("range")
+    if value is None:
+        return
+    m = _RANGE.match(value.strip().replace(" ", ""))
+    if m is None or (m.group(1) == "" and m.group(2) == "") or (
+            m.group(1) and m.group(2) and int(m.group(1)) > int(m.group(2))):
+        request.scope["headers"] = [(k, v) for k, v in request.scope["headers"] if k.lower() != b"range"]
+        return
+    start, end = m.groups()
+    if (start and int(start) >= size) or (not start and int(end) == 0):
+        raise RangeNotSatisfiable(f"range {value!r} is outside the file of {size} bytes", size=size)
+
+
+_DOWNLOAD = dict(response_class=FileResponse,
+                 responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string",
+                                                                                      "format": "binary"}}}},
+                            206: {"description": "a byte range",
+                                  "content": {"application/octet-stream": {"schema": {"type": "string",
+                                                                                      "format": "binary"}}}},
+                            304: {"description": "not modified (If-None-Match matched the ETag)"},
+                            **responses(401, 404, 409, 416, 422)})
+
+
+@router.head("/{job_id}/artifacts/{name:path}", summary="One file's headers (size, ETag) without its body",
+             operation_id="head_artifact", **_DOWNLOAD)
 @router.get("/{job_id}/artifacts/{name:path}", summary="Download one file (supports Range and If-None-Match)",
-            response_class=FileResponse,
-            responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "a byte range"},
-                       404: {"description": "no such artifact (or a path outside the job's artifacts)"},
-                       416: {"description": "range not satisfiable"}})
-def download_artifact(job_id: str, name: str, request: Request, key: CurrentKey, session: SessionDep,
-                      settings: SettingsDep):
-    job = jobs_service.get(session, job_id, key)
-    row = repo.artifact(session, job.id, name)
+            operation_id="download_artifact", **_DOWNLOAD)
+def download_artifact(job_id: JobId, name: str, request: Request, key: CurrentKey, db: DbDep, settings: SettingsDep):
+    if not name or len(name) > 255 or any(ord(c) < 32 for c in name):
+        raise NotFound(f"job {job_id} has no artifact {name[:80]!r}", code="artifact_not_found")
+    with db() as s:
+        job = jobs_service.get(s, job_id, key)
+        row = repo.artifact(s, job.id, name)
     path = storage.safe_child(storage.job_dir(settings, job.id), name) if row is not None else None
     if row is None or path is None:
         raise NotFound(f"job {job.id} has no artifact {name!r}", code="artifact_not_found")
+    _check_intact(settings, job.id, row, path)
     etag = f'"{row.sha256}"'
+    headers = {"ETag": etag, "X-Checksum-SHA256": row.sha256, "Cache-Control": "private, max-age=31536000, immutable"}
     if_none_match = request.headers.get("if-none-match")
-    if if_none_match and (if_none_match.strip() == "*" or etag in [t.strip() for t in if_none_match.split(",")]):
-        return Response(status_code=304, headers={"ETag": etag})
+    if if_none_match and _etag_matches(if_none_match, etag):
+        return Response(status_code=304, headers=headers)
+    _check_range(request, row.size)
     return FileResponse(path, media_type="application/octet-stream", filename=name.rsplit("/", 1)[-1],
-                        headers={"ETag": f'"{row.sha256}"', "X-Checksum-SHA256": row.sha256,
-                                 "Cache-Control": "private, max-age=31536000, immutable"})
+                        headers=headers)
 
 
 @router.get("/{job_id}/checkpoint.tar", summary="The whole checkpoint as one tar stream",
             response_class=StreamingResponse,
-            responses={200: {"content": {"application/x-tar": {}}}, 409: {"description": "no checkpoint yet"}})
-def download_checkpoint(job_id: str, key: CurrentKey, session: SessionDep, settings: SettingsDep):
-    job = jobs_service.get(session, job_id, key)
-    rows = repo.artifacts(session, job.id)
+            responses={200: {"content": {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}}},
+                       **responses(401, 404, 409, 422)})
+def download_checkpoint(job_id: JobId, key: CurrentKey, db: DbDep, settings: SettingsDep):
+    with db() as s:
+        job = jobs_service.get(s, job_id, key)
+        rows = repo.artifacts(s, job.id)
     if not rows:
         raise Conflict(f"job {job.id} ({job.type}, {job.status}) has no checkpoint to download",
                        code="no_artifacts")
@@ -78,6 +129,7 @@ def download_checkpoint(job_id: str, key: CurrentKey, session: SessionDep, setti
         path = storage.safe_child(base, a.name)
         if path is None:
             raise NotFound(f"artifact {a.name!r} of job {job.id} is missing from the store", code="artifact_missing")
+        _check_intact(settings, job.id, a, path)
         members.append((f"{job.id}/{a.name}", path))
     length = tar_size([(arc, p.stat().st_size) for arc, p in members])
     return StreamingResponse(stream_tar(members), media_type="application/x-tar",

@@ -77,9 +77,10 @@ def resolve_model(session: Session, settings: Settings, owner: ApiKey, spec: str
         return {"kind": "hf_cache", "name": spec}
     where = ", ".join(sorted(REGISTRY))
     raise NotFound(f"model {spec!r} not found: expected a registry name ({where}), the id of one of your "
-                   "succeeded compress/finetune jobs, a folder under the models directory"
-                   f"{' (' + str(settings.models_dir) + ')' if settings.models_dir else ' (none configured: set WELORE_MODELS_DIR)'}"
-                   ", or a model id in the local Hugging Face cache (nothing is downloaded)",
+                   "succeeded compress/finetune jobs, a folder under the server's models directory"
+                   f"{'' if settings.models_dir else ' (none configured: set WELORE_MODELS_DIR)'}"
+                   ", or a model id in the local Hugging Face cache (nothing is downloaded); "
+                   "GET /v1/models lists them",
                    code="model_not_found")
 
 

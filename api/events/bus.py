@@ -4,7 +4,8 @@ An event is `{"seq": int, "type": "status"|"progress"|"metric"|"log", "time": is
 "data": {...}}`; `seq` increases per job. `RedisEventBus` keeps one stream per job (entry id
 `<seq>-1`, so reads resume after any seq) plus small keys for the latest state and the cancel
 flag; `LocalEventBus` does the same in memory for the embedded server. The database holds the
-durable copy (see persist.py): nothing depends on Redis keeping events.
+durable copy (api/events/store.py): nothing depends on Redis keeping events. `read_many` serves
+the API's fan-out (api/events/fanout.py): one reader for every followed job.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Optional, Protocol
 class EventBus(Protocol):
     def publish(self, job_id: str, event: dict) -> None: ...
     def read(self, job_id: str, after_seq: int, timeout: float = 0.0) -> list[dict]: ...
+    def read_many(self, cursors: dict[str, int], timeout: float = 0.0) -> dict[str, list[dict]]: ...
     def last_seq(self, job_id: str) -> int: ...
     def set_latest(self, job_id: str, state: dict) -> None: ...
     def latest(self, job_id: str) -> Optional[dict]: ...
@@ -54,6 +56,21 @@ class LocalEventBus:
                 left = deadline - time.monotonic()
                 if new or left <= 0:
                     return new
+                self._cond.wait(left)
+
+    def read_many(self, cursors: dict[str, int], timeout: float = 0.0) -> dict[str, list[dict]]:
+        """Events after each job's cursor, waiting up to `timeout` for the first one."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                got = {}
+                for job_id, after in cursors.items():
+                    new = [e for e in self._events.get(job_id, ()) if e["seq"] > after]
+                    if new:
+                        got[job_id] = new
+                left = deadline - time.monotonic()
+                if got or left <= 0:
+                    return got
                 self._cond.wait(left)
 
     def last_seq(self, job_id: str) -> int:
@@ -125,6 +142,15 @@ class RedisEventBus:
         else:
             entries = self._redis.xrange(key, min=f"({start}" if after_seq >= 0 else "-", max="+")
         return [json.loads(fields["e"]) for _id, fields in entries]
+
+    def read_many(self, cursors: dict[str, int], timeout: float = 0.0) -> dict[str, list[dict]]:
+        """One XREAD over the streams of all `cursors` (the fan-out's single reader)."""
+        if not cursors:
+            return {}
+        keys = {self._key(job_id, "events"): job_id for job_id in cursors}
+        streams = {key: (f"{cursors[job_id]}-1" if cursors[job_id] >= 0 else "0-0") for key, job_id in keys.items()}
+        got = self._redis.xread(streams, block=max(1, int(timeout * 1000)), count=10_000) or []
+        return {keys[key]: [json.loads(fields["e"]) for _id, fields in entries] for key, entries in got if entries}
 
     def last_seq(self, job_id: str) -> int:
         last = self._redis.xrevrange(self._key(job_id, "events"), count=1)

@@ -37,14 +37,3 @@ def events_after(session: Session, job_id: str, after_seq: int = -1, types: tupl
     if types:
         q = q.where(JobEvent.type.in_(types))
     return [to_event(r) for r in session.scalars(q.order_by(JobEvent.seq))]
-
-
-def merged_history(session: Session, bus, job_id: str, after_seq: int = -1) -> list[dict]:
-    """Database events, then any newer ones the bus holds that the worker has not flushed yet."""
-    events = events_after(session, job_id, after_seq)
-    last = events[-1]["seq"] if events else after_seq
-    try:
-        events += bus.read(job_id, last, 0.0)
-    except Exception:  # the bus is an accelerator; the database is the record
-        pass
-    return events

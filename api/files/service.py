@@ -1,8 +1,8 @@
-"""Upload (streamed to the artifact store, size-limited, validated) and lookup of datasets."""
+"""Storing a received upload (validated line by line, then moved into the artifact store and
+recorded) and looking datasets up."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path, PurePath
@@ -11,13 +11,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from .. import storage
-from ..errors import InvalidRequest, NotFound, PayloadTooLarge
-from ..models import ApiKey, File, new_id
+from ..errors import InvalidRequest, NotFound
+from ..models import ApiKey, File
 from ..settings import Settings
+from .receive import Received
 from .validate import VALIDATORS
 
 FORMATS = {".jsonl": "jsonl", ".txt": "txt"}
-CHUNK = 1 << 20
 
 
 def get(session: Session, file_id: str, owner: ApiKey) -> File:
@@ -27,36 +27,25 @@ def get(session: Session, file_id: str, owner: ApiKey) -> File:
     return row
 
 
-def upload(session: Session, settings: Settings, owner: ApiKey, filename: str, stream) -> File:
-    """`stream` has .read(n). Refuses over-size files without keeping anything."""
-    name = PurePath(filename or "").name
-    fmt = FORMATS.get(PurePath(name).suffix.lower())
-    if fmt is None:
-        raise InvalidRequest(f"file {name!r}: expected a .jsonl or .txt file", code="invalid_file_type")
-    file_id = new_id("file")
-    tmp = storage.tmp_dir(settings) / f"{file_id}.upload"
-    h, size = hashlib.sha256(), 0
+def store(db, settings: Settings, owner: ApiKey, got: Received) -> File:
+    """Validate `got`, move it into place and record it; nothing is kept when it is refused."""
+    final = None
     try:
-        with open(tmp, "wb") as out:
-            while block := stream.read(CHUNK):
-                size += len(block)
-                if size > settings.upload_max_bytes:
-                    raise PayloadTooLarge(f"file is larger than the limit of {settings.upload_max_bytes} bytes "
-                                          "(WELORE_UPLOAD_MAX_BYTES)")
-                h.update(block)
-                out.write(block)
-        records = VALIDATORS[fmt](tmp)
-        final = storage.file_path(settings, file_id, fmt)
+        fmt = FORMATS.get(PurePath(got.filename).suffix.lower())
+        if fmt is None:
+            raise InvalidRequest(f"file {got.filename!r}: expected a .jsonl or .txt file", code="invalid_file_type")
+        records = VALIDATORS[fmt](got.path)
+        final = storage.file_path(settings, got.file_id, fmt)
         final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, final)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    row = File(id=file_id, owner_id=owner.id, filename=name[:255], format=fmt, size=size,
-               sha256=h.hexdigest(), records=records)
-    session.add(row)
-    try:
-        session.commit()
+        os.replace(got.path, final)
+        row = File(id=got.file_id, owner_id=owner.id, filename=got.filename, format=fmt, size=got.size,
+                   sha256=got.sha256, records=records)
+        with db() as session:
+            session.add(row)
+        return row
     except BaseException:
-        shutil.rmtree(final.parent, ignore_errors=True)
+        if final is not None:
+            shutil.rmtree(final.parent, ignore_errors=True)
         raise
-    return row
+    finally:
+        Path(got.path).unlink(missing_ok=True)

@@ -40,6 +40,9 @@ def validate_jsonl(path: Path) -> int:
             except json.JSONDecodeError as exc:
                 raise _bad(lineno, f"not valid JSON ({exc.msg} at column {exc.colno}); each line must be "
                                    "one JSON object") from exc
+            except (ValueError, RecursionError) as exc:  # a huge integer, or nesting too deep to parse
+                raise _bad(lineno, "JSON this server does not read (an integer of more than 4300 digits, or "
+                                   "objects nested too deeply); each line must be one flat-ish JSON object") from exc
             if not isinstance(obj, dict):
                 raise _bad(lineno, f"expected a JSON object, got {type(obj).__name__}")
             if not _usable(obj):
@@ -53,13 +56,15 @@ def validate_jsonl(path: Path) -> int:
 
 
 def validate_txt(path: Path) -> int:
+    text = False
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
                 raw.decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise _bad(lineno, f"not UTF-8 ({exc.reason} at byte {exc.start})") from exc
-    if not path.read_bytes().strip():
+            text = text or bool(raw.strip())
+    if not text:
         raise InvalidRequest("the file is empty", code="invalid_data")
     return 1
 

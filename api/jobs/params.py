@@ -1,5 +1,5 @@
-"""Parameters of each job type, mirroring the `welore` command-line flags. Unknown fields are
-refused, and every numeric field has a range that a 422 names."""
+"""Parameters of each job type, mirroring the `welore` command-line flags. Unknown fields and
+values of the wrong type are refused, and every numeric field has a range that a 422 names."""
 
 from __future__ import annotations
 
@@ -12,7 +12,10 @@ from welore_core.errors import InvalidArgument
 
 
 class _Params(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Strict: a value of the wrong JSON type is refused (`"err": "0.3"`, `"merged": 1`), never
+    converted; unknown fields are refused; NaN and ±Infinity are no numbers."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 def _compress_field(o: Option):
@@ -92,6 +95,9 @@ class FinetuneParams(_Params):
                                                "checkpoint was compressed from")
     distill_weight: Optional[float] = Field(None, gt=0, le=1,
                                             description="with a teacher: share of the KL term in the loss")
+    dtype: Optional[Literal["auto", "bf16", "fp16", "fp32"]] = Field(
+        None, description="dtype of the written weights (default auto: the source's)")
+    merged: bool = Field(False, description="also export merged dense weights (artifacts under merged/)")
 
 
 class EvaluateParams(_Params):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
-from ..models import Artifact, Job, utcnow
+from ..models import Artifact, Job
 
 
 def get(session: Session, job_id: str, owner_id: str) -> Optional[Job]:
@@ -30,13 +30,6 @@ def page(session: Session, owner_id: str, *, status: Optional[str], type_: Optio
         q = q.where(or_(Job.created_at < after.created_at,
                         and_(Job.created_at == after.created_at, Job.id < after.id)))
     return list(session.scalars(q.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)))
-
-
-def cancel_if_queued(session: Session, job_id: str) -> bool:
-    """Atomically move a queued job to cancelled (the worker claims with the same guard)."""
-    res = session.execute(update(Job).where(Job.id == job_id, Job.status == "queued")
-                          .values(status="cancelled", finished_at=utcnow(), cancel_requested=True))
-    return res.rowcount == 1
 
 
 def artifacts(session: Session, job_id: str) -> list[Artifact]:

@@ -1,63 +1,74 @@
-"""/v1/jobs: submit, list, read, cancel; events (SSE or JSON) and metrics of a job."""
+"""/v1/jobs: submit, list, read, cancel; events (SSE or JSON) and metrics of a job.
+
+Handlers hold a database session only around their queries (`with db() as s:`). The SSE
+endpoint is an async generator fed by the process's event fan-out: a follower holds no thread
+and no connection while it waits."""
 
 from __future__ import annotations
 
+import asyncio
 import json
-import time
 from typing import Annotated, Literal, Optional
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
-from ..db import session_scope
-from ..deps import BusDep, CurrentKey, DispatcherDep, SessionDep, SettingsDep
+from ..deps import BusDep, CurrentKey, DbDep, DispatcherDep, FanOutDep, JobId, SettingsDep
+from ..errors import InvalidRequest, responses
 from ..events import store
-from ..models import Job
+from ..events.fanout import END
+from ..models import STATUSES, TERMINAL
 from . import service
 from .schemas import Event, JobCreate, JobList, JobOut, MetricPoint, Metrics
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-TERMINAL_EVENT = ("succeeded", "failed", "cancelled")
+IdempotencyKey = Annotated[Optional[str], Header(alias="Idempotency-Key", min_length=1, max_length=255,
+                                                 pattern=r"^[\x21-\x7e]+$",
+                                                 description="printable ASCII; a repeat returns the same job")]
+LastEventId = Annotated[Optional[str], Header(alias="Last-Event-ID", max_length=40,
+                                              description="resume after this event seq (sent by EventSource)")]
+KEEPALIVE_S = 15.0
 
 
 @router.post("", status_code=202, response_model=JobOut, summary="Submit a compress, finetune or evaluate job",
-             responses={404: {"description": "unknown model or file"},
-                        409: {"description": "Idempotency-Key reused with another request"},
-                        422: {"description": "invalid params: names the field and the allowed range"}})
-def submit_job(body: JobCreate, response: Response, key: CurrentKey, session: SessionDep,
-               settings: SettingsDep, dispatcher: DispatcherDep, bus: BusDep,
-               idempotency_key: Annotated[Optional[str], Header(alias="Idempotency-Key", max_length=255)] = None,
-               ) -> JobOut:
-    job, created = service.submit(session, settings, dispatcher, bus, key, body.model_dump(mode="json"),
-                                  idempotency_key)
+             responses=responses(400, 401, 404, 409, 415, 422, 503))
+def submit_job(body: JobCreate, response: Response, key: CurrentKey, db: DbDep, settings: SettingsDep,
+               dispatcher: DispatcherDep, bus: BusDep, idempotency_key: IdempotencyKey = None) -> JobOut:
+    job, created = service.submit(db, settings, dispatcher, bus, key, body.model_dump(mode="json"), idempotency_key)
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return service.to_out(job, bus)
 
 
-@router.get("", response_model=JobList, summary="Your jobs, newest first (cursor pagination)")
-def list_jobs(key: CurrentKey, session: SessionDep, bus: BusDep,
-              status: Optional[Literal["queued", "running", "succeeded", "failed", "cancelled"]] = None,
+@router.get("", response_model=JobList, summary="Your jobs, newest first (cursor pagination)",
+            responses=responses(401, 422))
+def list_jobs(key: CurrentKey, db: DbDep, bus: BusDep,
+              status: Optional[Literal[STATUSES]] = None,  # type: ignore[valid-type]
               type: Optional[Literal["compress", "finetune", "evaluate"]] = None,
               limit: Annotated[int, Query(ge=1, le=200)] = 50,
-              after: Annotated[Optional[str], Query(description="next_cursor of the previous page")] = None,
+              after: Annotated[Optional[str], Query(max_length=64, description="next_cursor of the previous page")] = None,
               ) -> JobList:
-    rows, cursor = service.list_jobs(session, key, status=status, type_=type, limit=limit, after=after)
+    with db() as s:
+        rows, cursor = service.list_jobs(s, key, status=status, type_=type, limit=limit, after=after)
     return JobList(data=[service.to_out(j, bus) for j in rows], next_cursor=cursor)
 
 
-@router.get("/{job_id}", response_model=JobOut, summary="A job's status, progress, result and latest metrics")
-def get_job(job_id: str, key: CurrentKey, session: SessionDep, bus: BusDep) -> JobOut:
-    return service.to_out(service.get(session, job_id, key), bus)
+@router.get("/{job_id}", response_model=JobOut, summary="A job's status, progress, result and latest metrics",
+            responses=responses(401, 404, 422))
+def get_job(job_id: JobId, key: CurrentKey, db: DbDep, bus: BusDep) -> JobOut:
+    with db() as s:
+        job = service.get(s, job_id, key)
+    return service.to_out(job, bus)
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobOut,
              summary="Cancel a queued (never starts) or running (stops at its next step) job",
-             responses={409: {"description": "the job already finished"}})
-def cancel_job(job_id: str, key: CurrentKey, session: SessionDep, bus: BusDep) -> JobOut:
-    return service.to_out(service.cancel(session, bus, job_id, key), bus)
+             responses=responses(401, 404, 409, 422))
+def cancel_job(job_id: JobId, key: CurrentKey, db: DbDep, bus: BusDep) -> JobOut:
+    return service.to_out(service.cancel(db, bus, job_id, key), bus)
 
 
 def _sse(event: dict) -> str:
@@ -65,66 +76,92 @@ def _sse(event: dict) -> str:
 
 
 def _is_end(event: dict) -> bool:
-    return event["type"] == "status" and event["data"].get("status") in TERMINAL_EVENT
+    return event["type"] == "status" and event["data"].get("status") in TERMINAL
 
 
-def _stream(settings, bus, job_id: str, after: int, keepalive_s: float = 15.0, poll_db_s: float = 2.0):
-    """History (database, then the bus) and then live events until the job ends."""
-    last, last_sent, last_db = after, time.monotonic(), 0.0
-    with session_scope(settings.db_url) as s:
-        history = store.merged_history(s, bus, job_id, last)
-    for e in history:
+def _history(db, bus, job_id: str, after: int) -> list[dict]:
+    with db() as s:
+        events = store.events_after(s, job_id, after)
+    last = events[-1]["seq"] if events else after
+    try:
+        events += bus.read(job_id, last, 0.0)  # newer ones the worker has not flushed yet
+    except Exception:  # the bus is an accelerator; the database is the record
+        pass
+    return events
+
+
+async def _stream(db, bus, fanout, job_id: str, after: int):
+    """History (database, then the bus), then live events from the fan-out until the job ends."""
+    last = after
+    for e in await run_in_threadpool(_history, db, bus, job_id, last):
         yield _sse(e)
         last = e["seq"]
         if _is_end(e):
             return
-    while True:
-        try:
-            events = bus.read(job_id, last, 1.0)
-        except Exception:
-            events = []
-            time.sleep(1.0)
-        now = time.monotonic()
-        if not events and now - last_db >= poll_db_s:  # the database is the fallback if the bus lost events
-            last_db = now
-            with session_scope(settings.db_url) as s:
-                events = store.events_after(s, job_id, last)
-                job = s.get(Job, job_id)
-                done = job is None or job.finished
-            if not events and done:
-                return
-        for e in events:
-            if e["seq"] <= last:
-                continue
-            yield _sse(e)
-            last, last_sent = e["seq"], now
-            if _is_end(e):
-                return
-        if now - last_sent >= keepalive_s:
-            yield ": keepalive\n\n"
-            last_sent = now
+    sub = fanout.subscribe(job_id, last)
+    try:
+        batches = [await run_in_threadpool(_history, db, bus, job_id, last)]  # what came meanwhile
+        while True:
+            for batch in batches:
+                if batch is END:
+                    return
+                for e in batch:
+                    if e["seq"] <= last:
+                        continue
+                    yield _sse(e)
+                    last = e["seq"]
+                    if _is_end(e):
+                        return
+            try:
+                batches = [await asyncio.wait_for(sub.queue.get(), KEEPALIVE_S)]
+            except asyncio.TimeoutError:
+                batches = []
+                yield ": keepalive\n\n"
+    finally:
+        fanout.unsubscribe(sub)
+
+
+def _after(last_event_id: Optional[str]) -> int:
+    if last_event_id is None or last_event_id == "":
+        return -1
+    value = last_event_id.strip()
+    if not value.isdigit() or not value.isascii() or len(value) > 10 or int(value) >= 2**31:
+        raise InvalidRequest(f"Last-Event-ID: expected the seq of an event (an integer 0 ≤ seq < 2³¹), got "
+                             f"{last_event_id[:40]!r}", code="invalid_last_event_id")
+    return int(value)
 
 
 @router.get("/{job_id}/events", summary="Server-Sent Events: history then live events until the job ends",
-            responses={200: {"content": {"text/event-stream": {}, "application/json": {}},
-                             "description": "an SSE stream, or with ?format=json the history as a list"}})
-def job_events(job_id: str, request: Request, key: CurrentKey, session: SessionDep, settings: SettingsDep,
-               bus: BusDep, format: Literal["sse", "json"] = "sse",
-               last_event_id: Annotated[Optional[str], Header(alias="Last-Event-ID")] = None):
-    service.get(session, job_id, key)
+            responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}},
+                                         "application/json": {"schema": {"type": "array",
+                                                                         "items": Event.model_json_schema(
+                                                                             ref_template="#/components/schemas/{model}")}}},
+                             "description": "an SSE stream, or with ?format=json the history as a list"},
+                       **responses(401, 404, 422)})
+async def job_events(job_id: JobId, key: CurrentKey, db: DbDep, bus: BusDep, fanout: FanOutDep,
+                     format: Literal["sse", "json"] = "sse", last_event_id: LastEventId = None):
+    after = _after(last_event_id)
+
+    def check():
+        with db() as s:
+            service.get(s, job_id, key)
+
+    await run_in_threadpool(check)
     if format == "json":
-        return [Event.model_validate(e) for e in store.merged_history(session, bus, job_id)]
-    after = int(last_event_id) if last_event_id and last_event_id.isdigit() else -1
-    return StreamingResponse(_stream(settings, bus, job_id, after), media_type="text/event-stream",
+        events = await run_in_threadpool(_history, db, bus, job_id, -1)
+        return [Event.model_validate(e) for e in events]
+    return StreamingResponse(_stream(db, bus, fanout, job_id, after), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 @router.get("/{job_id}/metrics", response_model=Metrics,
-            summary="Metric series (memory, throughput, loss, ...) and the final metrics")
-def job_metrics(job_id: str, key: CurrentKey, session: SessionDep, bus: BusDep) -> Metrics:
-    job = service.get(session, job_id, key)
+            summary="Metric series (memory, throughput, loss, ...) and the final metrics",
+            responses=responses(401, 404, 422))
+def job_metrics(job_id: JobId, key: CurrentKey, db: DbDep, bus: BusDep) -> Metrics:
+    with db() as s:
+        job = service.get(s, job_id, key)
     series: dict[str, list[MetricPoint]] = {}
-    for e in store.merged_history(session, bus, job_id):
+    for e in _history(db, bus, job_id, -1):
         if e["type"] != "metric":
             continue
         d = e["data"]

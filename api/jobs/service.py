@@ -1,7 +1,8 @@
 """Jobs business logic: submit (validate, persist, commit, then enqueue), read, list, cancel.
 
 A job is enqueued only after its row is committed; a failed enqueue marks the job failed at
-once rather than leaving it queued forever.
+once rather than leaving it queued forever. Status changes go through states.py. Functions that
+take `db` open their own short sessions (`with db() as s:`); the others use the caller's.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from typing import Optional
 
 from sqlalchemy.exc import IntegrityError
@@ -18,12 +20,13 @@ from welore_core.compression.config import NO_CALIBRATION
 from welore_core.corpus import BUILTIN, PACKAGED
 
 from ..catalog.service import resolve_model
+from ..deps import ID_PATTERN
 from ..errors import Conflict, InvalidRequest, NotFound, ServiceUnavailable
-from ..events import store
 from ..files import service as files_service
 from ..models import ApiKey, Job, new_id, utcnow
 from ..settings import Settings
 from . import repository as repo
+from . import states
 from .params import DATA_PARAMS, MODEL_PARAMS
 from .schemas import JobError, JobOut
 
@@ -73,43 +76,59 @@ def to_out(job: Job, bus=None) -> JobOut:
                   result=job.result, metrics=metrics)
 
 
-def submit(session: Session, settings: Settings, dispatcher, bus, owner: ApiKey, body: dict,
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _refuse_control_characters(body: dict) -> None:
+    """Names (model, datasets, ...) are text: a NUL or another control character is refused."""
+    items = [("model", body.get("model"))] + [(f"params.{k}", v) for k, v in (body.get("params") or {}).items()]
+    for field, value in items:
+        if isinstance(value, str) and _CONTROL.search(value):
+            raise InvalidRequest(f"{field}: control characters (such as NUL) are not allowed", code="invalid_params",
+                                 fields=[{"field": field, "message": "contains control characters",
+                                          "allowed": "printable text"}])
+
+
+def _replay(existing: Job, digest: str) -> Job:
+    if existing.request_hash != digest:
+        raise Conflict("this Idempotency-Key was used with a different request; use a new key",
+                       code="idempotency_conflict")
+    return existing
+
+
+def submit(db, settings: Settings, dispatcher, bus, owner: ApiKey, body: dict,
            idempotency_key: Optional[str]) -> tuple[Job, bool]:
-    """→ (job, created). `body` is the validated request as JSON-able data."""
+    """→ (job, created). `body` is the validated request as JSON-able data. The job is committed,
+    then enqueued; if the enqueue fails the job is failed `enqueue_failed` and its
+    Idempotency-Key released, so a retry with the same key submits again."""
+    _refuse_control_characters(body)
     digest = request_hash(body)
-    if idempotency_key:
-        existing = repo.by_idempotency_key(session, owner.id, idempotency_key)
-        if existing is not None:
-            if existing.request_hash != digest:
-                raise Conflict("this Idempotency-Key was used with a different request; use a new key",
-                               code="idempotency_conflict")
-            return existing, False
-    params = {k: v for k, v in body["params"].items() if v is not None}
-    model_ref = resolve_model(session, settings, owner, body["model"])
-    for field in MODEL_PARAMS:  # resolved like `model`; the worker reads model_ref[field]
-        if isinstance(params.get(field), str):
-            model_ref[field] = resolve_model(session, settings, owner, params[field])
-    for field in DATA_PARAMS:
-        if isinstance(params.get(field), str):
-            _check_data(session, owner, field, params[field])
-    job = Job(id=new_id("job"), owner_id=owner.id, type=body["type"], model=body["model"], model_ref=model_ref,
-              params=params, status="queued", progress=0.0, queue=settings.queue(QUEUE_KIND[body["type"]]),
-              cancel_requested=False, attempts=0, idempotency_key=idempotency_key, request_hash=digest,
-              created_at=utcnow())
-    session.add(job)
-    queued = store.make_event(0, "status", {"status": "queued"})
-    store.add_events(session, job.id, [queued])
-    try:
-        session.commit()
-    except IntegrityError:
-        session.rollback()
-        if idempotency_key:  # a concurrent submit with the same key won the race
+    with db() as session:
+        if idempotency_key:
             existing = repo.by_idempotency_key(session, owner.id, idempotency_key)
-            if existing is not None and existing.request_hash == digest:
-                return existing, False
-            raise Conflict("this Idempotency-Key was used with a different request; use a new key",
-                           code="idempotency_conflict")
-        raise
+            if existing is not None:
+                return _replay(existing, digest), False
+        params = {k: v for k, v in body["params"].items() if v is not None}
+        model_ref = resolve_model(session, settings, owner, body["model"])
+        for field in MODEL_PARAMS:  # resolved like `model`; the worker reads model_ref[field]
+            if isinstance(params.get(field), str):
+                model_ref[field] = resolve_model(session, settings, owner, params[field])
+        for field in DATA_PARAMS:
+            if isinstance(params.get(field), str):
+                _check_data(session, owner, field, params[field])
+        job = Job(id=new_id("job"), owner_id=owner.id, type=body["type"], model=body["model"], model_ref=model_ref,
+                  params=params, progress=0.0, queue=settings.queue(QUEUE_KIND[body["type"]]),
+                  cancel_requested=False, attempts=0, idempotency_key=idempotency_key, request_hash=digest,
+                  created_at=utcnow())
+        queued = states.submit(session, job).event
+        try:
+            session.commit()
+        except IntegrityError:
+            session.rollback()
+            existing = repo.by_idempotency_key(session, owner.id, idempotency_key) if idempotency_key else None
+            if existing is None:
+                raise
+            return _replay(existing, digest), False  # a concurrent submit with the same key won the race
     try:
         bus.publish(job.id, queued)
     except Exception:
@@ -118,13 +137,16 @@ def submit(session: Session, settings: Settings, dispatcher, bus, owner: ApiKey,
         dispatcher.enqueue(job.id, job.queue)
     except Exception as exc:
         log.exception("enqueue of %s failed", job.id)
-        job.status, job.finished_at = "failed", utcnow()
-        job.error_code, job.error_message = "enqueue_failed", f"the job could not be queued: {exc}"
-        store.add_events(session, job.id, [store.make_event(1, "status", {"status": "failed",
-                                                                          "error": {"code": job.error_code,
-                                                                                    "message": job.error_message}})])
-        session.commit()
-        raise ServiceUnavailable(f"the job {job.id} could not be queued (broker unreachable?): {exc}",
+        message = f"the job could not be queued: {type(exc).__name__}"
+        with db() as session:
+            t = states.fail_queued(session, bus, job.id, "enqueue_failed", message)
+        if t is not None:
+            try:
+                bus.publish(job.id, t.event)
+            except Exception:
+                pass
+        raise ServiceUnavailable(f"the job {job.id} could not be queued (is the broker reachable?); it is failed, "
+                                 "and a retry with the same Idempotency-Key submits it again",
                                  code="enqueue_failed", job_id=job.id) from exc
     return job, True
 
@@ -140,41 +162,32 @@ def list_jobs(session: Session, owner: ApiKey, *, status: Optional[str], type_: 
               after: Optional[str]) -> tuple[list[Job], Optional[str]]:
     cursor = None
     if after:
-        cursor = repo.get(session, after, owner.id)
+        cursor = repo.get(session, after, owner.id) if re.fullmatch(ID_PATTERN, after) else None
         if cursor is None:
-            raise InvalidRequest(f"after={after!r} is not a job id from a previous page", code="invalid_cursor")
+            raise InvalidRequest(f"after={after[:80]!r} is not a job id from a previous page (pass the "
+                                 "next_cursor of the page before)", code="invalid_cursor")
     rows = repo.page(session, owner.id, status=status, type_=type_, limit=limit + 1, after=cursor)
     more = len(rows) > limit
     rows = rows[:limit]
     return rows, (rows[-1].id if more and rows else None)
 
 
-def cancel(session: Session, bus, job_id: str, owner: ApiKey) -> Job:
-    job = get(session, job_id, owner)
-    if job.finished:
-        raise Conflict(f"job {job_id} already {job.status}; only queued or running jobs can be cancelled",
-                       code="job_finished")
-    if job.status == "queued" and repo.cancel_if_queued(session, job.id):
-        event = store.make_event(store.max_seq(session, job.id) + 1, "status",
-                                 {"status": "cancelled", "reason": "cancelled before it started"})
-        store.add_events(session, job.id, [event])
-        session.commit()
-        session.refresh(job)
-        try:
-            bus.publish(job.id, event)
-            bus.finish(job.id)
-        except Exception:
-            log.warning("could not publish the cancel of %s", job.id, exc_info=True)
-        return job
-    # Running (or claimed a moment ago): ask the worker to stop at its next step.
-    session.refresh(job)
-    if job.finished:
-        raise Conflict(f"job {job_id} already {job.status}", code="job_finished")
-    job.cancel_requested = True
-    session.commit()
+def cancel(db, bus, job_id: str, owner: ApiKey) -> Job:
+    """A queued job is cancelled at once; a running one is asked to stop at its next step."""
+    with db() as session:
+        job = get(session, job_id, owner)
+        t = None if job.finished else states.cancel(session, bus, job_id, owner.id)
+        if t is None:
+            job = get(session, job_id, owner)
+            raise Conflict(f"job {job_id} already {job.status}; only queued or running jobs can be cancelled",
+                           code="job_finished")
     try:
-        bus.request_cancel(job.id)
+        if t.event is not None:
+            bus.publish(job_id, t.event)
+            bus.finish(job_id)
+        else:
+            bus.request_cancel(job_id)
     except Exception:
-        log.warning("could not set the cancel flag of %s on the bus; the worker also polls the database",
-                    job.id, exc_info=True)
-    return job
+        log.warning("could not publish the cancel of %s on the bus; the worker also polls the database",
+                    job_id, exc_info=True)
+    return t.job

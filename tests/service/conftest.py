@@ -164,3 +164,14 @@ def keys(settings):
         _, a = create_key(s, "tests A")
         _, b = create_key(s, "tests B")
     return {"A": {"Authorization": f"Bearer {a}"}, "B": {"Authorization": f"Bearer {b}"}}
+
+
+@pytest.fixture
+def key(settings):
+    """A fresh API key per test, so listings see only that test's jobs."""
+    from api.auth.keys import create_key
+    from api.db import session_scope
+
+    with session_scope(settings.db_url) as s:
+        _, plain = create_key(s, "per-test")
+    return {"Authorization": f"Bearer {plain}"}

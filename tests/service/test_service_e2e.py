@@ -18,6 +18,14 @@ pytestmark = pytest.mark.service
 COMPRESS = {"err": 0.3, "min_ratio": 0.0, "calibration": "none"}
 
 
+def plan_seq(events):
+    return next(e["seq"] for e in events if e["type"] == "progress" and e["data"]["stage"] == "plan")
+
+
+def first_seq(events, stage):
+    return next(e["seq"] for e in events if e["type"] == "progress" and e["data"]["stage"] == stage)
+
+
 @pytest.fixture(scope="module")
 def compressed(client, keys, celery_worker):
     """A compress job of the tiny model, followed over SSE until it ends."""
@@ -36,7 +44,11 @@ def test_compress_job_streams_events_and_succeeds(client, keys, compressed):
     statuses = [e["data"]["status"] for e in events if e["type"] == "status"]
     assert statuses == ["queued", "running", "succeeded"]
     stages = {e["data"]["stage"] for e in events if e["type"] == "progress"}
-    assert {"load", "spectrum", "factorize", "save"} <= stages
+    assert {"load", "plan", "spectrum", "factorize", "save"} <= stages
+    plan = next(e["data"] for e in events if e["type"] == "progress" and e["data"]["stage"] == "plan")
+    assert plan["metrics"]["estimated_peak_bytes"] > plan["metrics"]["model_bytes"] > 0
+    assert plan["metrics"]["cache_bytes"] > 0 and plan["metrics"]["cache_mode"] == "factors"
+    assert seqs.index(plan_seq(events)) < seqs.index(first_seq(events, "spectrum"))  # before the heavy work
     metric_names = {k for e in events if e["type"] == "metric" for k in e["data"]["values"]}
     assert "rss_mb" in metric_names
 
@@ -84,6 +96,16 @@ def test_download_every_artifact_and_compare_logits(client, keys, compressed, se
     assert r.status_code == 416
     etag = f'"{sha256(weights)}"'
     assert client.get(url, headers={**h, "If-None-Match": etag}).status_code == 304
+    assert client.get(url, headers={**h, "If-None-Match": f'"other", W/{etag}'}).status_code == 304  # weak
+    for bad in ("bytes=abc", "bytes=5-1", "items=0-10", "bytes=", "bytes=-"):  # ignored: the whole file
+        r = client.get(url, headers={**h, "Range": bad})
+        assert r.status_code == 200 and r.content == weights, bad
+    r = client.get(url, headers={**h, "Range": f"bytes={len(weights) + 10}-"})
+    assert r.status_code == 416 and r.json()["error"]["code"] == "range_not_satisfiable"
+    assert r.headers["content-range"] == f"bytes */{len(weights)}"
+    head = client.head(url, headers=h)
+    assert head.status_code == 200 and head.content == b"" and int(head.headers["content-length"]) == len(weights)
+    assert head.headers["etag"] == etag
 
     # The whole checkpoint as one tar stream.
     r = client.get(f"/v1/jobs/{job_id}/checkpoint.tar", headers=h)
@@ -109,6 +131,24 @@ def test_download_every_artifact_and_compare_logits(client, keys, compressed, se
     with torch.no_grad():
         a, b = served.model(input_ids=ids).logits, reference.model(input_ids=ids).logits
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_damaged_artifact_is_refused_not_served(client, keys, compressed, settings):
+    job_id, _ = compressed
+    h = keys["A"]
+    stored = settings.artifact_dir / "jobs" / job_id / "model.safetensors"
+    good = stored.read_bytes()
+    bad = bytearray(good)
+    bad[len(bad) // 2] ^= 0xFF
+    try:
+        stored.write_bytes(bytes(bad))
+        r = client.get(f"/v1/jobs/{job_id}/artifacts/model.safetensors", headers=h)
+        assert r.status_code == 409 and r.json()["error"]["code"] == "artifact_corrupt"
+        assert "model.safetensors" in r.json()["error"]["message"]
+        assert client.get(f"/v1/jobs/{job_id}/checkpoint.tar", headers=h).status_code == 409
+    finally:
+        stored.write_bytes(good)
+    assert client.get(f"/v1/jobs/{job_id}/artifacts/model.safetensors", headers=h).status_code == 200
 
 
 def test_other_keys_cannot_see_the_job(client, keys, compressed):

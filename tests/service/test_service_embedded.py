@@ -135,13 +135,18 @@ def test_compress_then_finetune_in_process(embedded, api_key):
         bad = c.post("/v1/jobs", json={"type": "finetune", "model": job_id,
                                        "params": {**params, "teacher": "no-such-model"}}, headers=h)
         assert bad.status_code == 404 and "no-such-model" in bad.json()["error"]["message"]
-        ft = c.post("/v1/jobs", json={"type": "finetune", "model": job_id, "params": params}, headers=h).json()
+        ft = c.post("/v1/jobs", json={"type": "finetune", "model": job_id,
+                                      "params": {**params, "merged": True, "dtype": "bf16"}}, headers=h).json()
         ft = _wait(c, ft["id"], h)
         assert ft["status"] == "succeeded", ft["error"]
         meta = c.get(f"/v1/jobs/{ft['id']}/artifacts/welore.json", headers=h).json()
-        assert meta["training"]["config"]["teacher"].endswith("tiny")
+        assert meta["training"]["config"]["teacher"].endswith("tiny") and meta["dtype"] == "bf16"
         names = {a["name"] for a in c.get(f"/v1/jobs/{ft['id']}/artifacts", headers=h).json()["data"]}
         assert {"model.safetensors", "welore.json", "config.json"} <= names
+        assert ("modeling_welore.py" in names) == bool(meta["factored"])
+        assert {"merged/model.safetensors", "merged/config.json"} <= names
+        merged = c.get(f"/v1/jobs/{ft['id']}/artifacts/merged/config.json", headers=h).json()
+        assert merged["model_type"] == "llama" and merged["dtype"] == "bfloat16" and "auto_map" not in merged
         series = c.get(f"/v1/jobs/{ft['id']}/metrics", headers=h).json()["series"]
         assert len(series["loss"]) == 3 and series["tokens_per_s"]
 
@@ -153,7 +158,7 @@ def test_keys_and_db_commands_share_the_embedded_database(embedded, api_key):
         assert out.returncode == 0, out.stderr
         return out.stdout
 
-    assert welore("db", "current").strip() == "0001"
+    assert welore("db", "current").strip() == "0002"
     new_key = welore("keys", "create", "--name", "second").strip().splitlines()[-1]
     with httpx.Client(base_url=embedded.url, timeout=30) as c:
         h2 = {"Authorization": f"Bearer {new_key}"}
@@ -162,27 +167,36 @@ def test_keys_and_db_commands_share_the_embedded_database(embedded, api_key):
 
 
 def test_restart_requeues_an_interrupted_job(embedded, api_key, home, models_dir):
-    """Stopping the server mid-job puts the job back to queued; the next start runs it again."""
+    """A second `welore serve` on the same state directory refuses to start and touches nothing;
+    stopping the server mid-job puts the job back to queued with its attempt given back; the next
+    start runs it again."""
     h = api_key
     with httpx.Client(base_url=embedded.url, timeout=60) as c:
         compressed = c.get("/v1/jobs", params={"type": "compress"}, headers=h).json()["data"][0]["id"]
         job = c.post("/v1/jobs", json={"type": "finetune", "model": compressed,
                                        "params": {"data": "boolq-passages", "steps": 100000, "batch_size": 1,
                                                   "seq_len": 16, "val_sequences": 1}}, headers=h).json()
-        _wait(c, job["id"], h, statuses=("running",))
+        running = _wait(c, job["id"], h, statuses=("running",))
+        second = subprocess.run([sys.executable, "-m", "welore_core.cli", "serve", "--port", str(_free_port())],
+                                cwd=ROOT, env=embedded.env, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert "another `welore serve`" in second.stderr and "WELORE_STATE_DIR" in second.stderr
+        still = c.get(f"/v1/jobs/{job['id']}", headers=h).json()
+        assert still["status"] == "running" and still["attempts"] == running["attempts"] == 1
     assert embedded.stop() == 0
     restarted = Server(home, models_dir)
     try:
         assert "WELORE_API_KEY" not in restarted.output()  # the database already has keys
         with httpx.Client(base_url=restarted.url, timeout=60) as c:
             again = _wait(c, job["id"], h, statuses=("running",))
-            assert again["attempts"] == 2
+            assert again["attempts"] == 1  # the graceful stop gave its attempt back
             assert c.post(f"/v1/jobs/{job['id']}/cancel", headers=h).status_code == 202
             assert _wait(c, job["id"], h)["status"] == "cancelled"
-            logs = [e["data"].get("message", "") for e in
-                    c.get(f"/v1/jobs/{job['id']}/events", params={"format": "json"}, headers=h).json()
-                    if e["type"] == "log"]
+            events = c.get(f"/v1/jobs/{job['id']}/events", params={"format": "json"}, headers=h).json()
+            logs = [e["data"].get("message", "") for e in events if e["type"] == "log"]
             assert any("shutting down" in m for m in logs)
+            assert [e["data"]["status"] for e in events if e["type"] == "status"] == [
+                "queued", "running", "queued", "running", "cancelled"]
     finally:
         assert restarted.stop() == 0
 
@@ -192,8 +206,8 @@ def test_sqlite_migrations_round_trip(tmp_path):
 
     url = f"sqlite:///{tmp_path / 'm.db'}"
     migrate.upgrade(url)
-    assert migrate.current(url) == "0001"
+    assert migrate.current(url) == "0002"
     migrate.downgrade(url, "base")
     assert migrate.current(url) is None
     migrate.upgrade(url)
-    assert migrate.current(url) == "0001"
+    assert migrate.current(url) == "0002"

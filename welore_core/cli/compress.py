@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..compression.config import OPTIONS, CompressConfig, Option, range_text
 from ..errors import InvalidArgument
-from .common import add_device_flag, add_json_flag, emit, peak_rss_mb, positive_int
+from .common import add_device_flag, add_json_flag, check_outputs, emit, peak_rss_mb, positive_int, progress_for
 
 
 def _typed(o: Option):
@@ -109,10 +109,23 @@ def human_report(r: dict) -> str:
         f"model parameters {r['params_before']:,} -> {r['params_after']:,}",
         f"LRC {r['n_lrc']}  N-LRC {r['n_nlrc']}  decomposed now {r['decomposed']}",
         *quality_lines(r.get("quality")),
+        *streamed_lines(r),
         f"written to {r['out']}" + (f" (merged export: {r['merged_out']})" if r["merged_out"] else ""),
         f"{r['seconds']:.1f} s (compression {r['compress_seconds']:.1f} s), peak RSS {r['peak_rss_mb']:.0f} MB",
     ]
     return "\n".join(lines)
+
+
+def streamed_lines(r: dict) -> list[str]:
+    """Streamed (a model above WELORE_STREAM_ABOVE_GB): the memory plan and the spectrum cache's use."""
+    if not r.get("streamed"):
+        return []
+    plan, cache = r["memory_plan"], r["cache"]
+    done = r.get("resumed_layers")
+    resumed = f", layers {done[0]}-{done[-1]} kept from an interrupted run" if done else ""
+    return [f"streamed layer by layer ({plan['layers']} layers{resumed}): estimated peak "
+            f"{plan['estimated_peak_bytes'] / 1e9:.2f} GB; spectrum cache {cache['hits']} hits, {cache['misses']} misses, "
+            f"{cache['bytes_written'] / 1e6:.0f} MB written ({plan['cache_mode']})"]
 
 
 def quality_lines(q: dict | None) -> list[str]:
@@ -141,16 +154,13 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from ..compression.pipeline import compress_checkpoint
-    from ..progress import TqdmProgress
 
+    check_outputs(args, "out", "merged_out")
     config = config_from_args(args)
-    bar = TqdmProgress()
-    try:
+    with progress_for(args) as bar:
         result = compress_checkpoint(args.model, args.out, config, merged_out=args.merged_out,
                                      overwrite=args.overwrite, recover=args.recover or 0,
                                      recover_data=args.recover_data, device=args.device, progress=bar)
-    finally:
-        bar.close()
     result["peak_rss_mb"] = peak_rss_mb()
     if result.get("warning"):
         print(f"warning: {result['warning']}", file=sys.stderr)

@@ -45,7 +45,9 @@ from ..evaluate import token_windows
 from ..progress import ProgressEvent, ProgressFn, StopFn, check_stop, no_progress
 from .input_stats import CrossStats, InputStats
 from ..spectrum import SpectrumCache
-from ..targets import closes_block, decoder_layers, layer_index
+from ..layerwise.hidden import HiddenStates
+from ..layerwise.layers import ResidentLayers
+from ..targets import closes_block, layer_index
 from .whiten import DAMP, Transform, transformed_svd
 
 CAL_FORMAT = "calib-v1"
@@ -101,48 +103,12 @@ def load_calibration(tokenizer, data: str, samples: int = DEFAULT_SAMPLES,
 # Running the calibration batch one decoder layer at a time
 
 
-class _Captured(Exception):
-    pass
-
-
-class LayerInputs:
-    """The calibration windows' hidden states at the input of the next decoder layer to run."""
+class LayerInputs(HiddenStates):
+    """The calibration windows' hidden states at the input of the next decoder layer to run
+    (layerwise.hidden: the same mechanism streamed evaluation uses), batched by BATCH_TOKENS."""
 
     def __init__(self, model: nn.Module, tokens: torch.Tensor, should_stop: StopFn | None = None):
-        self.layers = decoder_layers(model)
-        device = next(model.parameters()).device
-        per_batch = max(1, BATCH_TOKENS // tokens.shape[1])
-        self.hidden: list[torch.Tensor] = []
-        self.kwargs: list[dict] = []
-
-        def catch(module, args, kwargs):
-            self.hidden.append(args[0] if args else kwargs.pop("hidden_states"))
-            self.kwargs.append(dict(kwargs))
-            raise _Captured
-
-        handle = self.layers[0].register_forward_pre_hook(catch, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                for i in range(0, tokens.shape[0], per_batch):
-                    check_stop(should_stop)
-                    try:
-                        model(input_ids=tokens[i:i + per_batch].to(device), use_cache=False)
-                    except _Captured:
-                        pass
-        finally:
-            handle.remove()
-        self.should_stop = should_stop
-
-    @torch.no_grad()
-    def run(self, layer: nn.Module, stats: InputStats | None = None, update: bool = True) -> None:
-        """Run `layer` on every batch (statistics through `stats`); keep its outputs if `update`."""
-        for i, (h, kw) in enumerate(zip(self.hidden, self.kwargs)):
-            check_stop(self.should_stop)
-            out = layer(h, **kw)
-            if stats is not None:
-                stats.end_call()
-            if update:
-                self.hidden[i] = out[0] if isinstance(out, tuple) else out
+        super().__init__(model, tokens, should_stop, batch_tokens=BATCH_TOKENS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,7 +144,7 @@ class Calibrator:
     def __init__(self, model: nn.Module, names: list[str], weight_keys: list[str], source_hash: str,
                  calibration: Calibration, factorization: str, cache: SpectrumCache, *,
                  damp: float = DAMP, sink_weight: float = 1.0,
-                 progress: ProgressFn = no_progress, should_stop: StopFn | None = None):
+                 progress: ProgressFn = no_progress, should_stop: StopFn | None = None, store=None):
         if factorization != "whitened":
             raise InvalidArgument(f"factorization must be whitened for calibration; received {factorization!r}")
         max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
@@ -192,7 +158,8 @@ class Calibrator:
         self.cache, self.damp, self.sink_weight = cache, damp, float(sink_weight)
         self.progress, self.should_stop = progress, should_stop
         self.dtype = next(model.parameters()).dtype
-        self.layers = decoder_layers(model)
+        self.store = store if store is not None else ResidentLayers(model)  # or layers streamed from disk
+        self.layers = self.store.layers
         self.by_layer: dict[int, list[int]] = {}
         for i, n in enumerate(names):
             self.by_layer.setdefault(layer_index(n), []).append(i)
@@ -247,15 +214,15 @@ class Calibrator:
         if missing:
             inputs = LayerInputs(self.model, self.calibration.tokens, self.should_stop)
             last = max(missing)
-            for L, layer in enumerate(self.layers):
-                if L > last:
-                    break
+            for L in range(last + 1):
+                layer = self.store.open(L)
                 idx = self.by_layer.get(L, [])
                 with self._stats(idx, keys) as stats:
                     inputs.run(layer, stats, update=L < last)
                 result.forward_passes += 1
                 self._factorize_layer(stats, idx, [keys[i] for i in idx], result)
                 del stats
+                self.store.close(L)
                 self.progress(ProgressEvent("calibrate", L + 1, last + 1, message=f"layer {L}",
                                             metrics={"factorized": result.factorized}))
         return self._finish(result)
@@ -279,7 +246,8 @@ class Calibrator:
         last = max((layer_index(self.names[i]) for i, k in enumerate(keys)
                     if k is not None and not self.cache.has(k)), default=-1)
         inputs = LayerInputs(self.model, self.calibration.tokens, self.should_stop) if last >= 0 else None
-        for L, layer in enumerate(self.layers):
+        for L in range(len(self.layers)):
+            layer = self.store.open(L)
             idx = [i for i in self.by_layer.get(L, []) if keys[i] is not None]
             closers = [i for i in idx if compensate and closes_block(self.names[i])]
             others = [i for i in idx if i not in closers]
@@ -311,4 +279,5 @@ class Calibrator:
                 result.forward_passes += 1
             self.progress(ProgressEvent("calibrate", L + 1, len(self.layers), message=f"layer {L} (sequential)",
                                         metrics={"factorized": result.factorized}))
+            self.store.close(L)  # streamed: the compressed layer is written and dropped
         return self._finish(result)

@@ -28,7 +28,7 @@ from .factorize import factors, truncated
 from ..lowrank import LowRankLinear, swap_module
 from ..progress import ProgressEvent, ProgressFn, StopFn, check_stop, no_progress
 from ..settings import get_core_settings
-from ..spectrum import Spectra, SpectrumCache, compute_spectra, tensor_hash
+from ..spectrum import Spectra, SpectrumCache, compute_spectra, leading_triplets, tensor_hash
 from ..targets import short_name, target_names
 
 SKETCH_POINTS = 64
@@ -218,12 +218,17 @@ def compress_model(model: nn.Module, config: CompressConfig, calibration=None, *
         calib_error = None
         if cal_cfg is None:
             if plan.lrc and not plan.factored:  # Ŵ = W − U_tail·S_tail·V_tailᵀ: m·n·(r−k), not m·n·k
-                U_t, S_t, Vh_t = cache.tail(key, plan.kept)
+                weight = model.get_submodule(name).weight
+                tail = cache.tail(key, plan.kept)  # (None when the entry is compact: Ŵ from the leading k)
                 with torch.no_grad():
-                    weight = model.get_submodule(name).weight
-                    weight.sub_(truncated(U_t, S_t, Vh_t, len(S_t)).to(device, weight.dtype))
+                    if tail is not None:
+                        weight.sub_(truncated(*tail, len(tail[1])).to(device, weight.dtype))
+                    else:
+                        weight.copy_(truncated(*leading_triplets(cache, key, weight, plan.kept, device),
+                                               plan.kept).to(device, weight.dtype))
             elif plan.lrc:
-                _swap_in(model, name, plan, *cache.factors(key, plan.kept), device)
+                W = model.get_submodule(name).weight
+                _swap_in(model, name, plan, *leading_triplets(cache, key, W, plan.kept, device), device)
             rel_error = relative_error(S, plan.kept) if plan.lrc else 0.0
         else:
             if name not in applied:

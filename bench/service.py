@@ -1,0 +1,314 @@
+"""Service benchmark → the `service` section of BENCHMARKS.md: requests/s and p50/p99 latency of
+status GETs and submits at 10/100/500 concurrent clients (and one client, the baseline of the
+goal), and SSE followers sustained on one running job while status GETs go on, for the
+production setup (`welore serve` on Postgres + Redis, a separate `welore worker`) and the
+embedded one (`welore serve` with nothing configured), in one run on this machine.
+
+Each client is a closed loop (send, wait for the answer, send again) over its own keep-alive
+connection, on loopback, with a 120 s timeout; an error is any non-2xx answer or a failed
+request. Submitted jobs are evaluations of a model folder without weights: they fail at once in
+the worker, so the numbers measure the API, not the ML. The client runs on the same machine as
+the servers and takes part of its CPU.
+
+Goals (issue 16): 500 concurrent clients with 0 errors; p99 of a status GET at 100 clients
+≤ 10× its p50 at 1 client.
+
+Usage: python -m bench.service [--seconds S] [--followers N ...] [--baseline REV]
+  --baseline REV  also measure the service as it was at git revision REV (checked out to a
+                  temporary worktree), e.g. the commit before issue 16's changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from bench.report import table, write_section
+
+ROOT = Path(__file__).resolve().parent.parent
+PG_ADMIN = os.environ.get("WELORE_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS = os.environ.get("WELORE_TEST_REDIS", "redis://127.0.0.1:6379")
+TIMEOUT = httpx.Timeout(120.0)
+SUBMIT = {"type": "evaluate", "model": "broken", "params": {"seq_len": 8, "windows": 1}}
+FOLLOW = {"type": "finetune", "model": "tiny", "params": {"data": "boolq-passages", "method": "full", "steps": 10**6,
+                                                           "batch_size": 1, "seq_len": 8, "val_sequences": 1}}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Stack:
+    """One service setup: `welore serve` (and, in production, a database, a key prefix and a worker)."""
+
+    def __init__(self, mode: str, work: Path, code: Path = ROOT):
+        self.mode, self.work, self.code = mode, work, code
+        self.procs: list[subprocess.Popen] = []
+        self.db = None
+        models = work / "models"
+        if not models.exists():
+            sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "service")]
+            from tinymodel import write_tiny_model
+
+            write_tiny_model(models / "tiny")
+            (models / "broken").mkdir()
+            (models / "broken" / "config.json").write_text("{}")  # resolves, then fails at once in the worker
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("WELORE_")}
+        self.env.update(HOME=str(work / f"home-{mode}-{secrets.token_hex(3)}"), WELORE_MODELS_DIR=str(models), HF_HUB_OFFLINE="1",
+                        PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(code),
+                        WELORE_CACHE_DIR=os.environ.get("WELORE_CACHE_DIR", str(Path.home() / ".cache" / "welore")))
+        if mode == "production":
+            self._production()
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        log = open(work / f"serve-{mode}-{self.port}.log", "wb")
+        self.log = Path(log.name)
+        self.procs.append(subprocess.Popen([sys.executable, "-m", "welore_core.cli", "serve", "--port", str(self.port),
+                                            "--log-level", "warning"], cwd=code, env=self.env, stdout=log,
+                                           stderr=subprocess.STDOUT, start_new_session=True))
+        self._wait(lambda: self._healthy())
+        if mode == "production":
+            wlog = work / f"worker-{self.port}.log"
+            with open(wlog, "wb") as out:
+                self.procs.append(subprocess.Popen([sys.executable, "-m", "welore_core.cli", "worker", "--concurrency", "1"],
+                                                   cwd=code, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                                   start_new_session=True))
+            self._wait(lambda: b" ready." in wlog.read_bytes())
+            self.key = subprocess.run([sys.executable, "-m", "welore_core.cli", "keys", "create", "--name", "bench"],
+                                      cwd=code, env=self.env, capture_output=True, text=True, check=True
+                                      ).stdout.strip().splitlines()[-1]
+        else:
+            self.key = re.findall(r"^WELORE_API_KEY=(wl_\S+)$", self.log.read_text(), flags=re.M)[0]
+        self.h = {"Authorization": f"Bearer {self.key}"}
+
+    def _production(self) -> None:
+        import psycopg
+
+        self.db = f"welore_bench_{secrets.token_hex(4)}"
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{self.db}"')
+        base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+        self.env.update(WELORE_DATABASE_URL=f"{base}/{self.db}", WELORE_REDIS_URL=f"{REDIS}/{secrets.randbelow(8) + 8}",
+                        WELORE_QUEUE_PREFIX=f"welore_bench_{secrets.token_hex(4)}",
+                        WELORE_ARTIFACT_DIR=str(self.work / f"artifacts-{self.db}"))
+        subprocess.run([sys.executable, "-m", "welore_core.cli", "db", "upgrade"], cwd=self.code, env=self.env,
+                       check=True, capture_output=True)
+
+    def _healthy(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def _wait(self, ready, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if time.monotonic() > deadline or any(p.poll() is not None for p in self.procs):
+                raise RuntimeError(f"{self.mode} stack did not start; see {self.work}")
+            time.sleep(0.3)
+
+    def close(self) -> None:
+        import signal
+
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(p.pid, signal.SIGKILL)
+        if self.db:
+            import psycopg
+            import redis
+
+            with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{self.db}" WITH (FORCE)')
+            r = redis.Redis.from_url(self.env["WELORE_REDIS_URL"])
+            prefix = self.env["WELORE_QUEUE_PREFIX"]
+            for pattern in (f"{prefix}*", f"_kombu.binding.{prefix}*"):
+                keys = list(r.scan_iter(match=pattern, count=1000))
+                if keys:
+                    r.delete(*keys)
+            r.close()
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+async def _closed_loop(url: str, clients: int, seconds: float, request) -> dict:
+    """`clients` loops sending `request(client)` for `seconds`; → rate, latencies, errors."""
+    lat: list[float] = []
+    errors = 0
+    stop = time.monotonic() + seconds
+    limits = httpx.Limits(max_connections=clients + 10, max_keepalive_connections=clients + 10)
+    async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT, limits=limits) as c:
+        async def loop():
+            nonlocal errors
+            while time.monotonic() < stop:
+                t0 = time.perf_counter()
+                try:
+                    r = await request(c)
+                    ok = 200 <= r.status_code < 300
+                except httpx.HTTPError:
+                    ok = False
+                lat.append(time.perf_counter() - t0)
+                errors += not ok
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(loop() for _ in range(clients)))
+        wall = time.perf_counter() - t0
+    return {"n": len(lat), "rps": len(lat) / wall, "p50": _pct(lat, 0.5) * 1e3, "p99": _pct(lat, 0.99) * 1e3,
+            "errors": errors}
+
+
+async def _followers(stack: Stack, n: int, seconds: float) -> dict:
+    """`n` SSE followers on one running job for `seconds`, while 10 clients poll its status."""
+    limits = httpx.Limits(max_connections=n + 50, max_keepalive_connections=n + 50)
+    async with httpx.AsyncClient(base_url=stack.url, timeout=TIMEOUT, limits=limits) as c:
+        job = (await c.post("/v1/jobs", json=FOLLOW, headers=stack.h)).json()
+        while (await c.get(f"/v1/jobs/{job['id']}", headers=stack.h)).json()["status"] != "running":
+            await asyncio.sleep(0.3)
+        connected, events = [], []
+
+        async def follow():
+            got = 0
+            try:
+                async with c.stream("GET", f"/v1/jobs/{job['id']}/events", headers=stack.h) as r:
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: "):
+                            got += 1
+                            if got == 1:
+                                connected.append(1)
+            except (httpx.HTTPError, asyncio.CancelledError):
+                pass
+            events.append(got)
+
+        tasks = [asyncio.create_task(follow()) for _ in range(n)]
+        deadline = time.monotonic() + 60
+        while len(connected) < n and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        polled = await _closed_loop(stack.url, 10, seconds,
+                                    lambda cc: cc.get(f"/v1/jobs/{job['id']}", headers=stack.h))
+        await c.post(f"/v1/jobs/{job['id']}/cancel", headers=stack.h)
+        done, pending = await asyncio.wait(tasks, timeout=60)
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    return {"connected": len(connected), "ended": len(done), "events": sum(events) / max(1, n), **polled}
+
+
+def measure(stack: Stack, seconds: float, levels: list[int], followers: list[int]) -> dict:
+    out: dict = {"get": {}, "submit": {}, "sse": {}}
+    for n in followers:  # first: later, the submitted jobs would queue ahead of the followed one
+        out["sse"][n] = asyncio.run(_followers(stack, n, seconds))
+        print(f"  {stack.mode} SSE x{n}: {out['sse'][n]}", flush=True)
+    probe = httpx.post(f"{stack.url}/v1/jobs", json=SUBMIT, headers=stack.h, timeout=60).json()["id"]
+    for n in [1, *levels]:
+        out["get"][n] = asyncio.run(_closed_loop(stack.url, n, seconds,
+                                                 lambda c: c.get(f"/v1/jobs/{probe}", headers=stack.h)))
+        print(f"  {stack.mode} GET x{n}: {out['get'][n]}", flush=True)
+    for n in levels:
+        out["submit"][n] = asyncio.run(_closed_loop(stack.url, n, seconds,
+                                                    lambda c: c.post("/v1/jobs", json=SUBMIT, headers=stack.h)))
+        print(f"  {stack.mode} POST x{n}: {out['submit'][n]}", flush=True)
+    return out
+
+
+def run_setup(label: str, mode: str, work: Path, code: Path, args) -> dict:
+    print(f"{label} ({mode}) ...", flush=True)
+    stack = Stack(mode, work, code)
+    try:
+        return measure(stack, args.seconds, args.levels, args.followers if code == ROOT else [])
+    finally:
+        stack.close()
+
+
+def report(results: dict[str, dict], args, load: tuple[float, float]) -> str:
+    rows = []
+    for label, res in results.items():
+        base = res["get"][1]["p50"]
+        for kind in ("get", "submit"):
+            for n, m in res[kind].items():
+                rows.append([label, "status GET" if kind == "get" else "submit", n, round(m["rps"], 1),
+                             round(m["p50"], 1), round(m["p99"], 1), round(m["p99"] / base, 1), m["errors"], m["n"]])
+    lines = ["## Service under load (`python -m bench.service`)", "",
+             f"CPU ({os.cpu_count()} cores, shared with the client and, in production, Postgres, Redis and one "
+             f"worker); closed-loop clients on loopback, {args.seconds:g} s per row, 120 s client timeout; "
+             f"{time.strftime('%Y-%m-%d')}; load average {load[0]:.1f} at the start, {load[1]:.1f} at the end "
+             "(other work on the machine). `p99 / p50@1` divides by the status GET's p50 with one client of the "
+             "same setup (the baseline of the goal).", "",
+             table(["setup", "request", "clients", "req/s", "p50 ms", "p99 ms", "p99 / p50@1", "errors", "requests"],
+                   rows), ""]
+    sse = [[label, n, m["connected"], m["ended"], round(m["events"], 1), round(m["rps"], 1), round(m["p50"], 1),
+            round(m["p99"], 1), m["errors"]] for label, res in results.items() for n, m in res["sse"].items()]
+    if sse:
+        lines += [f"SSE followers on one running fine-tuning job, held for {args.seconds:g} s while 10 clients poll "
+                  "its status; then the job is cancelled and every stream must end.", "",
+                  table(["setup", "followers", "connected", "ended", "events each", "GET req/s", "GET p50 ms",
+                         "GET p99 ms", "GET errors"], sse), ""]
+    goals = []
+    for label, res in results.items():
+        worst = max((m["errors"] for kind in ("get", "submit") for n, m in res[kind].items() if n >= 500), default=None)
+        if 100 in res["get"]:
+            ratio = res["get"][100]["p99"] / res["get"][1]["p50"]
+            goals.append(f"- {label}: errors at 500 clients: {worst} (goal 0); status GET p99 at 100 clients = "
+                         f"{ratio:.1f}× its p50 at 1 client (goal ≤ 10×).")
+    lines += ["Goals:", *goals]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--levels", type=int, nargs="+", default=[10, 100, 500])
+    ap.add_argument("--followers", type=int, nargs="+", default=[100, 500])
+    ap.add_argument("--baseline", default=None, help="a git revision to measure as well (its own worktree)")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="welore-bench-service-"))
+    results = {}
+    load0 = os.getloadavg()[0]
+    try:
+        results["production"] = run_setup("production", "production", work, ROOT, args)
+        results["embedded"] = run_setup("embedded", "embedded", work, ROOT, args)
+        if args.baseline:
+            old = work / "baseline"
+            subprocess.run(["git", "worktree", "add", "--detach", str(old), args.baseline], cwd=ROOT, check=True,
+                           capture_output=True)
+            try:
+                for mode in ("production", "embedded"):
+                    results[f"{mode} @ {args.baseline[:10]}"] = run_setup("baseline", mode, work, old, args)
+            finally:
+                subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=ROOT, capture_output=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    body = report(results, args, (load0, os.getloadavg()[0]))
+    print(body)
+    if not args.no_write:
+        write_section("service", body)
+    json.dump(results, sys.stderr, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Malformed input of every kind against the production server over real HTTP: each answer is a
+4xx with the `{"error": {code, message}}` body, never a 500, and no answer carries SQL or a
+server path. The classes: NUL bytes in ids, cursors, artifact, model and data names; NaN,
+Infinity and 1e400 in params; strings for numbers; bodies that are not JSON or not declared as
+JSON; deeply nested JSON and 5000-digit integers (requests and uploads); bad uploads (no file
+field, not multipart, over the limit when chunked or declared); bad Last-Event-ID, Range and
+Idempotency-Key headers; out-of-range queries."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from procs import ApiServer
+
+pytestmark = pytest.mark.service
+
+LEAKS = ("select ", "insert ", "update jobs", "sqlalchemy", "psycopg", "traceback", "/tmp/", "/work/", "/root/")
+
+
+@pytest.fixture(scope="module")
+def server(settings, tmp_path_factory):
+    idle = settings.model_copy(update={"queue_prefix": settings.queue_prefix + "_bad"})
+    api = ApiServer(idle, tmp_path_factory.mktemp("bad-input"))
+    try:
+        yield api, idle
+    finally:
+        api.stop()
+
+
+def _check(r: httpx.Response, case: str, allowed=range(400, 500)) -> None:
+    assert r.status_code in allowed, (case, r.status_code, r.text[:300])
+    if r.request.method == "HEAD" or r.status_code < 300:
+        return
+    assert r.headers.get("content-type", "").startswith("application/json"), (case, r.status_code, r.text[:300])
+    body = r.json()
+    assert isinstance(body["error"]["code"], str) and isinstance(body["error"]["message"], str), (case, body)
+    text = r.text.lower()
+    for leak in LEAKS:
+        assert leak not in text, (case, leak, r.text[:300])
+
+
+def _post_raw(c, path: str, raw: bytes, h: dict, ctype="application/json") -> httpx.Response:
+    return c.post(path, content=raw, headers={**h, "Content-Type": ctype})
+
+
+def test_every_malformed_input_is_a_4xx_with_an_error_body(server, keys, settings):
+    api, idle = server
+    h = keys["A"]
+    with httpx.Client(base_url=api.url, timeout=60) as c:
+        job = c.post("/v1/jobs", json={"type": "evaluate", "model": "tiny", "params": {}}, headers=h).json()["id"]
+        cases: list[tuple[str, httpx.Response]] = []
+        accepted = {"upload " + repr("a\x00b.jsonl")}  # the client escapes the NUL: a fine name then
+
+        def add(case, r):
+            cases.append((case, r))
+
+        # NUL bytes (and other control characters) in ids, cursors and names
+        add("nul job id", c.get("/v1/jobs/job_%00abc", headers=h))
+        add("nul job id events", c.get("/v1/jobs/%00/events", headers=h))
+        add("nul job id cancel", c.post("/v1/jobs/job%00/cancel", headers=h))
+        add("nul file id", c.get("/v1/files/file_%00", headers=h))
+        add("nul cursor", c.get("/v1/jobs", params={"after": "job_\x00x"}, headers=h))
+        add("nul artifact", c.get(f"/v1/jobs/{job}/artifacts/a%00b", headers=h))
+        add("nul artifact head", c.head(f"/v1/jobs/{job}/artifacts/a%00b", headers=h))
+        add("nul status filter", c.get("/v1/jobs", params={"status": "\x00"}, headers=h))
+        for field, body in (("model", {"type": "evaluate", "model": "ti\x00ny", "params": {}}),
+                            ("data", {"type": "evaluate", "model": "tiny", "params": {"data": "bo\x00olq"}}),
+                            ("data file", {"type": "evaluate", "model": "tiny", "params": {"data": "file_\x00"}}),
+                            ("model job", {"type": "evaluate", "model": "job_\x00", "params": {}}),
+                            ("calibration", {"type": "compress", "model": "tiny",
+                                             "params": {"err": 0.2, "calibration": "file_\x00"}}),
+                            ("teacher", {"type": "finetune", "model": "tiny",
+                                         "params": {"data": "boolq", "teacher": "t\x00"}})):
+            add(f"nul {field}", c.post("/v1/jobs", json=body, headers=h))
+        # numbers that are not numbers, and strings for numbers
+        for value in ("NaN", "Infinity", "-Infinity", "1e400", "-1e400", '"0.3"', "true", "null", "[0.3]"):
+            add(f"err={value}", _post_raw(c, "/v1/jobs", f'{{"type": "compress", "model": "tiny", '
+                                                         f'"params": {{"err": {value}}}}}'.encode(), h))
+        add("seq_len=1e400", _post_raw(c, "/v1/jobs", b'{"type": "evaluate", "model": "tiny", '
+                                                      b'"params": {"seq_len": 1e400}}', h))
+        add("windows 5000 digits", _post_raw(c, "/v1/jobs", b'{"type": "evaluate", "model": "tiny", '
+                                                            b'"params": {"windows": ' + b"9" * 5000 + b"}}", h))
+        add("merged=1", c.post("/v1/jobs", json={"type": "compress", "model": "tiny",
+                                                 "params": {"err": 0.2, "merged": 1}}, headers=h))
+        # bodies: not JSON, not declared JSON, nested, huge
+        add("text/plain body", _post_raw(c, "/v1/jobs", b'{"type": "evaluate", "model": "tiny"}', h, "text/plain"))
+        add("no content type", c.post("/v1/jobs", content=b'{"type": "evaluate", "model": "tiny"}', headers=h))
+        add("form body", _post_raw(c, "/v1/jobs", b"type=evaluate&model=tiny", h,
+                                   "application/x-www-form-urlencoded"))
+        add("not json", _post_raw(c, "/v1/jobs", b"{nope", h))
+        add("empty body", _post_raw(c, "/v1/jobs", b"", h))
+        add("json array", _post_raw(c, "/v1/jobs", b"[]", h))
+        add("nested json", _post_raw(c, "/v1/jobs", b"[" * 100_000 + b"]" * 100_000, h))
+        add("nested params", _post_raw(c, "/v1/jobs", b'{"type": "evaluate", "model": "tiny", "params": '
+                                       + b'{"a": ' * 5000 + b"1" + b"}" * 5000 + b"}", h))
+        add("huge model name", c.post("/v1/jobs", json={"type": "evaluate", "model": "m" * 100_000}, headers=h))
+        add("non-utf8 body", _post_raw(c, "/v1/jobs", b'{"type": "evaluate", "model": "\xff\xfe"}', h))
+        # uploads
+        for name, content in (("nested.jsonl", b'{"text": ' + b"[" * 50_000 + b"]" * 50_000 + b"}\n"),
+                              ("bigint.jsonl", b'{"text": "a", "n": ' + b"7" * 5000 + b"}\n"),
+                              ("nan.txt", b"\xff\xfe\x00"), ("a\x00b.jsonl", b'{"text": "x"}\n'),
+                              ("empty.txt", b""), ("x.exe", b"MZ")):
+            add(f"upload {name!r}", c.post("/v1/files", files={"file": (name, content)}, headers=h))
+        add("upload other field", c.post("/v1/files", files={"data": ("a.txt", b"hi")}, headers=h))
+        add("upload not multipart", _post_raw(c, "/v1/files", b"hello", h, "text/plain"))
+        add("upload bad multipart", _post_raw(c, "/v1/files", b"--xx\r\nnonsense", h, "multipart/form-data; boundary=xx"))
+        add("upload declared too large", c.post("/v1/files", headers=h, files={
+            "file": ("big.txt", b"x" * (idle.upload_max_bytes + 100 * 1024))}))
+
+        def chunks():
+            yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="big.txt"\r\n\r\n'
+            for _ in range(idle.upload_max_bytes // 65536 + 4):
+                yield b"y" * 65536
+            yield b"\r\n--b--\r\n"
+
+        add("upload chunked too large", c.post("/v1/files", content=chunks(),
+                                               headers={**h, "Content-Type": "multipart/form-data; boundary=b"}))
+        # headers
+        add("huge Last-Event-ID", c.get(f"/v1/jobs/{job}/events", headers={**h, "Last-Event-ID": "9" * 5000}))
+        add("text Last-Event-ID", c.get(f"/v1/jobs/{job}/events", headers={**h, "Last-Event-ID": "abc"}))
+        add("negative Last-Event-ID", c.get(f"/v1/jobs/{job}/events", headers={**h, "Last-Event-ID": "-1"}))
+        add("huge Idempotency-Key", c.post("/v1/jobs", json={"type": "evaluate", "model": "tiny"},
+                                           headers={**h, "Idempotency-Key": "k" * 1000}))
+        add("odd Idempotency-Key", c.post("/v1/jobs", json={"type": "evaluate", "model": "tiny"},
+                                          headers={**h, "Idempotency-Key": "a b\tc"}))
+        add("odd bearer", c.get("/v1/jobs", headers={"Authorization": b"Bearer wl_" + b"\xe9" * 300}))
+        add("no bearer", c.get("/v1/jobs", headers={"Authorization": "Bearer"}))
+        # queries
+        for params in ({"limit": "abc"}, {"limit": "1e400"}, {"limit": "9" * 5000}, {"limit": "-1"},
+                       {"type": "x" * 10_000}, {"after": "x" * 10_000}, {"format": "xml"}):
+            path = f"/v1/jobs/{job}/events" if "format" in params else "/v1/jobs"
+            add(f"query {str(params)[:40]}", c.get(path, params=params, headers=h))
+        add("unknown route", c.get("/v1/nothing", headers=h))
+        add("wrong method", c.delete(f"/v1/jobs/{job}", headers=h))
+
+    assert len(cases) > 60
+    for case, r in cases:
+        _check(r, case, [201, *range(400, 500)] if case in accepted else range(400, 500))
+    out = {case: r.status_code for case, r in cases}
+    assert out["upload chunked too large"] == 413 and out["upload declared too large"] == 413
+    assert out["text/plain body"] == 422 and out["huge Last-Event-ID"] == 422
+    assert out['err="0.3"'] == 422 and out["err=NaN"] == 422 and out["err=1e400"] == 422
+    assert not list((idle.artifact_dir / ".tmp").glob("*.upload"))  # refused uploads leave nothing
