@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from welore_core.hashing import file_sha256 as sha256_file
+from welore_core.hashing import stamped_sha256
 
 from .settings import Settings
 
@@ -63,6 +64,15 @@ def writable(settings: Settings) -> bool:
         probe.write_bytes(b"ok")
         probe.unlink()
         return True
+    except OSError:
+        return False
+
+
+def intact(settings: Settings, path: Path, size: int, sha256: str) -> bool:
+    """Whether a stored artifact still has the size and SHA-256 recorded when its job finished
+    (re-hashed only when the file's stat changed since it was last verified)."""
+    try:
+        return path.stat().st_size == size and stamped_sha256(path, Path(settings.cache_dir)) == sha256
     except OSError:
         return False
 

@@ -23,7 +23,8 @@ from welore_core.compression.config import (OPTIONS, OPTIONS_BY_PATH, Calibratio
 from welore_core.errors import InvalidArgument
 
 # `welore compress` flags and REST params that are not recipe options: what to compress, where to, and after
-CLI_EXTRA = {"model", "recipe", "recover", "recover_data", "out", "merged_out", "overwrite", "device", "json", "help"}
+CLI_EXTRA = {"model", "recipe", "recover", "recover_data", "out", "merged_out", "overwrite", "device", "json", "help",
+             "quiet"}
 REST_EXTRA = {"merged", "recover", "recover_data"}
 
 

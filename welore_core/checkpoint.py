@@ -1,13 +1,18 @@
-"""The WeLore checkpoint format: write atomically, load strictly, export merged dense weights.
+"""The WeLore checkpoint format: write atomically, load strictly and verified, export merged.
 
 A checkpoint directory holds
-  config.json        the base model's config, unchanged
-  model.safetensors  all weights; an LRC `X` appears as `X.A` (k×in) and `X.B` (out×k)
+  config.json        the base model's config; with factored matrices its factorised form
+                     (model_type welore_llama ..., `welore_factored`, `auto_map`), so plain
+                     transformers loads it with trust_remote_code=True and refuses it without
+  modeling_welore.py, integrity.py   the modelling code auto_map names (portable/)
+  model.safetensors  all weights in the output dtype; an LRC `X` appears as `X.A` (k×in) and `X.B` (out×k)
   tokenizer files
   welore.json        format version, method, τ, ERR, parameter counts, per-matrix report,
-                     `factored` {module name: rank} (what loading rebuilds), source and hash,
-                     and, after fine-tuning, a `training` record.
-A merged export holds dense Ŵ = B·A in place of the factors and loads in plain transformers.
+                     `factored` {module name: rank}, `dtype`, `files` {name: sha256, size}
+                     (verified on every load), source and hash, and after fine-tuning a
+                     `training` record.
+A merged export holds dense Ŵ = B·A in place of the factors, with the plain config: it loads in
+plain transformers with no code.
 """
 
 from __future__ import annotations
@@ -18,19 +23,26 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__
-from .errors import CorruptCheckpoint, NonFiniteWeights, OutputExists
-from .lowrank import LowRankLinear, swap_module
+from .dtypes import short_name
+from .errors import CorruptCheckpoint, NonFiniteWeights
+from .hashing import stamped_sha256
+from .lowrank import LowRankLinear
+from .modelfiles import (LoadedModel, ModelSource, build_model, load_tokenizer, read_json, read_safetensors,
+                         weights_dtype)
+from .outputs import check_output
+from .portable import factorised_config, is_factorised, plain_config
+from .portable.integrity import check_directory, file_records
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 META = "welore.json"
+_WRITTEN_KEYS = {"format_version", "welore_version", "created_at", "factored", "dtype", "files"}  # set on write
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -56,8 +68,8 @@ def _tied_keys(model: nn.Module) -> set[str]:
     return tied
 
 
-def _weights(model: nn.Module, merged: bool, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
-    """The tensors to write (each once), on the CPU; floating ones in `dtype` when given."""
+def _weights(model: nn.Module, merged: bool, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """The tensors to write, on the CPU in `dtype` (floating ones; None: as they are)."""
     tied = _tied_keys(model)
     lowrank = factored_modules(model)
     out: dict[str, torch.Tensor] = {}
@@ -72,24 +84,22 @@ def _weights(model: nn.Module, merged: bool, dtype: Optional[torch.dtype] = None
                 out[key] = t
             continue
         out[key] = t
-    out = {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
-    if dtype is not None:
-        out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in out.items()}
     for k, v in out.items():
         if v.is_floating_point() and not all_finite(v):
             raise NonFiniteWeights(f"tensor {k} holds NaN or Inf; nothing was written. The model "
                                    "diverged or its source is damaged.")
-    return out
+    cast = {k: v.detach().to("cpu", dtype if dtype is not None and v.is_floating_point() else v.dtype)
+            for k, v in out.items()}
+    for k, v in cast.items():  # fp16 overflows to ±Inf where fp32/bf16 did not
+        if v.is_floating_point() and v.dtype != out[k].dtype and not all_finite(v):
+            raise NonFiniteWeights(f"tensor {k} does not fit {short_name(dtype)} (values overflow); nothing was "
+                                   "written. Choose --dtype bf16 or fp32.")
+    return {k: v.contiguous() for k, v in cast.items()}
 
 
 def _write_atomically(out: Path, fill, overwrite: bool) -> Path:
     """Build the directory beside `out`, then rename it into place (no half-written checkpoint)."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise OutputExists(f"{out} exists and is not a directory; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputExists(f"{out} already exists and is not empty; choose another --out or pass "
-                           "--overwrite to replace it")
+    out = check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -112,50 +122,69 @@ def _write_atomically(out: Path, fill, overwrite: bool) -> Path:
     return out
 
 
+def _describe(d: Path, config, tokenizer, generation=None):
+    """config.json (a factorised config also copies its modelling code), generation config and
+    tokenizer beside the weights already in `d`; returns the weights' dtype."""
+    stored = weights_dtype(d)
+    if stored is not None:
+        config.dtype = str(stored).removeprefix("torch.")
+    config.save_pretrained(str(d))
+    if generation is not None:
+        generation.save_pretrained(str(d))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(d))
+    return stored
+
+
 def checkpoint_record(meta: dict, factored: dict[str, int]) -> dict:
-    """The content of welore.json: format, versions, time, `meta` (report, source, ...), `factored`."""
+    """The content of welore.json: format, versions, time, `meta` (report, source, ...), `factored`
+    (`dtype` and `files` are added by finish_checkpoint)."""
     return {
         "format_version": FORMAT_VERSION,
         "welore_version": __version__,
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        **meta,
+        **{k: v for k, v in meta.items() if k not in _WRITTEN_KEYS},
         "factored": factored,
     }
 
 
+def finish_checkpoint(d: Path, config, tokenizer, record: dict, generation=None) -> None:
+    """Everything of a checkpoint directory but its weights (written first): the config in its
+    factorised form with the modelling code, tokenizer, and welore.json with the weights' dtype
+    and SHA-256 record. Shared by save_checkpoint and the streamed (layerwise) writer."""
+    stored = _describe(Path(d), factorised_config(config, record["factored"]), tokenizer, generation)
+    record.update(dtype=short_name(stored) if stored is not None else None, files=file_records(d))
+    (Path(d) / META).write_text(json.dumps(record, indent=2) + "\n")
+
+
 def save_checkpoint(model: nn.Module, tokenizer, out: Path | str, meta: dict, overwrite: bool = False,
-                    dtype: Optional[torch.dtype] = None) -> Path:
-    """Write a WeLore checkpoint. `meta` is merged into welore.json (report, source, training);
-    `dtype` (default: as held) is the dtype its floating-point tensors are written in."""
+                    dtype: torch.dtype | None = None) -> Path:
+    """Write a WeLore checkpoint with its weights in `dtype` (None: the model's). `meta` is merged
+    into welore.json (report, source, training)."""
     weights = _weights(model, merged=False, dtype=dtype)  # validates before anything touches the disk
     record = checkpoint_record(meta, factored_modules(model))
 
     def fill(d: Path) -> None:
         save_file(weights, str(d / WEIGHTS), metadata={"format": "pt"})
-        model.config.save_pretrained(str(d))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(d))
-        (d / META).write_text(json.dumps(record, indent=2) + "\n")
+        finish_checkpoint(d, model.config, tokenizer, record, getattr(model, "generation_config", None))
 
     return _write_atomically(Path(out), fill, overwrite)
 
 
-def save_merged(model: nn.Module, tokenizer, out: Path | str, overwrite: bool = False) -> Path:
-    """Dense export (Ŵ = B·A for every LRC) loadable with plain AutoModelForCausalLM."""
-    weights = _weights(model, merged=True)
-
+def save_merged(model: nn.Module, tokenizer, out: Path | str, overwrite: bool = False,
+                dtype: torch.dtype | None = None) -> Path:
+    """Dense export (Ŵ = B·A for every LRC, in `dtype`) loadable with plain AutoModelForCausalLM."""
+    weights = _weights(model, merged=True, dtype=dtype)
+    config = plain_config(model.config)
+    config.architectures = [getattr(type(model), "_welore_plain_class", type(model)).__name__]
     def fill(d: Path) -> None:
         save_file(weights, str(d / WEIGHTS), metadata={"format": "pt"})
-        model.config.save_pretrained(str(d))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(d))
+        _describe(d, config, tokenizer, getattr(model, "generation_config", None))
 
     return _write_atomically(Path(out), fill, overwrite)
 
 
 def read_meta(path: Path | str) -> dict:
-    from .loading import read_json
-
     meta = read_json(Path(path) / META)
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
@@ -167,23 +196,77 @@ def read_meta(path: Path | str) -> dict:
     return meta
 
 
+def verify_checkpoint(path: Path | str, meta: dict, cache_dir: Path | str | None = None) -> None:
+    """Raise CorruptCheckpoint naming every weight file that differs from welore.json's record.
+    Checkpoints written before the record existed (no `files`) are not checked."""
+    files = meta.get("files")
+    if files is None:
+        return
+    if not isinstance(files, dict):
+        raise CorruptCheckpoint(f"{path}/{META}: 'files' is not a map of weight files; the checkpoint is damaged")
+    problems = check_directory(Path(path), files, hash_fn=lambda p: stamped_sha256(p, cache_dir))
+    if problems:
+        raise CorruptCheckpoint("; ".join(problems) + ". The checkpoint is damaged; re-create it or download it "
+                                "again")
+
+
 def load_checkpoint(path: Path | str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                    source=None):
-    """Rebuild the compressed model from config + `factored` and load every tensor strictly."""
+                    source: ModelSource | None = None, cache_dir: Path | str | None = None) -> LoadedModel:
+    """Verify the weight files, rebuild the (factorised) model from config.json and load every
+    tensor strictly, converted to `dtype`. The model carries welore.json as `welore_meta`."""
     from transformers import AutoConfig
 
-    from .loading import LoadedModel, ModelSource, build_model, load_tokenizer, read_safetensors
+    from .portable import register
 
     path = Path(path)
     meta = read_meta(path)
+    verify_checkpoint(path, meta, cache_dir)
+    register()
     try:
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:
         raise CorruptCheckpoint(f"cannot read {path}/config.json: {exc}") from exc
-    state = read_safetensors(path)
+    listed = dict(getattr(config, "welore_factored", None) or {})
+    if is_factorised(config) and listed != meta["factored"]:
+        raise CorruptCheckpoint(f"{path}: config.json's welore_factored and welore.json's factored map do not "
+                                "match; the checkpoint is damaged")
+    if not is_factorised(config) and meta["factored"]:  # written before configs were factorised
+        config = factorised_config(config, meta["factored"])
+    state = read_safetensors(path, dtype)
     if state is None:
         raise CorruptCheckpoint(f"{path}/{WEIGHTS} is missing; the checkpoint is incomplete")
-    model = build_model(config, state, meta["factored"], device, dtype)
+    model = build_model(config, state, device, dtype)
+    model.welore_meta = meta
     tokenizer = load_tokenizer(str(path))
     source = source or ModelSource(str(path), "welore", str(path))
     return LoadedModel(model, tokenizer, source, meta)
+
+
+def export_checkpoint(path: Path | str, *, merged_out: Path | str | None = None, out: Path | str | None = None,
+                      dtype: str = "auto", overwrite: bool = False, cache_dir: Path | str | None = None) -> dict:
+    """Re-write a WeLore checkpoint (compressed or fine-tuned): a dense merged export to
+    `merged_out` and/or the factorised checkpoint to `out`, in `dtype` (auto: the checkpoint's).
+    Both outputs are checked before anything is read; merging happens in fp32."""
+    from .dtypes import check_name, resolve
+    from .errors import InvalidArgument
+    from .outputs import check_outputs
+
+    if merged_out is None and out is None:
+        raise InvalidArgument("nothing to export: give --merged-out DIR (a dense model for plain transformers) "
+                              "and/or --out DIR (the factorised checkpoint in another --dtype)")
+    check_outputs({"--merged-out": merged_out, "--out": out}, overwrite)
+    path = Path(path)
+    if not (path / META).is_file():
+        raise InvalidArgument(f"{path} is not a WeLore checkpoint (no {META}); expected the --out directory of "
+                              "`welore compress` or `welore finetune`")
+    target = resolve(check_name(dtype), weights_dtype(path))
+    loaded = load_checkpoint(path, dtype=torch.float32, cache_dir=cache_dir)
+    result = {"checkpoint": str(path), "dtype": short_name(target), "merged_out": None, "out": None,
+              "factored": len(loaded.meta["factored"])}
+    if out is not None:
+        save_checkpoint(loaded.model, loaded.tokenizer, out, loaded.meta, overwrite=overwrite, dtype=target)
+        result["out"] = str(out)
+    if merged_out is not None:
+        save_merged(loaded.model, loaded.tokenizer, merged_out, overwrite=overwrite, dtype=target)
+        result["merged_out"] = str(merged_out)
+    return result

@@ -17,7 +17,8 @@ OUTPUT_SUFFIXES = ("o_proj", "down_proj")  # close a block: write its output int
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    model_type = str(getattr(getattr(model, "config", None), "model_type", None))
+    model_type = model_type.removeprefix("welore_")  # the factorised form of a family (portable/)
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     if model_type not in SUPPORTED_MODEL_TYPES or not isinstance(layers, nn.ModuleList):

@@ -169,12 +169,13 @@ def _finetune(job: JobSpec, out: Path, progress, stop, settings: Settings) -> di
 
     p = dict(job.params)
     data = data_path(settings, p.pop("data"))
+    merged = p.pop("merged", False)
     if p.get("teacher"):
         p["teacher"] = model_path(settings, job.model_ref["teacher"])
     kwargs = _supported(finetune_checkpoint, {k: v for k, v in p.items() if v is not None})
     result = finetune_checkpoint(model_path(settings, job.model_ref), out, data=data, resume=False,
                                  overwrite=False, device=_device(settings), progress=progress,
-                                 should_stop=stop, **kwargs)
+                                 should_stop=stop, merged_out=out / "merged" if merged else None, **kwargs)
     return _summary(result)
 
 

@@ -4,7 +4,9 @@ POST /v1/jobs/{id}/links and GET /v1/links/{token}: signed, expiring download li
 Only names recorded for the job can be fetched, and each must resolve inside the job's
 directory: any other path is refused with 404. `If-None-Match` compares weakly (`W/"…"` matches);
 a `Range` header that is not a valid byte range is ignored (200 with the whole file, as RFC 9110
-says); a valid one outside the file is 416.
+says); a valid one outside the file is 416. Every file is checked against the size and SHA-256
+recorded when the job finished before it is served; a damaged one is refused with 409
+`artifact_corrupt` naming it (never served as if it were fine).
 """
 
 from __future__ import annotations
@@ -28,6 +30,12 @@ router = APIRouter(prefix="/v1/jobs", tags=["artifacts"])
 links_router = APIRouter(prefix="/v1/links", tags=["artifacts"])
 
 _RANGE = re.compile(r"^bytes=(\d{0,19})-(\d{0,19})$")
+
+
+def _check_intact(settings, job_id: str, row, path) -> None:
+    if not storage.intact(settings, path, row.size, row.sha256):
+        raise Conflict(f"artifact {row.name!r} of job {job_id} no longer matches the SHA-256 recorded when the job "
+                       "finished (the stored file is damaged); run the job again", code="artifact_corrupt")
 
 
 class ArtifactOut(BaseModel):
@@ -81,7 +89,7 @@ _DOWNLOAD = dict(response_class=FileResponse,
                                   "content": {"application/octet-stream": {"schema": {"type": "string",
                                                                                       "format": "binary"}}}},
                             304: {"description": "not modified (If-None-Match matched the ETag)"},
-                            **responses(401, 404, 416, 422)})
+                            **responses(401, 404, 409, 416, 422)})
 
 
 @router.head("/{job_id}/artifacts/{name:path}", summary="One file's headers (size, ETag) without its body",
@@ -135,6 +143,7 @@ def _file_response(request: Request, db, settings, key, job_id: str, name: str):
     path = storage.safe_child(storage.job_dir(settings, job.id), name) if row is not None else None
     if row is None or path is None:
         raise NotFound(f"job {job.id} has no artifact {name!r}", code="artifact_not_found")
+    _check_intact(settings, job.id, row, path)
     etag = f'"{row.sha256}"'
     headers = {"ETag": etag, "X-Checksum-SHA256": row.sha256, "Cache-Control": "private, max-age=31536000, immutable"}
     if_none_match = request.headers.get("if-none-match")
@@ -162,6 +171,7 @@ def download_checkpoint(job_id: JobId, key: CurrentKey, db: DbDep, settings: Set
         path = storage.safe_child(base, a.name)
         if path is None:
             raise NotFound(f"artifact {a.name!r} of job {job.id} is missing from the store", code="artifact_missing")
+        _check_intact(settings, job.id, a, path)
         members.append((f"{job.id}/{a.name}", path))
     length = tar_size([(arc, p.stat().st_size) for arc, p in members])
     return StreamingResponse(stream_tar(members), media_type="application/x-tar",

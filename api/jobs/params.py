@@ -95,6 +95,9 @@ class FinetuneParams(_Params):
                                                "checkpoint was compressed from")
     distill_weight: Optional[float] = Field(None, gt=0, le=1,
                                             description="with a teacher: share of the KL term in the loss")
+    dtype: Optional[Literal["auto", "bf16", "fp16", "fp32"]] = Field(
+        None, description="dtype of the written weights (default auto: the source's)")
+    merged: bool = Field(False, description="also export merged dense weights (artifacts under merged/)")
 
 
 class EvaluateParams(_Params):

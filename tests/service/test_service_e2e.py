@@ -133,6 +133,24 @@ def test_download_every_artifact_and_compare_logits(client, keys, compressed, se
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_a_damaged_artifact_is_refused_not_served(client, keys, compressed, settings):
+    job_id, _ = compressed
+    h = keys["A"]
+    stored = settings.artifact_dir / "jobs" / job_id / "model.safetensors"
+    good = stored.read_bytes()
+    bad = bytearray(good)
+    bad[len(bad) // 2] ^= 0xFF
+    try:
+        stored.write_bytes(bytes(bad))
+        r = client.get(f"/v1/jobs/{job_id}/artifacts/model.safetensors", headers=h)
+        assert r.status_code == 409 and r.json()["error"]["code"] == "artifact_corrupt"
+        assert "model.safetensors" in r.json()["error"]["message"]
+        assert client.get(f"/v1/jobs/{job_id}/checkpoint.tar", headers=h).status_code == 409
+    finally:
+        stored.write_bytes(good)
+    assert client.get(f"/v1/jobs/{job_id}/artifacts/model.safetensors", headers=h).status_code == 200
+
+
 def test_other_keys_cannot_see_the_job(client, keys, compressed):
     job_id, _ = compressed
     for path in ("", "/events", "/metrics", "/artifacts", "/artifacts/welore.json", "/checkpoint.tar"):

@@ -80,13 +80,18 @@ def test_compress_then_finetune_in_process(embedded, api_key):
         bad = c.post("/v1/jobs", json={"type": "finetune", "model": job_id,
                                        "params": {**params, "teacher": "no-such-model"}}, headers=h)
         assert bad.status_code == 404 and "no-such-model" in bad.json()["error"]["message"]
-        ft = c.post("/v1/jobs", json={"type": "finetune", "model": job_id, "params": params}, headers=h).json()
+        ft = c.post("/v1/jobs", json={"type": "finetune", "model": job_id,
+                                      "params": {**params, "merged": True, "dtype": "bf16"}}, headers=h).json()
         ft = _wait(c, ft["id"], h)
         assert ft["status"] == "succeeded", ft["error"]
         meta = c.get(f"/v1/jobs/{ft['id']}/artifacts/welore.json", headers=h).json()
-        assert meta["training"]["config"]["teacher"].endswith("tiny")
+        assert meta["training"]["config"]["teacher"].endswith("tiny") and meta["dtype"] == "bf16"
         names = {a["name"] for a in c.get(f"/v1/jobs/{ft['id']}/artifacts", headers=h).json()["data"]}
         assert {"model.safetensors", "welore.json", "config.json"} <= names
+        assert ("modeling_welore.py" in names) == bool(meta["factored"])
+        assert {"merged/model.safetensors", "merged/config.json"} <= names
+        merged = c.get(f"/v1/jobs/{ft['id']}/artifacts/merged/config.json", headers=h).json()
+        assert merged["model_type"] == "llama" and merged["dtype"] == "bfloat16" and "auto_map" not in merged
         series = c.get(f"/v1/jobs/{ft['id']}/metrics", headers=h).json()["series"]
         assert len(series["loss"]) == 3 and series["tokens_per_s"]
 

@@ -1,4 +1,5 @@
-"""Small pieces the sub-commands share: JSON output, peak memory, argument types."""
+"""Small pieces the sub-commands share: JSON output, peak memory, argument types, output checks,
+the progress reporter. Torch-free (the parser must not load torch)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import argparse
 import json
 import resource
 import sys
+
+from ..dtypes import DTYPE_CHOICES
 
 
 def emit(result: dict, as_json: bool, human: str) -> None:
@@ -56,3 +59,25 @@ def add_json_flag(p: argparse.ArgumentParser) -> None:
 
 def add_device_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="auto (default: a GPU when present), cpu or cuda[:N]")
+
+
+def add_dtype_flag(p: argparse.ArgumentParser, what: str = "the written weights") -> None:
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help=f"dtype of {what}: auto (the source's; a GGUF source gives bf16), bf16, fp16 or fp32. "
+                        "Computation stays in fp32 where the maths needs it")
+
+
+def check_outputs(args: argparse.Namespace, *flags: str) -> None:
+    """Refuse, before any work, output directories that exist (unless --overwrite) or that two
+    flags share. `flags` are argparse dests such as "out", "merged_out"."""
+    from ..outputs import check_outputs as check
+
+    paths = {"--" + f.replace("_", "-"): getattr(args, f, None) for f in flags}
+    check(paths, overwrite=bool(getattr(args, "overwrite", False)))
+
+
+def progress_for(args: argparse.Namespace):
+    """The command's progress reporter (a context manager that ends its line on exit)."""
+    from ..progress import cli_progress
+
+    return cli_progress(quiet=bool(getattr(args, "quiet", False)))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..compression.config import OPTIONS, CompressConfig, Option, range_text
 from ..errors import InvalidArgument
-from .common import add_device_flag, add_json_flag, emit, peak_rss_mb, positive_int
+from .common import add_device_flag, add_json_flag, check_outputs, emit, peak_rss_mb, positive_int, progress_for
 
 
 def _typed(o: Option):
@@ -154,16 +154,13 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from ..compression.pipeline import compress_checkpoint
-    from ..progress import TqdmProgress
 
+    check_outputs(args, "out", "merged_out")
     config = config_from_args(args)
-    bar = TqdmProgress()
-    try:
+    with progress_for(args) as bar:
         result = compress_checkpoint(args.model, args.out, config, merged_out=args.merged_out,
                                      overwrite=args.overwrite, recover=args.recover or 0,
                                      recover_data=args.recover_data, device=args.device, progress=bar)
-    finally:
-        bar.close()
     result["peak_rss_mb"] = peak_rss_mb()
     if result.get("warning"):
         print(f"warning: {result['warning']}", file=sys.stderr)

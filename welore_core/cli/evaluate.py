@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..evaluate import EvalResult
-from ..pipelines import evaluate_model
-from ..progress import TqdmProgress
-from .common import add_device_flag, add_json_flag, emit, positive_int
+from .common import add_device_flag, add_json_flag, emit, positive_int, progress_for
 
 
 def register(sub) -> None:
@@ -22,10 +19,12 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    bar = TqdmProgress()
-    out = evaluate_model(args.model, args.data, seq_len=args.seq_len, windows=args.windows,
-                         device=args.device, progress=bar)
-    bar.close()
+    from ..evaluate import EvalResult
+    from ..pipelines import evaluate_model
+
+    with progress_for(args) as bar:
+        out = evaluate_model(args.model, args.data, seq_len=args.seq_len, windows=args.windows,
+                             device=args.device, progress=bar)
     result = EvalResult(**{k: out[k] for k in EvalResult.__dataclass_fields__})
     emit(out, args.json, f"perplexity {result.perplexity:.4g} over {result.tokens} tokens "
          f"({result.windows} windows of {result.seq_len}) in {result.seconds:.1f} s")

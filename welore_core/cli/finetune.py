@@ -8,7 +8,8 @@ import argparse
 import os
 import sys
 
-from .common import add_device_flag, add_json_flag, emit, fraction, peak_rss_mb, positive_int
+from .common import (add_device_flag, add_dtype_flag, add_json_flag, emit, fraction, peak_rss_mb,
+                     positive_int, progress_for)
 
 
 def _nonneg_int(text: str) -> int:
@@ -82,7 +83,10 @@ def register(sub) -> None:
                         "checkpoint was compressed from: the loss matches its next-token distribution")
     p.add_argument("--distill-weight", type=fraction, default=1.0,
                    help="with --teacher: loss = (1-w)*cross-entropy + w*KL(teacher||model) (default 1.0)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--merged-out", metavar="DIR",
+                   help="also write a dense (merged) export of the result, loadable by plain transformers")
+    add_dtype_flag(p)
+    p.add_argument("--overwrite", action="store_true", help="replace --out / --merged-out if they exist")
     add_device_flag(p)
     add_json_flag(p)
     p.set_defaults(func=run)
@@ -119,7 +123,8 @@ def human_report(r: dict) -> str:
         d = r["distributed"]
         lines.append(f"data-parallel over {d['world_size']} processes ({d['backend']}; rows per process "
                      f"{d['rank_batch_sizes']})")
-    lines.append(f"written to {r['out']} ({r['seconds']:.1f} s)")
+    merged = f" (merged export: {r['merged_out']})" if r.get("merged_out") else ""
+    lines.append(f"written to {r['out']}{merged}, {r.get('dtype', 'fp32')} weights ({r['seconds']:.1f} s)")
     return "\n".join(lines)
 
 
@@ -143,24 +148,21 @@ def run(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace, device: str | None, main: bool) -> int:
     from ..finetune import finetune_checkpoint
-    from ..progress import TqdmProgress, no_progress
+    from ..progress import TqdmProgress
 
-    bar = TqdmProgress() if main else None
-    try:
+    with progress_for(args) if main else TqdmProgress(enabled=False) as bar:
         result = finetune_checkpoint(
             args.model, args.out, data=args.data, method=args.method, steps=args.steps, lr=args.lr,
             batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum,
             eval_every=args.eval_every, save_every=args.save_every, resume=args.resume,
             freeze_norms=args.freeze_norms, lora_rank=args.lora_rank, seed=args.seed,
             val_fraction=args.val_fraction, val_sequences=args.val_sequences, data_format=args.data_format,
-            overwrite=args.overwrite, device=device, progress=bar or no_progress, warmup_steps=args.warmup_steps,
+            overwrite=args.overwrite, device=device, progress=bar, warmup_steps=args.warmup_steps,
             min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
             lora_alpha=args.lora_alpha, choice_examples=args.choice_examples,
             gradient_checkpointing=args.gradient_checkpointing, precision=args.precision,
-            teacher=args.teacher, distill_weight=args.distill_weight, frozen_dtype=args.frozen_dtype)
-    finally:
-        if bar is not None:
-            bar.close()
+            teacher=args.teacher, distill_weight=args.distill_weight, frozen_dtype=args.frozen_dtype,
+            dtype=args.dtype, merged_out=args.merged_out)
     if not main:
         return 0
     result["peak_rss_mb"] = peak_rss_mb()

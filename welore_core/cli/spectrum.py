@@ -4,13 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..compression.allocation import normalise
-from ..loading import load_model
-from ..progress import TqdmProgress
-from ..settings import get_core_settings
-from ..spectrum import SpectrumCache, compute_spectra
-from ..targets import short_name
-from .common import add_device_flag, add_json_flag, emit
+from .common import add_device_flag, add_json_flag, emit, progress_for
 
 
 def register(sub) -> None:
@@ -22,10 +16,15 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..compression.allocation import normalise
+    from ..loading import load_model
+    from ..settings import get_core_settings
+    from ..spectrum import SpectrumCache, compute_spectra
+    from ..targets import short_name
+
     loaded = load_model(args.model, device=args.device)
-    bar = TqdmProgress()
-    spectra = compute_spectra(loaded.model, SpectrumCache(get_core_settings().cache_dir), bar)
-    bar.close()
+    with progress_for(args) as bar:
+        spectra = compute_spectra(loaded.model, SpectrumCache(get_core_settings().cache_dir), bar)
     rows = []
     for name, shape, S in zip(spectra.names, spectra.shapes, spectra.values):
         z = normalise(S)

@@ -14,7 +14,8 @@ from typing import Optional
 
 from ..checkpoint import save_checkpoint, save_merged
 from ..errors import InvalidArgument, OutputExists
-from ..loading import load_model
+from ..dtypes import short_name
+from ..loading import load_model, output_dtype
 from ..progress import ProgressEvent, ProgressFn, StopFn, check_stop, no_progress
 from ..spectrum import SpectrumCache
 from .config import CompressConfig
@@ -92,36 +93,40 @@ def compress_checkpoint(model: str, out: str | Path, config: CompressConfig, *, 
             "source": {"model": str(model), "kind": loaded.source.kind, "hash": report.source_hash}}
     progress(ProgressEvent("save", 0, 1, message=str(out)))
     target = out if not recover else out.with_name(f".{out.name}.compressed")
-    save_checkpoint(loaded.model, tokenizer, target, meta, overwrite=True if recover else overwrite)
+    dtype = output_dtype(config.dtype, loaded.source)  # before recovery, the fp32 factors are kept
+    save_checkpoint(loaded.model, tokenizer, target, meta, overwrite=True if recover else overwrite,
+                    dtype=None if recover else dtype)
     if merged_out is not None and not recover:
-        save_merged(loaded.model, tokenizer, merged_out, overwrite=overwrite)
+        save_merged(loaded.model, tokenizer, merged_out, overwrite=overwrite, dtype=dtype)
     progress(ProgressEvent("save", 1, 1, message=str(out)))
     del loaded
     training = None
     if recover:
         try:
             training, quality = _recover(str(model), target, out, recover, recover_data or RECOVER_DATA, quality,
-                                         merged_out, overwrite, device, progress, should_stop)
+                                         merged_out, overwrite, device, progress, should_stop, dtype)
         finally:
             shutil.rmtree(target, ignore_errors=True)
     result = report.to_dict()
     result.update(out=str(out), merged_out=str(merged_out) if merged_out else None, compress_seconds=report.seconds,
                   load_seconds=load_seconds, quality=quality.to_dict() if quality else None,
                   warning=advice(config, quality.ratio, bool(recover)) if quality else None,
-                  recovery=training, seconds=time.perf_counter() - t0)
+                  recovery=training, dtype=short_name(dtype), seconds=time.perf_counter() - t0)
     return result
 
 
 def _recover(source: str, compressed: Path, out: Path, steps: int, data: str, quality: Optional[Quality],
-             merged_out, overwrite: bool, device, progress: ProgressFn, should_stop) -> tuple[dict, Optional[Quality]]:
+             merged_out, overwrite: bool, device, progress: ProgressFn, should_stop,
+             dtype) -> tuple[dict, Optional[Quality]]:
     """Distilled WeLore-COFT from the dense `source` (the teacher) on `data`, written to `out`."""
     from ..finetune import finetune_checkpoint
 
     r = finetune_checkpoint(str(compressed), out, data=data, steps=steps, teacher=source, overwrite=overwrite,
-                            device=device, progress=progress, should_stop=should_stop, **RECOVER_OPTIONS)
+                            device=device, progress=progress, should_stop=should_stop, dtype=short_name(dtype),
+                            **RECOVER_OPTIONS)
     lm = load_model(str(out), device=device)
     if merged_out is not None:
-        save_merged(lm.model, lm.tokenizer, merged_out, overwrite=overwrite)
+        save_merged(lm.model, lm.tokenizer, merged_out, overwrite=overwrite, dtype=dtype)
     if quality is not None:
         ppl, _ = held_out_perplexity(lm.model, lm.tokenizer, should_stop)
         quality = Quality(quality.perplexity_dense, ppl, ppl / quality.perplexity_dense, quality.tokens,

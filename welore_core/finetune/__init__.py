@@ -5,9 +5,32 @@ Public entry point: `finetune_checkpoint(model, out, data=..., method=...)` (pip
 Modules: config (settings), data (files → sequences → batches), methods (what trains),
 loss (chunked LM-head cross-entropy), trainer (the loop, resume), metrics (memory,
 validation, accuracy), pipeline (load → train → write).
+The names below import lazily, so `finetune.config` (torch-free) loads without torch.
+
+This package is also the Python API's `finetune(model, data, ...)` (python_api.finetune): the
+package and the function share the name `welore_core.finetune`, so calling the package calls it.
 """
 
-from .config import METHODS, FinetuneConfig
-from .pipeline import METRICS_FILE, STATE_FILE, finetune_checkpoint
+import importlib
+import sys
+import types
 
-__all__ = ["finetune_checkpoint", "FinetuneConfig", "METHODS", "METRICS_FILE", "STATE_FILE"]
+_HOME = {"finetune_checkpoint": "pipeline", "METRICS_FILE": "pipeline", "STATE_FILE": "pipeline",
+         "FinetuneConfig": "config", "METHODS": "config"}
+__all__ = list(_HOME)
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
+
+
+class _CallablePackage(types.ModuleType):
+    def __call__(self, *args, **kwargs):
+        from ..python_api import finetune
+
+        return finetune(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePackage

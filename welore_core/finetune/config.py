@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
+from ..dtypes import DTYPE_CHOICES
 from ..errors import InvalidArgument
 
 METHODS = ("welore", "full", "lora")
@@ -17,7 +18,7 @@ FROZEN_DTYPES = ("auto", "bf16", "fp32")
 DATA_FORMATS = ("auto", "text", "prompt_completion", "boolq", "commonsenseqa")
 
 # Settings that do not change what is computed (only when it is reported or saved).
-_NOT_IN_KEY = {"eval_every", "save_every", "timing_warmup_steps", "choice_examples"}
+_NOT_IN_KEY = {"eval_every", "save_every", "timing_warmup_steps", "choice_examples", "dtype"}
 
 
 @dataclass
@@ -49,6 +50,7 @@ class FinetuneConfig:
     timing_warmup_steps: int = 2  # steps left out of tokens/s and step time
     teacher: str = ""  # distil from this model (spec as for load_model); "" = plain next-token loss
     distill_weight: float = 1.0  # with a teacher: loss = (1 − w)·CE + w·KL(teacher ‖ student)
+    dtype: str = "auto"  # dtype of the written weights: auto (the source's) | bf16 | fp16 | fp32
 
     def resolved_warmup(self) -> int:
         if self.warmup_steps >= 0:
@@ -104,6 +106,8 @@ class FinetuneConfig:
             bad("val_fraction", "strictly between 0 and 1 (e.g. 0.1)")
         if not 0 < self.distill_weight <= 1:
             bad("distill_weight", "in (0, 1] (1: match the teacher only; 0.5: half next-token loss)")
+        if self.dtype not in DTYPE_CHOICES:
+            bad("dtype", f"one of {', '.join(DTYPE_CHOICES)}")
         if self.val_sequences < 1:
             bad("val_sequences", "a positive integer")
         return self

@@ -94,16 +94,21 @@ def base_causal_lm(model: nn.Module) -> nn.Module:
     return get() if callable(get) else model
 
 
+def _is_peft(model: nn.Module) -> bool:
+    """A peft wrapper (LoRA). Not `hasattr(merge_and_unload)`: factorised models have one too."""
+    return callable(getattr(model, "get_base_model", None))
+
+
 def finalize(model: nn.Module) -> nn.Module:
     """The model to save: LoRA adapters merged into the weights, everything else as is."""
-    if hasattr(model, "merge_and_unload"):
+    if _is_peft(model):
         return model.merge_and_unload()
     return model
 
 
 def merged_copy(model: nn.Module) -> nn.Module:
     """A merged copy to save mid-run without touching the model being trained."""
-    if hasattr(model, "merge_and_unload"):
+    if _is_peft(model):
         import copy
 
         return copy.deepcopy(model).merge_and_unload()

@@ -8,7 +8,7 @@ whose `training.status` is "partial", plus trainer_state.pt); the final one repl
 A cancelled or failed run leaves `out` as it was after the last complete save.
 
 Frozen weights may be held in bf16 during training (`frozen_dtype`, precision.py); the
-checkpoint is written in the dtype the model was loaded in (LOAD_DTYPE), trained factors too.
+checkpoint is written in the output `dtype` (auto: the source's dtype), trained factors too.
 Under torch.distributed (distributed.py) every rank trains, rank 0 alone reports and writes.
 """
 
@@ -23,10 +23,12 @@ from pathlib import Path
 
 import torch
 
+from ..dtypes import short_name
 from ..hashing import file_sha256
-from ..checkpoint import META, save_checkpoint
+from ..checkpoint import META, save_checkpoint, save_merged
 from ..errors import CorruptCheckpoint, InvalidArgument, OutputExists
-from ..loading import load_model, pick_device, read_json
+from ..loading import LoadedModel, load_model, output_dtype, pick_device, read_json
+from ..outputs import check_output
 from ..progress import ProgressEvent, ProgressFn, StopFn, check_stop, no_progress
 from .config import FinetuneConfig
 from .data import BatchStream, build_dataset
@@ -37,19 +39,19 @@ from .metrics import MemoryMeter, choice_accuracy, tensor_bytes
 from .precision import DTYPES, hold_frozen
 from .trainer import Trainer
 
-LOAD_DTYPE = torch.float32  # weights are loaded (fp32 masters) and written in this dtype
+LOAD_DTYPE = torch.float32  # weights are loaded as fp32 masters (written in the output dtype)
 STATE_FILE = "trainer_state.pt"
 METRICS_FILE = "metrics.json"
 _COPIED_META = {"format_version", "welore_version", "created_at", "factored", "training", "kind",
-                "training_history"}
+                "training_history", "files", "dtype"}
 
 
-def _publish(out: Path, model, tokenizer, meta: dict, extra: dict[str, object]) -> None:
+def _publish(out: Path, model, tokenizer, meta: dict, extra: dict[str, object], dtype: torch.dtype) -> None:
     """Write checkpoint + extra files into a staging directory, then swap it into `out`."""
     staging = out.with_name(f".{out.name}.ft-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        save_checkpoint(model, tokenizer, staging, meta, dtype=LOAD_DTYPE)
+        save_checkpoint(model, tokenizer, staging, meta, dtype=dtype)
         for name, obj in extra.items():
             if name.endswith(".json"):
                 (staging / name).write_text(json.dumps(obj, indent=2, default=str) + "\n")
@@ -129,19 +131,29 @@ def _load_teacher(spec: str, lm, tokenizer, dev: torch.device, progress: Progres
     return teacher
 
 
-def finetune_checkpoint(model: str, out: str | Path, *, data: str, method: str = "welore", steps: int = 100,
-                        lr: float = 2e-4, batch_size: int = 4, seq_len: int = 256, grad_accum: int = 1,
-                        eval_every: int = 0, save_every: int = 0, resume: bool = False,
-                        freeze_norms: bool = False, lora_rank: int = 8, seed: int = 0,
-                        val_fraction: float = 0.1, val_sequences: int = 32, data_format: str = "auto",
-                        overwrite: bool = False, device: str | None = None,
-                        progress: ProgressFn = no_progress, should_stop: StopFn | None = None,
-                        **options) -> dict:
-    """Fine-tune `model` (any spec load_model accepts) on `data` and write the result to `out`.
+def finetune_checkpoint(model, out: str | Path, **kwargs) -> dict:
+    """Fine-tune `model` (any spec load_model accepts, or a LoadedModel) on `data` and write the
+    result to `out`; returns the result dict (also written to out/metrics.json). See finetune_run."""
+    return finetune_run(model, out, **kwargs)[0]
+
+
+def finetune_run(model, out: str | Path, *, data: str, method: str = "welore", steps: int = 100,
+                 lr: float = 2e-4, batch_size: int = 4, seq_len: int = 256, grad_accum: int = 1,
+                 eval_every: int = 0, save_every: int = 0, resume: bool = False,
+                 freeze_norms: bool = False, lora_rank: int = 8, seed: int = 0,
+                 val_fraction: float = 0.1, val_sequences: int = 32, data_format: str = "auto",
+                 overwrite: bool = False, device: str | None = None,
+                 progress: ProgressFn = no_progress, should_stop: StopFn | None = None,
+                 merged_out: str | Path | None = None, **options) -> tuple[dict, torch.nn.Module]:
+    """Fine-tune `model` (any spec load_model accepts, or a LoadedModel already in memory) on
+    `data` and write the result to `out` (weights in `options["dtype"]`, default auto: the
+    source's), and with `merged_out` also a dense merged export there. Returns (result, the
+    trained model as saved).
 
     `options` takes the other FinetuneConfig fields (warmup_steps, min_lr_ratio, weight_decay,
     max_grad_norm, lora_alpha, lora_dropout, choice_examples, gradient_checkpointing,
-    precision, timing_warmup_steps). Returns the result dict, also written to out/metrics.json.
+    precision, timing_warmup_steps, teacher, distill_weight, dtype). Returns the result dict, also
+    written to out/metrics.json.
     """
     t_start = time.perf_counter()
     unknown = sorted(set(options) - set(FinetuneConfig.__dataclass_fields__))
@@ -153,6 +165,8 @@ def finetune_checkpoint(model: str, out: str | Path, *, data: str, method: str =
                          freeze_norms=freeze_norms, lora_rank=lora_rank, seed=seed, val_fraction=val_fraction,
                          val_sequences=val_sequences, data_format=data_format, **options).validate()
     out = Path(out).expanduser()
+    given = model if isinstance(model, LoadedModel) else None
+    model = given.source.spec if given is not None else str(model)
     parallel = DataParallel.current()
     if parallel is not None and cfg.batch_size < parallel.world:
         raise InvalidArgument(f"batch_size {cfg.batch_size} is smaller than the {parallel.world} processes; each "
@@ -163,10 +177,14 @@ def finetune_checkpoint(model: str, out: str | Path, *, data: str, method: str =
         progress = no_progress
     point = _resume_point(out, cfg, model) if resume else None
     if point and "done" in point:
-        return {**point["done"], "already_complete": True}
+        return {**point["done"], "already_complete": True}, None
     if point is None and out.exists() and not overwrite and not (out.is_dir() and not any(out.iterdir())):
         raise OutputExists(f"{out} already exists and is not empty; choose another --out, pass --overwrite "
                            "to replace it, or --resume to continue the run saved there")
+    if merged_out is not None:
+        if Path(merged_out).expanduser().resolve() == out.resolve():
+            raise OutputExists(f"--out and --merged-out name the same directory {out}; give each its own")
+        check_output(merged_out, overwrite, "--merged-out")
     check_stop(should_stop)
 
     # -- model, data, method
@@ -176,13 +194,18 @@ def finetune_checkpoint(model: str, out: str | Path, *, data: str, method: str =
         dev = torch.device("cuda", torch.cuda.current_device())  # the launcher set this rank's GPU
     frozen = DTYPES[cfg.resolved_frozen_dtype(dev.type)]
     t0 = time.perf_counter()
-    loaded = load_model(model, device=str(_cast_on(dev, frozen)), dtype=LOAD_DTYPE)  # fp32 masters
+    if given is not None:
+        loaded = given
+        loaded.model.to(device=_cast_on(dev, frozen), dtype=LOAD_DTYPE)
+    else:
+        loaded = load_model(model, device=str(_cast_on(dev, frozen)), dtype=LOAD_DTYPE)  # fp32 masters
     load_seconds = time.perf_counter() - t0
     tok = loaded.tokenizer
     if tok is None:
         raise InvalidArgument(f"model {model!r} has no tokenizer files; fine-tuning needs one. Re-create the "
                               "checkpoint from a model directory that includes its tokenizer")
     progress(ProgressEvent("load", 1, 1, message=str(model)))
+    save_dtype = output_dtype(cfg.dtype, loaded.source)
     dataset = build_dataset(tok, data, seq_len=cfg.seq_len, val_fraction=cfg.val_fraction,
                             val_sequences=cfg.val_sequences, choice_examples=cfg.choice_examples,
                             data_format=cfg.data_format)
@@ -230,7 +253,7 @@ def finetune_checkpoint(model: str, out: str | Path, *, data: str, method: str =
             return
         progress(ProgressEvent("save", 0, 1, message=f"step {tr.state.step}"))
         _publish(out, merged_copy(tr.model), tok, record("partial"),
-                 {STATE_FILE: {"trainer": tr.state_dict(), "before": before}})
+                 {STATE_FILE: {"trainer": tr.state_dict(), "before": before}}, save_dtype)
         progress(ProgressEvent("save", 1, 1, message=f"step {tr.state.step}"))
 
     # -- train
@@ -263,6 +286,7 @@ def finetune_checkpoint(model: str, out: str | Path, *, data: str, method: str =
         "resumed_at": state.resumed_at, "device": str(dev), "bf16_autocast": trainer.bf16,
         "frozen_dtype": memory["frozen_dtype"], "load_seconds": load_seconds,
         "distributed": parallel.summary(cfg.batch_size) if parallel is not None else None,
+        "dtype": short_name(save_dtype), "merged_out": str(merged_out) if merged_out is not None else None,
     }
     final = finalize(train_model)
     result["seconds"] = time.perf_counter() - t_start
@@ -271,8 +295,11 @@ def finetune_checkpoint(model: str, out: str | Path, *, data: str, method: str =
                                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     if main:
         progress(ProgressEvent("save", 0, 1, message=str(out)))
-        _publish(out, final, tok, meta, {METRICS_FILE: result})
+        _publish(out, final, tok, meta, {METRICS_FILE: result}, save_dtype)
+        final.welore_meta = read_json(out / META)  # what was written: the model's record from now on
+        if merged_out is not None:
+            save_merged(final, tok, merged_out, overwrite=overwrite, dtype=save_dtype)
         progress(ProgressEvent("save", 1, 1, message=str(out)))
     if parallel is not None:
         parallel.barrier()  # every rank returns once the checkpoint is there
-    return result
+    return result, final

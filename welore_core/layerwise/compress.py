@@ -334,7 +334,7 @@ def compress_streamed(path: Path | str, out: Path | str, config: CompressConfig,
     """Compress the safetensors checkpoint `path` by the recipe `config` into a WeLore checkpoint
     `out`, layer by layer (keyword arguments: StreamedCompression's; `meta`: more for welore.json).
     Returns the report and the streaming record."""
-    from ..checkpoint import META, checkpoint_record
+    from ..checkpoint import checkpoint_record, finish_checkpoint
 
     job = StreamedCompression(path, out, config, **kwargs)
     report, extra, journal, merged = job.run()
@@ -342,11 +342,8 @@ def compress_streamed(path: Path | str, out: Path | str, config: CompressConfig,
             "source": {"model": str(path), "kind": "hf_dir", "hash": report.source_hash, **(source or {})}}
     record = checkpoint_record(meta, job.factored(report))
 
-    def fill(d: Path) -> None:
-        job.config.save_pretrained(str(d))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(d))
-        (d / META).write_text(json.dumps(record, indent=2) + "\n")
+    def fill(d: Path) -> None:  # the shards are written: config (factorised, with its code), welore.json
+        finish_checkpoint(d, job.config, tokenizer, record)
 
     if merged is not None:
         def fill_merged(d: Path) -> None:

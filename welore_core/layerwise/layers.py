@@ -40,9 +40,13 @@ class ResidentLayers:
 
 
 def meta_model(config, factored: Optional[dict[str, int]] = None) -> nn.Module:
-    """The model of `config` on the meta device (no memory), `factored` modules low-rank."""
+    """The model of `config` on the meta device (no memory), `factored` modules low-rank (a
+    factorised config, see portable/, builds its low-rank modules itself)."""
     from transformers import AutoModelForCausalLM
 
+    from ..portable import register
+
+    register()
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         for name, rank in (factored or {}).items():
