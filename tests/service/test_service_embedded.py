@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from embedded_server import ROOT, Server
+from embedded_server import ROOT, Server, free_port
 from helpers import parse_sse, sha256
 
 
@@ -122,7 +122,7 @@ def test_restart_requeues_an_interrupted_job(embedded, api_key, home, models_dir
                                        "params": {"data": "boolq-passages", "steps": 100000, "batch_size": 1,
                                                   "seq_len": 16, "val_sequences": 1}}, headers=h).json()
         running = _wait(c, job["id"], h, statuses=("running",))
-        second = subprocess.run([sys.executable, "-m", "welore_core.cli", "serve", "--port", str(_free_port())],
+        second = subprocess.run([sys.executable, "-m", "welore_core.cli", "serve", "--port", str(free_port())],
                                 cwd=ROOT, env=embedded.env, capture_output=True, text=True, timeout=120)
         assert second.returncode == 2, second.stdout + second.stderr
         assert "another `welore serve`" in second.stderr and "WELORE_STATE_DIR" in second.stderr
