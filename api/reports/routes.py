@@ -7,6 +7,7 @@ from typing import Any, Optional
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
+from ..errors import responses
 from ..deps import CurrentKey, DbDep, JobId, SettingsDep
 from ..jobs import service as jobs_service
 from . import service
@@ -40,8 +41,7 @@ class Report(BaseModel):
 
 @router.get("/{job_id}/report", response_model=Report,
             summary="Per-matrix report of a compress/finetune job: ranks, LRC/N-LRC, spectra, tau",
-            responses={404: {"description": "no such job, or it has no welore.json"},
-                       409: {"description": "the job has not succeeded"}})
+            responses=responses(401, 404, 409, 422))
 def job_report(job_id: JobId, key: CurrentKey, db: DbDep, settings: SettingsDep) -> Report:
     with db() as s:
         job = jobs_service.get(s, job_id, key)
