@@ -32,18 +32,34 @@ BASELINE = "fp32 frozen, fp32 compute"
 SAME_COMPUTE = "fp32 frozen, bf16 autocast"
 
 
-def run_row(args, compressed: str, name: str, out: Path) -> dict:
+def row_cmd(args, compressed: str, name: str, out: Path) -> list[str]:
     precision, frozen = ROWS[name]
     cmd = [sys.executable, "-m", "welore_core.cli", "finetune", compressed, "--data", args.data,
            "--precision", precision, "--frozen-dtype", frozen, "--steps", str(args.steps), "--lr", str(args.lr),
            "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
            "--val-sequences", str(args.val_sequences), "--seed", "0", "--device", "cpu",
            "--out", str(out), "--overwrite", "--json"]
-    print(f"[{time.strftime('%H:%M:%S')}] {name} (load {loadavg()})", file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env(args))
-    if proc.returncode != 0:
-        raise SystemExit(f"row failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return cmd
+
+
+def run_rows(args, compressed: str, work: Path) -> dict:
+    """Each row in its own process: one after another, or all at once with --parallel (peak memory
+    is per process either way; tokens/s is then not comparable between rows)."""
+    started, done = {}, {}
+    for i, name in enumerate(ROWS):
+        print(f"[{time.strftime('%H:%M:%S')}] {name} (load {loadavg()})", file=sys.stderr, flush=True)
+        cmd = row_cmd(args, compressed, name, work / f"memory-{i}")
+        started[name] = (cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                               env=env(args)))
+        if not args.parallel:
+            done[name] = started[name][1].communicate()
+    rows = {}
+    for name, (cmd, proc) in started.items():
+        out, err = done[name] if name in done else proc.communicate()
+        if proc.returncode != 0:
+            raise SystemExit(f"row failed: {' '.join(cmd)}\n{err[-3000:]}")
+        rows[name] = json.loads(out.strip().splitlines()[-1])
+    return rows
 
 
 def _mb(n: float) -> float:
@@ -71,7 +87,7 @@ def render(ctx: dict) -> str:
                      _mb(m["grad_bytes"]), _mb(m["optimizer_state_bytes"]), _mb(state),
                      _x(state, base["memory"]["training_state_bytes"]), _x(state, same["memory"]["training_state_bytes"]),
                      round(peak), _x(peak, base["memory"]["peak_mb"]), _x(peak, same["memory"]["peak_mb"]),
-                     round(r["peak_rss_mb"]), round(r["tokens_per_s"] or 0, 1),
+                     round(r["peak_rss_mb"]) if r.get("peak_rss_mb") else "-", round(r["tokens_per_s"], 1) if r["tokens_per_s"] else "-",
                      _x(r["tokens_per_s"], base["tokens_per_s"]), f"{c[0][1]:.3f} → {c[-1][1]:.3f}",
                      f"{r['val_perplexity_after']:.4g}"])
     return "\n".join([
@@ -79,13 +95,14 @@ def render(ctx: dict) -> str:
         f"`python -m bench.finetune_memory --steps {a['steps']} --threads {a['threads']}` — {ctx['machine']}; "
         f"load average {ctx['load_start']} → {ctx['load_end']}; {ctx['minutes']:.1f} min. SmolLM2-135M compressed "
         f"at ERR {a['err']} (min_ratio {a['min_ratio']}), {a['data']}, batch {a['batch_size']} × {a['seq_len']} "
-        f"tokens, {a['steps']} steps per row, lr {a['lr']}, each row in its own process, one after another.", "",
+        f"tokens, {a['steps']} steps per row, lr {a['lr']}, each row in its own process, "
+        f"{'all at once' if a.get('parallel') else 'one after another'}.", "",
         table(headers, rows), "",
         "Training state = every parameter as held (by dtype) + gradients + AdamW state, exact bytes from the "
         "run's metrics.json. Peak RSS training = the resident set's peak while training (reset when training "
         "starts: weights, activations, gradients, optimizer, allocator slack); peak RSS process = the whole "
         "process, loading in fp32 and writing the fp32 checkpoint included. Tokens/s on a shared 2-core CPU "
-        "from a few steps is indicative only.",
+        "from a few steps is indicative only." + (f" {ctx['note']}" if ctx.get("note") else ""),
     ])
 
 
@@ -103,6 +120,7 @@ def main() -> None:
     ap.add_argument("--val-sequences", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2, help="torch threads per row (OMP_NUM_THREADS)")
     ap.add_argument("--workdir", default="/tmp/welore-bench-finetune")
+    ap.add_argument("--parallel", action="store_true", help="run the rows at once (memory only; tokens/s skewed)")
     ap.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md alone")
     ap.add_argument("--from-results", help="re-render the section from the memory-results.json of an earlier run")
     args = ap.parse_args()
@@ -113,8 +131,10 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     t0, load_start = time.time(), loadavg()
     compressed = ensure_compressed(args, sys.stderr)
-    rows = {name: run_row(args, compressed, name, work / f"memory-{i}") for i, name in enumerate(ROWS)}
-    ctx = {"args": vars(args), "rows": rows, "load_start": load_start, "load_end": loadavg(),
+    rows = run_rows(args, compressed, work)
+    note = ("The rows ran at the same time (--parallel): tokens/s is not comparable between them." if args.parallel
+            else "")
+    ctx = {"args": vars(args), "rows": rows, "note": note, "load_start": load_start, "load_end": loadavg(),
            "minutes": (time.time() - t0) / 60, "machine": machine()}
     (work / "memory-results.json").write_text(json.dumps(ctx, default=str))
     publish(args, ctx)
