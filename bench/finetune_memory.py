@@ -87,7 +87,7 @@ def render(ctx: dict) -> str:
                      _mb(m["grad_bytes"]), _mb(m["optimizer_state_bytes"]), _mb(state),
                      _x(state, base["memory"]["training_state_bytes"]), _x(state, same["memory"]["training_state_bytes"]),
                      round(peak), _x(peak, base["memory"]["peak_mb"]), _x(peak, same["memory"]["peak_mb"]),
-                     round(r["peak_rss_mb"]) if r.get("peak_rss_mb") else "-", round(r["tokens_per_s"] or 0, 1),
+                     round(r["peak_rss_mb"]) if r.get("peak_rss_mb") else "-", round(r["tokens_per_s"], 1) if r["tokens_per_s"] else "-",
                      _x(r["tokens_per_s"], base["tokens_per_s"]), f"{c[0][1]:.3f} → {c[-1][1]:.3f}",
                      f"{r['val_perplexity_after']:.4g}"])
     return "\n".join([
@@ -95,7 +95,8 @@ def render(ctx: dict) -> str:
         f"`python -m bench.finetune_memory --steps {a['steps']} --threads {a['threads']}` — {ctx['machine']}; "
         f"load average {ctx['load_start']} → {ctx['load_end']}; {ctx['minutes']:.1f} min. SmolLM2-135M compressed "
         f"at ERR {a['err']} (min_ratio {a['min_ratio']}), {a['data']}, batch {a['batch_size']} × {a['seq_len']} "
-        f"tokens, {a['steps']} steps per row, lr {a['lr']}, each row in its own process, one after another.", "",
+        f"tokens, {a['steps']} steps per row, lr {a['lr']}, each row in its own process, "
+        f"{'all at once' if a.get('parallel') else 'one after another'}.", "",
         table(headers, rows), "",
         "Training state = every parameter as held (by dtype) + gradients + AdamW state, exact bytes from the "
         "run's metrics.json. Peak RSS training = the resident set's peak while training (reset when training "

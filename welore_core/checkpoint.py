@@ -33,8 +33,8 @@ from .dtypes import short_name
 from .errors import CorruptCheckpoint, NonFiniteWeights
 from .hashing import stamped_sha256
 from .lowrank import LowRankLinear
-from .modelfiles import (LoadedModel, ModelSource, build_model, load_tokenizer, read_json, read_safetensors,
-                         weights_dtype)
+from .modelfiles import (LoadedModel, ModelSource, build_model, load_tokenizer, read_config, read_json,
+                         read_safetensors, weights_dtype)
 from .outputs import check_output
 from .portable import factorised_config, is_factorised, plain_config
 from .portable.integrity import check_directory, file_records
@@ -214,8 +214,6 @@ def load_checkpoint(path: Path | str, device: torch.device | str = "cpu", dtype:
                     source: ModelSource | None = None, cache_dir: Path | str | None = None) -> LoadedModel:
     """Verify the weight files, rebuild the (factorised) model from config.json and load every
     tensor strictly, converted to `dtype`. The model carries welore.json as `welore_meta`."""
-    from transformers import AutoConfig
-
     from .portable import register
 
     path = Path(path)
@@ -223,7 +221,7 @@ def load_checkpoint(path: Path | str, device: torch.device | str = "cpu", dtype:
     verify_checkpoint(path, meta, cache_dir)
     register()
     try:
-        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        config = read_config(path)
     except Exception as exc:
         raise CorruptCheckpoint(f"cannot read {path}/config.json: {exc}") from exc
     listed = dict(getattr(config, "welore_factored", None) or {})

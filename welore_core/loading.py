@@ -15,8 +15,8 @@ from . import dtypes
 from .checkpoint import load_checkpoint, save_merged
 from .errors import CorruptCheckpoint, InvalidArgument, ModelNotFound, UnsupportedModel
 from .hashing import file_sha256
-from .modelfiles import (LoadedModel, ModelSource, build_model, load_tokenizer, read_json,  # noqa: F401
-                         read_safetensors, weights_dtype)
+from .modelfiles import (LoadedModel, ModelSource, build_model, load_tokenizer, read_config,  # noqa: F401
+                         read_json, read_safetensors, weights_dtype)
 from .settings import get_core_settings
 from .targets import decoder_layers
 
@@ -97,10 +97,10 @@ def gguf_to_safetensors(gguf: Path, cache_dir: Path | None = None) -> Path:
 
 
 def load_hf(path: str, device: torch.device, dtype: torch.dtype, local_only: bool = True):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=local_only)
+        config = read_config(path, local_only)
     except Exception as exc:
         raise CorruptCheckpoint(f"cannot read config.json of {path}: {exc}") from exc
     model_type = getattr(config, "model_type", None)

@@ -169,3 +169,13 @@ def load_tokenizer(path: str, local_only: bool = True):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def read_config(path, local_only: bool = True):
+    """config.json of a model directory, factorised ones (portable/) included without remote code."""
+    from transformers import AutoConfig
+
+    from .portable import register
+
+    register()
+    return AutoConfig.from_pretrained(str(path), local_files_only=local_only)

@@ -89,7 +89,7 @@ class StreamedCompression:
                  compute_dtype: torch.dtype = torch.float32, tolerance: float = TOLERANCE,
                  overwrite: bool = False, shard_bytes: int = SHARD_BYTES, merged_out: Path | str | None = None,
                  progress: ProgressFn = no_progress, should_stop: StopFn | None = None):
-        from transformers import AutoConfig
+        from ..modelfiles import read_config
 
         self.recipe = config = config.resolve()
         if config.calibrated and calibration is None:
@@ -101,7 +101,7 @@ class StreamedCompression:
             if o is not None:
                 check_output(o, overwrite)
         self.source = CheckpointSource(self.path)
-        self.config = AutoConfig.from_pretrained(str(self.path), local_files_only=True)
+        self.config = read_config(self.path)
         self.meta = meta_model(self.config)
         self.names = target_names(self.meta)
         self.err, self.params_kept, self.method, self.min_ratio = (config.err, config.params_kept, config.method,

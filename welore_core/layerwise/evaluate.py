@@ -21,20 +21,23 @@ def evaluate_streamed(path: Path | str, texts: list[str], seq_len: int = 512, wi
                       device: str | None = None, progress: ProgressFn = no_progress,
                       should_stop: StopFn | None = None) -> tuple[EvalResult, MemoryPlan]:
     """Perplexity of the (dense or WeLore) checkpoint directory `path` on `texts`, layer by layer."""
-    from transformers import AutoConfig
+    from ..modelfiles import read_config
 
-    from ..checkpoint import META, read_meta
+    from ..checkpoint import META, read_meta, verify_checkpoint
     from ..loading import load_tokenizer, pick_device, pick_dtype, require_tokenizer, LoadedModel, ModelSource
 
     path = Path(path)
-    factored = read_meta(path)["factored"] if (path / META).is_file() else {}
+    meta = read_meta(path) if (path / META).is_file() else None
+    if meta is not None:
+        verify_checkpoint(path, meta)  # a damaged weight file is refused before anything is computed
+    factored = meta["factored"] if meta is not None else {}
     tokenizer = load_tokenizer(str(path))
     require_tokenizer(LoadedModel(None, tokenizer, ModelSource(str(path), "hf_dir", str(path))))
     tokens = token_windows(tokenizer, texts, seq_len, windows)
     dev = pick_device(device)
     dtype = pick_dtype(dev)
     source = CheckpointSource(path)
-    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    config = read_config(path)
     plan = memory_plan(source, [], None, None, compute_dtype=dtype, tokens=tokens.numel(),
                        hidden=config.hidden_size, vocab=config.vocab_size, seq_len=seq_len)
     progress(ProgressEvent("plan", 1, 1, message=str(path), metrics=plan.metrics()))

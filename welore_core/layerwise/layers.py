@@ -90,12 +90,12 @@ class StreamedLayers:
     def __init__(self, path: Path | str, config=None, factored: Optional[dict[str, int]] = None,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  source: Optional[CheckpointSource] = None):
-        from transformers import AutoConfig
+        from ..modelfiles import read_config
 
         self.source = source or CheckpointSource(path)
         if config is None:
             try:
-                config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+                config = read_config(path)
             except Exception as exc:
                 raise CorruptCheckpoint(f"cannot read {path}/config.json: {exc}") from exc
         self.config, self.device, self.dtype = config, torch.device(device), dtype

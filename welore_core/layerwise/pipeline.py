@@ -10,7 +10,6 @@ import os
 import time
 from pathlib import Path
 
-import torch
 
 from ..errors import InvalidArgument
 from ..progress import ProgressEvent, ProgressFn, StopFn, no_progress
@@ -20,14 +19,6 @@ from .hidden import layered_perplexity
 from .layers import StreamedLayers
 from .source import CheckpointSource
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def output_dtype(name: str, source: CheckpointSource) -> torch.dtype:
-    """The recipe's output dtype: auto keeps the source's (bf16 shards stay bf16)."""
-    return source.dtype if name == "auto" else DTYPES[name]
-
-
 def compress_spec_streamed(model: str, path: Path, out: str | Path, config, *, merged_out=None, overwrite: bool = False,
                            recover: int = 0, device: str | None = None, cache: SpectrumCache | None = None,
                            progress: ProgressFn = no_progress, should_stop: StopFn | None = None,
@@ -36,7 +27,7 @@ def compress_spec_streamed(model: str, path: Path, out: str | Path, config, *, m
     from ..compression.quality import SEQ_LEN, WINDOWS, QUALITY_DATA, Quality, advice
     from ..corpus import read_texts
     from ..evaluate import token_windows
-    from ..loading import load_tokenizer, pick_device, pick_dtype, resolve
+    from ..loading import load_tokenizer, output_dtype, pick_device, pick_dtype, resolve
     from ..settings import get_core_settings
 
     t0 = time.perf_counter() if t0 is None else t0
@@ -72,7 +63,7 @@ def compress_spec_streamed(model: str, path: Path, out: str | Path, config, *, m
         progress(ProgressEvent("quality", 0, 2, message="dense model (streamed)"))
         ppl_dense, tokens = held_out(path)
     report, extra = compress_streamed(
-        path, out, config, calibration=calib, cache=cache, dtype=output_dtype(config.dtype, source),
+        path, out, config, calibration=calib, cache=cache, dtype=output_dtype(config.dtype, resolve(model)),
         device=dev, compute_dtype=compute, overwrite=overwrite, merged_out=merged_out, progress=progress,
         should_stop=should_stop, tokenizer=tokenizer, source={"model": str(model), "kind": resolve(model).kind})
     quality = None
