@@ -149,6 +149,9 @@ def bootstrap_key(settings) -> str | None:
         return plain
 
 
+KEEP_ALIVE_S = 75
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -175,6 +178,9 @@ def serve(args: argparse.Namespace) -> int:
               f"artifacts {s.artifacts}; run jobs with `welore worker`", flush=True)
     print(f"listening on http://{args.host}:{args.port} (OpenAPI at /docs)", flush=True)
     # Open SSE streams get a few seconds to end on shutdown; then running jobs are handed back.
+    # Idle keep-alive connections stay open longer than clients keep them (httpx, requests and
+    # browsers drop theirs after 5–60 s): a server that closes first races a client reusing the
+    # connection, and the client sees its request fail with no response.
     uvicorn.run(create_app(s), host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=5)
+                timeout_graceful_shutdown=5, timeout_keep_alive=KEEP_ALIVE_S)
     return 0

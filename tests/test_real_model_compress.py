@@ -36,8 +36,10 @@ def test_welore_beats_uniform_at_err_0_1(work, boolq_path):
 
 def test_err_0_3_checkpoint_is_smaller_and_merged_export_agrees(work, boolq_path):
     out, merged = work / "c-0.3", work / "m-0.3"
+    # fp32 weights: the merged export must compute what the factors compute, up to fp32 rounding (in bf16
+    # each write rounds W = B·A once more, and this data-free model's perplexity of ~7e4 amplifies that)
     r = last_json(welore("compress", "smollm2-135m", "--err", "0.3", "--min-ratio", "0.5", "--calibration", "none",
-                         "--out", out, "--merged-out", merged, "--json"))
+                         "--dtype", "fp32", "--out", out, "--merged-out", merged, "--json"))
     assert abs(r["err_achieved"] - 0.3) <= 0.005
     assert r["params_after"] < r["params_before"]
     assert 0.8 < r["params_kept_achieved"] < 0.92  # reference: 0.859 of the linear parameters

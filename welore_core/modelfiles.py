@@ -162,6 +162,9 @@ def load_tokenizer(path: str, local_only: bool = True):
     """The model's tokenizer, or None when it ships none (compression needs no tokenizer)."""
     from transformers import AutoTokenizer
 
+    from .portable import register
+
+    register()  # AutoTokenizer reads config.json: a factorised one must resolve without remote code
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
     except Exception:

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from ..checkpoint import save_checkpoint, save_merged
 from ..errors import InvalidArgument, OutputExists
 from ..dtypes import short_name
@@ -83,6 +85,9 @@ def compress_checkpoint(model: str, out: str | Path, config: CompressConfig, *, 
         ppl_dense, tokens = held_out_perplexity(loaded.model, tokenizer, should_stop)
     report = compress_model(loaded.model, config, calib, cache=cache, progress=progress, should_stop=should_stop)
     check_stop(should_stop)
+    dtype = output_dtype(config.dtype, loaded.source)
+    if not recover:  # the quality check measures the weights as written (recovery keeps fp32 factors)
+        round_weights(loaded.model, dtype)
     quality = None
     if tokenizer is not None:
         progress(ProgressEvent("quality", 1, 2, message="compressed model"))
@@ -93,9 +98,8 @@ def compress_checkpoint(model: str, out: str | Path, config: CompressConfig, *, 
             "source": {"model": str(model), "kind": loaded.source.kind, "hash": report.source_hash}}
     progress(ProgressEvent("save", 0, 1, message=str(out)))
     target = out if not recover else out.with_name(f".{out.name}.compressed")
-    dtype = output_dtype(config.dtype, loaded.source)  # before recovery, the fp32 factors are kept
     save_checkpoint(loaded.model, tokenizer, target, meta, overwrite=True if recover else overwrite,
-                    dtype=None if recover else dtype)
+                    dtype=None if recover else dtype)  # before recovery, the fp32 factors are kept
     if merged_out is not None and not recover:
         save_merged(loaded.model, tokenizer, merged_out, overwrite=overwrite, dtype=dtype)
     progress(ProgressEvent("save", 1, 1, message=str(out)))
@@ -133,3 +137,12 @@ def _recover(source: str, compressed: Path, out: Path, steps: int, data: str, qu
                           perplexity_before_recovery=quality.perplexity)
     keep = ("steps", "tokens_per_s", "seconds", "val", "loss_curve")
     return {k: r[k] for k in keep if k in r} | {"data": data, "teacher": source}, quality
+
+
+def round_weights(model, dtype) -> None:
+    """Round every parameter to `dtype` in place, keeping its own dtype: the model then computes
+    what its checkpoint written in `dtype` computes once loaded."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype != dtype:
+                p.copy_(p.to(dtype))
