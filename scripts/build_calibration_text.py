@@ -2,13 +2,21 @@
 general-heldout.jsonl, the same mix of other items, on which every compression's quality check runs
 (run once by a maintainer; the outputs are committed, the sources are not).
 
-It interleaves three kinds of real text so that whitening keeps the directions several domains use:
-encyclopaedic prose (Wikipedia passages as distributed with BoolQ, CC BY-SA 3.0), arithmetic word
-problems (SVAMP, MIT licence) and short state-tracking puzzles (the coin-flip task of Wei et al.,
-synthetic). Each record is {"text", "source"}. Only the first half of the BoolQ passages is used,
-so the second half stays unseen. Attribution: welore_core/data/LICENSE-general.md.
+general.jsonl interleaves two halves, so that whitening keeps the directions many domains use:
+- text a language model wrote: SmolLM2-135M-Instruct (Apache-2.0) sampling 64 documents of 520
+  tokens (temperature 1, top-p 0.95), each from a random first token (as in LLM-QAT's data-free
+  calibration) — prose, code, maths, lists, dialogue, in the proportions of its training mix;
+- three kinds of real text: encyclopaedic prose (Wikipedia passages as distributed with BoolQ,
+  CC BY-SA 3.0), arithmetic word problems (SVAMP, MIT licence) and short state-tracking puzzles
+  (the coin-flip task of Wei et al., synthetic).
+Each generated document is followed by real records of about the same length, so every prefix
+(calibration takes the first windows) holds both. Only the first half of the BoolQ passages is
+used, so the second half stays unseen. general-heldout.jsonl holds real text only. Each record is
+{"text", "source"}. Attribution: welore_core/data/LICENSE-general.md. Why the generated half:
+docs/research/calibration-rounds.md (round 9).
 
-Usage: python scripts/build_calibration_text.py [--data ../shared/data] [--passages 700]
+Usage: python scripts/build_calibration_text.py [--data ../shared/data] [--generated FILE]
+  --generated FILE  reuse generated documents (JSONL, `text`) instead of sampling them (~4 min on 2 cores)
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ def main() -> int:
     p.add_argument("--passages", type=int, default=250, help="BoolQ passages to take (from the first half)")
     p.add_argument("--heldout", type=int, default=25, help="passages of the held-out file (the next ones)")
     p.add_argument("--out", type=Path, default=ROOT / "welore_core" / "data")
+    p.add_argument("--generated", type=Path, default=None, help="generated documents to reuse (JSONL)")
     args = p.parse_args()
     rows = [json.loads(line) for line in (args.data / "boolq" / "boolq_dev.jsonl").read_text().splitlines() if line.strip()]
     seen, passages = set(), []
@@ -39,9 +48,45 @@ def main() -> int:
     coins = [f"{o['question']} Answer: {o['answer']}"
              for o in json.loads((args.data / "coin_flip" / "coin_flip.json").read_text())["examples"]]
     n = len(passages)
-    write(args.out / "general.jsonl", mix(passages, svamp[:2 * n], coins[:n]))
+    real = mix(passages, svamp[:2 * n], coins[:n])
+    generated = ([json.loads(line)["text"] for line in args.generated.read_text().splitlines() if line.strip()]
+                 if args.generated else generate())
+    write(args.out / "general.jsonl", interleave(generated, real))
     write(args.out / "general-heldout.jsonl", mix(heldout, svamp[2 * n:], coins[n:]))
     return 0
+
+
+def generate(docs: int = 64, tokens: int = 520, seed: int = 0) -> list[str]:
+    """`docs` documents sampled by SmolLM2-135M-Instruct, each from a random non-special first token."""
+    import torch
+
+    from welore_core.loading import load_model
+
+    torch.manual_seed(seed)
+    lm = load_model("smollm2-135m", device="cpu")
+    special, g, first = set(lm.tokenizer.all_special_ids), torch.Generator().manual_seed(seed), []
+    while len(first) < docs:
+        t = int(torch.randint(100, lm.model.config.vocab_size, (1,), generator=g))
+        if t not in special:
+            first.append(t)
+    ids = torch.tensor(first).view(docs, 1)
+    with torch.inference_mode():
+        out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_p=0.95,
+                                max_new_tokens=tokens, min_new_tokens=tokens, pad_token_id=lm.tokenizer.eos_token_id)
+    return [lm.tokenizer.decode(row, skip_special_tokens=True) for row in out]
+
+
+def interleave(generated: list[str], real: list[dict]) -> list[dict]:
+    """Each generated document, then real records of about its length (the rest of the real ones last)."""
+    out, i = [], 0
+    for text in generated:
+        out.append({"text": text, "source": "smollm2-generated"})
+        size = 0
+        while size < len(text) and i < len(real):
+            out.append(real[i])
+            size += len(real[i]["text"])
+            i += 1
+    return out + real[i:]
 
 
 def mix(passages: list[str], svamp: list[str], coins: list[str]) -> list[dict]:
