@@ -120,9 +120,10 @@ def fmt(rows: dict, windows: int) -> str:
     head += ["quality check ×", "s", "peak RSS MB"]
     body = [["dense", "-", "-", "1", *[v for c in dense for v in (f"{dense[c]:.2f}", "1.00×")], "-", "-", "-"]]
     lines = []
-    for key, r in rows.items():
-        if key == "dense":
-            continue
+    labels = [label for label, _ in VARIANTS] + [f"default recipe + --recover {steps}" for *_, steps in RECOVER]
+    order = [f"{kind}={value} | {label}" for kind, value in TARGETS for label in labels]
+    for key in sorted((k for k in rows if k != "dense"), key=lambda k: order.index(k) if k in order else len(order)):
+        r = rows[key]
         q = r.get("quality") or {}
         body.append([f"{'ERR' if r['kind'] == 'err' else 'params kept'} {r['value']}", r["label"], f"{r['err']:.3f}",
                      f"{r['params_kept']:.3f}",
