@@ -187,3 +187,41 @@ def error_mapping(client: Client, job_id: str) -> None:
     with Client("http://127.0.0.1:9", api_key="wl_x", max_retries=1, backoff_s=0.01) as nowhere:
         with pytest.raises(APIConnectionError, match="2 attempt"):
             nowhere.models.list()
+
+
+# ---------------------------------------------------------------------------------------------
+# The tests, imported by test_client_embedded.py and test_client_pg.py (each defines `client`)
+
+
+@pytest.fixture(scope="module")
+def compressed(client, tmp_path_factory):
+    out = tmp_path_factory.mktemp("download")
+    return submit_follow_wait_download(client, out), out
+
+
+def test_submit_events_wait_download(compressed):
+    assert compressed[0].startswith("job_")
+
+
+def test_resume_partial_download(client, compressed, tmp_path):
+    resume_partial_download(client, compressed[0], compressed[1], tmp_path / "partial")
+
+
+def test_events_reconnect_with_last_event_id(client, compressed):
+    events_reconnect(client, compressed[0])
+
+
+def test_retries_only_when_safe(client, compressed):
+    retries_are_safe(client)
+
+
+def test_pagination(client, compressed):
+    pagination(client)
+
+
+def test_cancel(client, compressed):
+    cancel(client, compressed[0])
+
+
+def test_error_mapping(client, compressed):
+    error_mapping(client, compressed[0])

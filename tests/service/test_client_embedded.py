@@ -11,7 +11,6 @@ import sys
 
 import pytest
 
-import client_checks as checks
 from embedded_server import ROOT, Server
 from welore_client import Client
 
@@ -31,38 +30,10 @@ def client(server):
         yield c
 
 
-@pytest.fixture(scope="module")
-def compressed(client, tmp_path_factory):
-    out = tmp_path_factory.mktemp("download")
-    return checks.submit_follow_wait_download(client, out), out
-
-
-def test_submit_events_wait_download(compressed):
-    assert compressed[0].startswith("job_")
-
-
-def test_resume_partial_download(client, compressed, tmp_path):
-    checks.resume_partial_download(client, compressed[0], compressed[1], tmp_path / "partial")
-
-
-def test_events_reconnect_with_last_event_id(client, compressed):
-    checks.events_reconnect(client, compressed[0])
-
-
-def test_retries_only_when_safe(client, compressed):
-    checks.retries_are_safe(client)
-
-
-def test_pagination(client, compressed):
-    checks.pagination(client)
-
-
-def test_cancel(client, compressed):
-    checks.cancel(client, compressed[0])
-
-
-def test_error_mapping(client, compressed):
-    checks.error_mapping(client, compressed[0])
+# the tests themselves (client_checks.py), run here against this module's `client`
+from client_checks import (compressed, test_cancel, test_error_mapping, test_events_reconnect_with_last_event_id,  # noqa: E402,F401
+                           test_pagination, test_resume_partial_download, test_retries_only_when_safe,
+                           test_submit_events_wait_download)
 
 
 def _welore(server, *args, key=True):
