@@ -15,9 +15,10 @@ from typing import Optional
 import torch
 
 from ..checkpoint import save_checkpoint, save_merged
-from ..errors import InvalidArgument, OutputExists
+from ..errors import InvalidArgument
 from ..dtypes import short_name
 from ..loading import load_model, output_dtype
+from ..outputs import check_outputs
 from ..progress import ProgressEvent, ProgressFn, StopFn, check_stop, no_progress
 from ..spectrum import SpectrumCache
 from .config import CompressConfig
@@ -27,16 +28,6 @@ from .quality import Quality, advice, held_out_perplexity
 RECOVER_DATA = "general"  # distillation text of --recover when none is given (the calibration text)
 RECOVER_OPTIONS = {"method": "welore", "batch_size": 8, "seq_len": 256, "lr": 2e-4, "precision": "auto",
                    "distill_weight": 1.0}
-
-
-def check_output(path: Optional[Path], overwrite: bool, flag: str) -> None:
-    """Refuse an existing, non-empty output before any work is done."""
-    if path is None or overwrite:
-        return
-    path = Path(path)
-    if path.exists() and not (path.is_dir() and not any(path.iterdir())):
-        raise OutputExists(f"{path} already exists and is not empty; choose another {flag} or pass --overwrite "
-                           "to replace it")
 
 
 def compress_checkpoint(model: str, out: str | Path, config: CompressConfig, *, merged_out: str | Path | None = None,
@@ -50,8 +41,7 @@ def compress_checkpoint(model: str, out: str | Path, config: CompressConfig, *, 
     dense source on `recover_data` (default: the shipped general text)."""
     t0 = time.perf_counter()
     out = Path(out)
-    check_output(out, overwrite, "--out")
-    check_output(Path(merged_out) if merged_out else None, overwrite, "--merged-out")
+    check_outputs({"--out": out, "--merged-out": merged_out}, overwrite)
     if recover < 0:
         raise InvalidArgument(f"recover must be ≥ 0 (fine-tuning steps after compression); received {recover}")
     config = config.resolve()

@@ -34,11 +34,12 @@ from ..progress import ProgressEvent, ProgressFn, StopFn, check_stop, no_progres
 from ..checkpoint import all_finite
 from ..spectrum import (Spectra, SpectrumCache, leading_triplets, needed_rank, singular_values_only, svd,
                         tensor_hash)
+from ..outputs import check_output
 from ..targets import layer_index, short_name, target_names
 from .layers import meta_model
 from .plan import MemoryPlan, memory_plan
-from .source import CheckpointSource, layer_of
-from .writer import SHARD_BYTES, ShardWriter, check_output
+from .source import CheckpointSource
+from .writer import SHARD_BYTES, ShardWriter
 
 OTHER = "other"
 

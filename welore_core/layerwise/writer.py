@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from safetensors.torch import save_file
 
-from ..errors import OutputExists
+from ..outputs import check_output
 
 INDEX = "model.safetensors.index.json"
 PROGRESS = "progress.json"
@@ -34,15 +34,6 @@ SHARD_BYTES = 1 << 30  # 1 GiB
 
 def partial_dir(out: Path) -> Path:
     return out.with_name(f".{out.name}.partial")
-
-
-def check_output(out: Path, overwrite: bool) -> None:
-    """Refuse an existing non-empty output before any work is done."""
-    if out.exists() and not out.is_dir():
-        raise OutputExists(f"{out} exists and is not a directory; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputExists(f"{out} already exists and is not empty; choose another --out or pass "
-                           "--overwrite to replace it")
 
 
 def plan_shards(units: list[tuple[str, int]], shard_bytes: int = SHARD_BYTES) -> list[list[str]]:
