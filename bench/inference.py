@@ -1,6 +1,6 @@
 """Inference benchmark on the real SmolLM2-135M → the `inference` section of BENCHMARKS.md.
 
-Dense against factorised (data-free WeLore at ERR 0.3 and 0.5; speed does not depend on
+Dense against factorised (the default recipe at ERR 0.3 and 0.5; speed does not depend on
 quality), each stored in fp32 and bf16: file size, prefill and decode tokens/s at batch 1 and 8
 with 1 and 2 threads, and peak memory. Every (model, dtype) runs in a fresh process (so its peak
 RSS is its own) and the rows are interleaved over --rounds (median kept), so load on this shared
@@ -123,7 +123,7 @@ def run_child(path: str, dtype: str, args) -> dict:
 
 
 def prepare(workdir: Path) -> dict[tuple, str]:
-    """The six model directories: dense and ERR 0.3/0.5 (data-free), each in fp32 and bf16."""
+    """The six model directories: dense and ERR 0.3/0.5 (the default recipe), each in fp32 and bf16."""
     import torch
 
     from welore_core.checkpoint import export_checkpoint, save_merged
@@ -139,20 +139,11 @@ def prepare(workdir: Path) -> dict[tuple, str]:
         fp32 = workdir / f"err{err}-fp32"
         if not fp32.is_dir():
             subprocess.run([sys.executable, "-m", "welore_core.cli", "compress", MODEL, "--err", str(err),
-                            *_data_free_fp32_flags(), "--out", str(fp32), "--quiet"], check=True)
+                            "--dtype", "fp32", "--out", str(fp32), "--quiet"], check=True)
         if not (workdir / f"err{err}-bf16").is_dir():
             export_checkpoint(fp32, out=workdir / f"err{err}-bf16", dtype="bf16")
         paths[(f"ERR {err}", "fp32")], paths[(f"ERR {err}", "bf16")] = str(fp32), str(workdir / f"err{err}-bf16")
     return paths
-
-
-def _data_free_fp32_flags() -> list[str]:
-    """Flags for a data-free fp32 checkpoint, for compress commands with and without the
-    calibrated-by-default recipe and --dtype."""
-    usage = subprocess.run([sys.executable, "-m", "welore_core.cli", "compress", "--help"], capture_output=True,
-                           text=True).stdout
-    flags = ["--dtype", "fp32"] if "--dtype" in usage else []
-    return flags + (["--calibration", "none"] if "none" in usage.split("--calibration", 1)[-1][:400] else [])
 
 
 def file_mb(path: str) -> float:
@@ -201,7 +192,7 @@ def main() -> None:
     mat_headers += [f"{w} b{b}" for b in BATCHES for w in ("dense µs", "factors µs", "speed-up")]
     body = "\n\n".join([
         f"## Inference: dense vs factorised (`python -m bench.inference`)\n\n{machine()}. SmolLM2-135M; "
-        f"ERR rows are data-free WeLore (`--calibration none`); prompt {args.prompt_tokens} tokens, "
+        f"ERR rows are the default recipe (`welore compress MODEL --err F --dtype fp32`); prompt {args.prompt_tokens} tokens, "
         f"{args.new_tokens} decode steps; median of {args.rounds} interleaved rounds, each (model, dtype) in a fresh "
         "process. Ratios in parentheses are against dense of the same dtype in the same run; peak RSS is the "
         "process's VmHWM, `peak − imports` subtracts the RSS after importing torch/transformers/welore.",
