@@ -165,12 +165,13 @@ def fmt(rows: dict, windows: int) -> str:
              "of three held-out corpora of domains the calibration text does not hold: CommonsenseQA dev questions, "
              "Python's reference documentation, and the descriptions (METADATA) of the Python packages installed "
              "beside welore, on which nothing was ever tuned. Default recipe = `welore compress MODEL --err F` with "
-             "nothing else: calibrated on the shipped general text (64 × 512 tokens), loss allocation, sequential "
-             "and compensated from ERR 0.4. `whitened, … allocation` = the same recipe with only `--method` changed. "
+             "nothing else: calibrated on the shipped general text (64 × 512 tokens), loss allocation (Σ e²), "
+             "sequential and compensated from ERR 0.2 (params kept 0.8). `whitened, … allocation` = the same recipe with only `--method` changed. "
              "`quality check ×` = the ratio the command itself reported on its held-out slice. Seconds and peak RSS: "
              "the whole `welore compress` process (load, calibration, compression, quality check, write), with a "
              "spectrum cache fresh at the start of the run: the first calibrated row at a light target pays the "
-             "calibration pass, later light rows reuse it (as a second compression of the same model does).")
+             "calibration pass, later rows reuse its dense statistics where their recipe can (as a second compression "
+             "of the same model does).")
     return "\n\n".join([intro, table(head, body), *lines])
 
 

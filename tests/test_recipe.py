@@ -120,7 +120,11 @@ def test_defaults_of_both_surfaces_are_the_configs():
     d = CompressConfig(err=0.3)
     assert d.calibration == CalibrationConfig() and d.method == "auto"  # calibrated by default
     assert d.resolve().method == "loss" and CompressConfig(err=0.3, calibration=None).resolve().method == "welore"
-    assert d.resolve().calibration.compensate is False and CompressConfig(err=0.5).resolve().calibration.compensate
+    light = CompressConfig(err=0.1).resolve().calibration  # below HEAVY_FROM_ERR: one calibration pass
+    assert light.sequential is False and light.compensate is False
+    for heavy in (d, CompressConfig(err=0.5), CompressConfig(params_kept=0.8)):
+        assert heavy.resolve().calibration.sequential and heavy.resolve().calibration.compensate
+    assert CompressConfig(params_kept=0.9).resolve().calibration.compensate is False
 
 
 # -- defaults and ranges live in one place: change one, both surfaces follow --------------------

@@ -22,7 +22,8 @@ METHODS = ("auto", "loss", "welore", "uniform")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 NO_CALIBRATION = "none"
 DEFAULT_CALIBRATION = "general"  # the text shipped in welore_core/data (see corpus.BUILTIN)
-HEAVY_FROM_ERR = 0.4  # sequential/compensate "auto": on from this ERR (or its parameter equivalent) up
+HEAVY_FROM_ERR = 0.2  # sequential/compensate "auto": on from this ERR (or its parameter equivalent) up;
+# below it they cost 5× the seconds for nothing measurable (docs/research/allocation-objective.md)
 RECIPE_VERSION = 1
 MAX_ERR, MIN_PARAMS_KEPT = 0.9, 0.1  # beyond these a compressed model is refused as unusable
 
