@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from typing import Optional
 import time
 from pathlib import Path
 
@@ -40,7 +41,8 @@ from bench.report import table, write_section
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN = os.environ.get("WELORE_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS = os.environ.get("WELORE_TEST_REDIS", "redis://127.0.0.1:6379")
-TIMEOUT = httpx.Timeout(120.0)
+TIMEOUT_S = 120.0
+TIMEOUT = httpx.Timeout(TIMEOUT_S)
 SUBMIT = {"type": "evaluate", "model": "broken", "params": {"seq_len": 8, "windows": 1}}
 FOLLOW = {"type": "finetune", "model": "tiny", "params": {"data": "boolq-passages", "method": "full", "steps": 10**6,
                                                            "batch_size": 1, "seq_len": 8, "val_sequences": 1}}
@@ -155,30 +157,82 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
-async def _closed_loop(url: str, clients: int, seconds: float, request) -> dict:
-    """`clients` loops sending `request(client)` for `seconds`; → rate, latencies, errors."""
+class _Connection:
+    """One keep-alive HTTP/1.1 connection: the closed-loop clients' own minimal client.
+
+    httpx's connection pool costs about 1 ms of client CPU per request at 100 connections; on this
+    machine's 2 cores that starved the server (at 100 clients: server 22% CPU, client 93%, and the
+    rate fell 5× from 10 clients), so the rows measured httpx. Plain asyncio streams cost a small
+    fraction of the server's time per request (the `client CPU` column)."""
+
+    def __init__(self, url: str, headers: dict[str, str]):
+        host, port = url.split("//", 1)[1].rsplit(":", 1)
+        self.host, self.port = host, int(port)
+        self.headers = "".join(f"{k}: {v}\r\n" for k, v in {"Host": url.split("//", 1)[1], **headers}.items())
+        self.reader = self.writer = None
+
+    async def request(self, method: str, path: str, body: bytes = b"") -> int:
+        """Send one request and read the whole answer; → its status (reconnects after a close)."""
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        extra = f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n" if body else ""
+        self.writer.write(f"{method} {path} HTTP/1.1\r\n{self.headers}{extra}\r\n".encode() + body)
+        await self.writer.drain()
+        status = int((await self.reader.readline()).split(b" ", 2)[1])
+        length, close = 0, False
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            name, value = name.strip().lower(), value.strip().lower()
+            length = int(value) if name == "content-length" else length
+            close = close or (name == "connection" and value == "close")
+        await self.reader.readexactly(length)
+        if close:
+            self.close()
+        return status
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _closed_loop(stack: "Stack", clients: int, seconds: float, method: str, path: str,
+                       body: Optional[dict] = None) -> dict:
+    """`clients` loops, each on its own connection, sending one request and waiting for its answer
+    for `seconds`; → rate, latencies, errors, and the CPU the server and this client used."""
     lat: list[float] = []
     errors = 0
+    payload = json.dumps(body).encode() if body is not None else b""
     stop = time.monotonic() + seconds
-    limits = httpx.Limits(max_connections=clients + 10, max_keepalive_connections=clients + 10)
-    async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT, limits=limits) as c:
-        async def loop():
-            nonlocal errors
-            while time.monotonic() < stop:
-                t0 = time.perf_counter()
-                try:
-                    r = await request(c)
-                    ok = 200 <= r.status_code < 300
-                except httpx.HTTPError:
-                    ok = False
-                lat.append(time.perf_counter() - t0)
-                errors += not ok
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(loop() for _ in range(clients)))
-        wall = time.perf_counter() - t0
+    async def loop():
+        nonlocal errors
+        conn = _Connection(stack.url, stack.h)
+        while time.monotonic() < stop:
+            t0 = time.perf_counter()
+            try:
+                ok = 200 <= await asyncio.wait_for(conn.request(method, path, payload), TIMEOUT_S) < 300
+            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError, IndexError):
+                ok = False
+                conn.close()
+            lat.append(time.perf_counter() - t0)
+            errors += not ok
+        conn.close()
+
+    server, cpu0, client0 = stack.procs[0].pid, _cpu_s(stack.procs[0].pid), time.process_time()
+    t0 = time.perf_counter()
+    await asyncio.gather(*(loop() for _ in range(clients)))
+    wall = time.perf_counter() - t0
     return {"n": len(lat), "rps": len(lat) / wall, "p50": _pct(lat, 0.5) * 1e3, "p99": _pct(lat, 0.99) * 1e3,
-            "errors": errors}
+            "errors": errors, "server_cpu": (_cpu_s(server) - cpu0) / wall,
+            "client_cpu": (time.process_time() - client0) / wall}
 
 
 async def _followers(stack: Stack, n: int, seconds: float) -> dict:
@@ -207,8 +261,7 @@ async def _followers(stack: Stack, n: int, seconds: float) -> dict:
         deadline = time.monotonic() + 60
         while len(connected) < n and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
-        polled = await _closed_loop(stack.url, 10, seconds,
-                                    lambda cc: cc.get(f"/v1/jobs/{job['id']}", headers=stack.h))
+        polled = await _closed_loop(stack, 10, seconds, "GET", f"/v1/jobs/{job['id']}")
         await c.post(f"/v1/jobs/{job['id']}/cancel", headers=stack.h)
         done, pending = await asyncio.wait(tasks, timeout=60)
         for t in pending:
@@ -223,13 +276,16 @@ def measure(stack: Stack, seconds: float, levels: list[int], followers: list[int
         out["sse"][n] = asyncio.run(_followers(stack, n, seconds))
         print(f"  {stack.mode} SSE x{n}: {out['sse'][n]}", flush=True)
     probe = httpx.post(f"{stack.url}/v1/jobs", json=SUBMIT, headers=stack.h, timeout=60).json()["id"]
+    deadline = time.monotonic() + 120  # let it finish first: its run (imports included) is not the API's load
+    while httpx.get(f"{stack.url}/v1/jobs/{probe}", headers=stack.h, timeout=60).json()["status"] in ("queued", "running"):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the probe job {probe} did not finish within 120 s")
+        time.sleep(0.3)
     for n in [1, *levels]:
-        out["get"][n] = asyncio.run(_closed_loop(stack.url, n, seconds,
-                                                 lambda c: c.get(f"/v1/jobs/{probe}", headers=stack.h)))
+        out["get"][n] = asyncio.run(_closed_loop(stack, n, seconds, "GET", f"/v1/jobs/{probe}"))
         print(f"  {stack.mode} GET x{n}: {out['get'][n]}", flush=True)
     for n in levels:
-        out["submit"][n] = asyncio.run(_closed_loop(stack.url, n, seconds,
-                                                    lambda c: c.post("/v1/jobs", json=SUBMIT, headers=stack.h)))
+        out["submit"][n] = asyncio.run(_closed_loop(stack, n, seconds, "POST", "/v1/jobs", SUBMIT))
         print(f"  {stack.mode} POST x{n}: {out['submit'][n]}", flush=True)
     return out
 
@@ -243,6 +299,10 @@ def run_setup(label: str, mode: str, work: Path, code: Path, args) -> dict:
         stack.close()
 
 
+def _percent(fraction: Optional[float]) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.0f}%"
+
+
 def report(results: dict[str, dict], args, load: tuple[float, float]) -> str:
     rows = []
     for label, res in results.items():
@@ -250,15 +310,20 @@ def report(results: dict[str, dict], args, load: tuple[float, float]) -> str:
         for kind in ("get", "submit"):
             for n, m in res[kind].items():
                 rows.append([label, "status GET" if kind == "get" else "submit", n, round(m["rps"], 1),
-                             round(m["p50"], 1), round(m["p99"], 1), round(m["p99"] / base, 1), m["errors"], m["n"]])
+                             round(m["p50"], 1), round(m["p99"], 1), round(m["p99"] / base, 1),
+                             round(1e3 * n / m["rps"], 1) if m["rps"] else "-", _percent(m.get("server_cpu")),
+                             _percent(m.get("client_cpu")), m["errors"], m["n"]])
     lines = ["## Service under load (`python -m bench.service`)", "",
              f"CPU ({os.cpu_count()} cores, shared with the client and, in production, Postgres, Redis and one "
              f"worker); closed-loop clients on loopback, {args.seconds:g} s per row, 120 s client timeout; "
              f"{time.strftime('%Y-%m-%d')}; load average {load[0]:.1f} at the start, {load[1]:.1f} at the end "
              "(other work on the machine). `p99 / p50@1` divides by the status GET's p50 with one client of the "
-             "same setup (the baseline of the goal).", "",
-             table(["setup", "request", "clients", "req/s", "p50 ms", "p99 ms", "p99 / p50@1", "errors", "requests"],
-                   rows), ""]
+             "same setup (the baseline of the goal). `clients / rate` is the mean latency that any server "
+             "answering at that rate must show to that many closed-loop clients (Little's law): the queueing floor "
+             "under the p50. CPU: of the `welore serve` process and of this client process, in % of one core "
+             "(in production Postgres, Redis and the worker take the rest).", "",
+             table(["setup", "request", "clients", "req/s", "p50 ms", "p99 ms", "p99 / p50@1", "clients / rate ms",
+                    "server CPU", "client CPU", "errors", "requests"], rows), ""]
     sse = [[label, n, m["connected"], m["ended"], round(m["events"], 1), round(m["rps"], 1), round(m["p50"], 1),
             round(m["p99"], 1), m["errors"]] for label, res in results.items() for n, m in res["sse"].items()]
     if sse:
