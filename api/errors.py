@@ -199,7 +199,14 @@ def install(app: FastAPI, param_schemas: dict[str, Any]) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
-        fields = validation_fields(list(exc.errors()), param_schemas)
+        errors = list(exc.errors())
+        ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if any(e.get("loc", ())[:1] == ("body",) for e in errors) and request.method in ("POST", "PUT", "PATCH") \
+                and ctype not in ("application/json", "") and not ctype.endswith("+json"):
+            return JSONResponse(error_body(UnsupportedMediaType.code, f"this endpoint takes a JSON body: send "
+                                           f"'Content-Type: application/json' (got {ctype[:60]!r})"),
+                                status_code=UnsupportedMediaType.status)
+        fields = validation_fields(errors, param_schemas)
         message = "; ".join(f"{f['field']}: {f['message']}" + (f" (allowed: {f['allowed']})" if f.get("allowed") else "")
                             for f in fields)
         return JSONResponse(error_body("invalid_params", redact(message, _settings(request)), fields=fields),

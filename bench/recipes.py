@@ -15,7 +15,7 @@ was chosen, docs/research/calibration-rounds.md round 9).
 Rows are saved as they finish (`--results`), so an interrupted run resumes where it stopped. The
 run uses a spectrum cache of its own (a fresh temporary directory): the first calibrated row pays
 the calibration pass, later rows with the same calibration reuse it, as a user's would.
-Usage: python -m bench.recipes [--windows 8] [--results .welore/bench/recipes.json] [--only LABEL ...]
+Usage: python -m bench.recipes [--windows 8] [--results .welore/bench/recipes.json] [--only KEY ...] [--skip KEY ...]
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ def evaluate(model: str, files: dict[str, Path], windows: int) -> dict[str, floa
     return {name: cli("eval", model, "--data", f, "--windows", windows)["perplexity"] for name, f in files.items()}
 
 
-def run_rows(work: Path, files: dict[str, Path], windows: int, results: Path, only: list[str]) -> dict:
+def run_rows(work: Path, files: dict[str, Path], windows: int, results: Path, only: list[str],
+             skip: list[str]) -> dict:
     done = json.loads(results.read_text()) if results.is_file() else {}
 
     def save(key: str, row: dict) -> None:
@@ -98,7 +99,7 @@ def run_rows(work: Path, files: dict[str, Path], windows: int, results: Path, on
     todo.sort(key=lambda t: (CompressConfig(**{t[0]: t[1]}).heavy(), t[4] > 0, t[2] != "default recipe"))
     for kind, value, label, flags, steps in todo:
         key = f"{kind}={value} | {label}"
-        if key in done or (only and not any(o in key for o in only)):
+        if key in done or (only and not any(o in key for o in only)) or any(o in key for o in skip):
             continue
         out = work / "ckpt"
         r = cli("compress", MODEL, f"--{kind.replace('_', '-')}", value, *flags, "--out", out, "--overwrite")
@@ -175,11 +176,12 @@ def fmt(rows: dict, windows: int) -> str:
     return "\n\n".join([intro, table(head, body), *lines])
 
 
-def quality_section(work: Path, windows: int, results: Path, only: list[str] | None = None) -> str:
+def quality_section(work: Path, windows: int, results: Path, only: list[str] | None = None,
+                    skip: list[str] | None = None) -> str:
     from welore_core.settings import get_core_settings
 
     files = corpora(work, Path(get_core_settings().data_dir))
-    return fmt(run_rows(work, files, windows, results, only or []), windows)
+    return fmt(run_rows(work, files, windows, results, only or [], skip or []), windows)
 
 
 def main() -> int:
@@ -192,11 +194,12 @@ def main() -> int:
     ap.add_argument("--results", type=Path, default=None,
                     help="rows measured so far (default .welore/bench/recipes-w<windows>.json)")
     ap.add_argument("--only", nargs="*", default=[], help="run only rows whose key contains one of these")
+    ap.add_argument("--skip", nargs="*", default=[], help="do not run rows whose key contains one of these")
     args = ap.parse_args()
     results = args.results or ROOT / ".welore" / "bench" / f"recipes-w{args.windows}.json"
     with tempfile.TemporaryDirectory() as d:
         os.environ["WELORE_CACHE_DIR"] = str(Path(d) / "cache")  # inherited by every `welore` child
-        body = quality_section(Path(d), args.windows, results, args.only)
+        body = quality_section(Path(d), args.windows, results, args.only, args.skip)
     print(body)
     write_section("compression-recipes", "## Compression recipes: quality at equal ERR and at equal parameters\n\n" + body)
     return 0

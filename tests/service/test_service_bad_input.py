@@ -139,6 +139,18 @@ def test_every_malformed_input_is_a_4xx_with_an_error_body(server, keys, setting
         _check(r, case, [201, *range(400, 500)] if case in accepted else range(400, 500))
     out = {case: r.status_code for case, r in cases}
     assert out["upload chunked too large"] == 413 and out["upload declared too large"] == 413
-    assert out["text/plain body"] == 422 and out["huge Last-Event-ID"] == 422
+    assert out["text/plain body"] == 415 and out["huge Last-Event-ID"] == 422
     assert out['err="0.3"'] == 422 and out["err=NaN"] == 422 and out["err=1e400"] == 422
     assert not list((idle.artifact_dir / ".tmp").glob("*.upload"))  # refused uploads leave nothing
+
+
+def test_a_body_not_declared_json_is_415_naming_the_header(server, keys):
+    api, _ = server
+    with httpx.Client(base_url=api.url, timeout=60) as c:
+        for ctype in ("text/plain", "application/x-www-form-urlencoded"):
+            r = _post_raw(c, "/v1/jobs", b'{"type": "evaluate", "model": "tiny"}', keys["A"], ctype)
+            assert r.status_code == 415, (ctype, r.status_code, r.text[:300])
+            assert r.json()["error"]["code"] == "unsupported_media_type"
+            assert "Content-Type: application/json" in r.json()["error"]["message"]
+        ok = _post_raw(c, "/v1/jobs", b'{"type": "evaluate"}', keys["A"], "application/json; charset=utf-8")
+        assert ok.status_code == 422  # declared JSON, invalid: the field errors, not 415
