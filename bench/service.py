@@ -317,7 +317,7 @@ def report(results: dict[str, dict], args, load: tuple[float, float]) -> str:
              f"CPU ({os.cpu_count()} cores, shared with the client and, in production, Postgres, Redis and one "
              f"worker); closed-loop clients on loopback, {args.seconds:g} s per row, 120 s client timeout; "
              f"{time.strftime('%Y-%m-%d')}; load average {load[0]:.1f} at the start, {load[1]:.1f} at the end "
-             "(other work on the machine). `p99 / p50@1` divides by the status GET's p50 with one client of the "
+             "(the stack itself included). `p99 / p50@1` divides by the status GET's p50 with one client of the "
              "same setup (the baseline of the goal). `clients / rate` is the mean latency that any server "
              "answering at that rate must show to that many closed-loop clients (Little's law): the queueing floor "
              "under the p50. CPU: of the `welore serve` process and of this client process, in % of one core "
@@ -335,9 +335,12 @@ def report(results: dict[str, dict], args, load: tuple[float, float]) -> str:
     for label, res in results.items():
         worst = max((m["errors"] for kind in ("get", "submit") for n, m in res[kind].items() if n >= 500), default=None)
         if 100 in res["get"]:
-            ratio = res["get"][100]["p99"] / res["get"][1]["p50"]
+            at100, base = res["get"][100], res["get"][1]["p50"]
+            floor = 1e3 * 100 / at100["rps"] / base
             goals.append(f"- {label}: errors at 500 clients: {worst} (goal 0); status GET p99 at 100 clients = "
-                         f"{ratio:.1f}× its p50 at 1 client (goal ≤ 10×).")
+                         f"{at100['p99'] / base:.1f}× its p50 at 1 client (goal ≤ 10×; the queueing floor at the "
+                         f"rate served is {floor:.0f}×: ≤ 10× needs ≥ {1e3 * 100 / (10 * base):,.0f} req/s, "
+                         f"{1e3 * 100 / (10 * base) / at100['rps']:.0f}× the rate served).")
     lines += ["Goals:", *goals]
     return "\n".join(lines)
 
