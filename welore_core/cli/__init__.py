@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what a command re-launching itself passes on
     quiet_libraries()
+    from ..heap import fix_malloc_thresholds
+
+    fix_malloc_thresholds()  # peak memory bounded by one layer, not by how many were processed
     try:
         return int(args.func(args) or 0)
     except WeloreError as exc:
