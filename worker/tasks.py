@@ -18,11 +18,13 @@ from celery import shared_task
 from celery.signals import worker_process_init, worker_shutting_down
 
 from api.dispatch import RUN_JOB
+from welore_core.heap import fix_malloc_thresholds
 
 log = logging.getLogger("welore.worker")
 
 SHUTDOWN = threading.Event()  # this process is stopping: running jobs hand themselves back
 _in_pool_child = False
+fix_malloc_thresholds()  # as `welore` does: a worker started by `celery -A worker.celery_app` too (children inherit it)
 
 
 def _settings(task):
