@@ -261,8 +261,8 @@ def allocate_loss(spectra: Sequence[torch.Tensor], shapes: Sequence[tuple[int, i
     the few matrices whose whitened spectra fall steepest (q_proj, gate_proj) and, at heavy
     compression, leaves them too little (their errors pass a softmax or a gate); squared, the same
     budget is spread further. Measured on SmolLM2 against Σ e_W at equal parameters
-    (docs/research/allocation-objective.md): better on all three held-out corpora at params kept
-    0.8 and 0.6, within a few percent at ERR 0.5. The budget is the ranks kept (an ERR target) or
+    (docs/research/allocation-objective.md): better on all three held-out corpora at ERR 0.3 and at
+    params kept 0.8 and 0.6; at ERR 0.5 (sequential, compensated) 1% to 11% worse. The budget is the ranks kept (an ERR target) or
     the parameters stored (params_kept), counting an N-LRC whole and a factored LRC at k·(m+n).
     Solved by Lagrangian relaxation: for a multiplier λ every matrix independently picks the k
     minimising e_W(k)² + λ·cost_W(k)/Σcost; λ is bisected (on a log scale) until the budget is met.
