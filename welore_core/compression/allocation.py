@@ -203,6 +203,15 @@ def relative_error(S: torch.Tensor, kept: int) -> float:
     return (float((S[kept:] ** 2).sum()) / total) ** 0.5 if total > 0 else 0.0
 
 
+def loss_terms(S: torch.Tensor) -> torch.Tensor:
+    """The allocation objective's term of one matrix for every rank k = 0..r: e(k)², where
+    e(k) = Σ_{i≥k} s_i² / Σ s_i² is the relative truncation loss (see allocate_loss)."""
+    energy = S.double() ** 2
+    tail = torch.flip(torch.cumsum(torch.flip(energy, [0]), 0), [0])  # tail[k] = Σ_{i≥k} s_i²
+    e = torch.cat([tail, tail.new_zeros(1)]) / max(float(energy.sum()), 1e-300)
+    return e ** 2
+
+
 def loss_plans(spectra: Sequence[torch.Tensor], shapes: Sequence[tuple[int, int]], lam: float, kind: str,
                min_ratio: float) -> list[MatrixPlan]:
     """For one multiplier λ, each matrix's rank minimising e(k)² + λ·cost(k)/Σcost (see allocate_loss)."""
@@ -210,9 +219,7 @@ def loss_plans(spectra: Sequence[torch.Tensor], shapes: Sequence[tuple[int, int]
     total = sum(min(s) for s in shapes) if kind == "err" else sum(m * n for m, n in shapes)
     for S, (m, n) in zip(spectra, shapes):
         r = min(m, n)
-        energy = S.double() ** 2
-        tail = torch.flip(torch.cumsum(torch.flip(energy, [0]), 0), [0])  # tail[k] = Σ_{i≥k} s_i²
-        tail = torch.cat([tail, tail.new_zeros(1)]) / max(float(energy.sum()), 1e-300)  # e(k), k = 0..r
+        terms = loss_terms(S)
         k = torch.arange(r + 1, dtype=torch.float64)
         if kind == "err":
             cost = k.clone()
@@ -221,7 +228,7 @@ def loss_plans(spectra: Sequence[torch.Tensor], shapes: Sequence[tuple[int, int]
         k_cap = max(1, math.ceil(r * (1.0 - min_ratio)) - 1)  # an LRC drops more than min_ratio of its ranks
         allowed = (k >= 1) & (k <= k_cap)
         allowed[r] = True  # or the matrix stays whole (an N-LRC)
-        obj = torch.where(allowed, tail ** 2 + lam * cost / total, torch.full_like(tail, float("inf")))
+        obj = torch.where(allowed, terms + lam * cost / total, torch.full_like(terms, float("inf")))
         kept = int(torch.argmin(obj))
         plans.append(MatrixPlan((m, n), r, kept, kept < r))
     return plans
@@ -234,14 +241,11 @@ def _between(short: list[MatrixPlan], over: list[MatrixPlan], spectra, kind: str
     def value(plans):
         return effective_rank_reduction(plans) if kind == "err" else params_kept_fraction(plans)
 
-    def e(S, k):  # the objective's term: the squared relative truncation loss
-        energy = S.double() ** 2
-        return float(energy[k:].sum() / max(float(energy.sum()), 1e-300)) ** 2
-
     moves = [i for i, (a, b) in enumerate(zip(short, over)) if a != b]
     def rate(i):
         spent = abs(value(short[:i] + [over[i]] + short[i + 1:]) - value(short)) or 1e-300
-        return (e(spectra[i], over[i].kept) - e(spectra[i], short[i].kept)) / spent
+        terms = loss_terms(spectra[i])
+        return float(terms[over[i].kept] - terms[short[i].kept]) / spent
     plans, best = list(short), list(short)
     for i in sorted(moves, key=rate):
         plans[i] = over[i]
