@@ -25,6 +25,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 from bench.report import machine, table, welore_json as cli
 from welore_core.compression.config import CompressConfig
@@ -80,8 +81,7 @@ def evaluate(model: str, files: dict[str, Path], windows: int) -> dict[str, floa
     return {name: cli("eval", model, "--data", f, "--windows", windows)["perplexity"] for name, f in files.items()}
 
 
-def run_rows(work: Path, files: dict[str, Path], windows: int, results: Path, only: list[str],
-             skip: list[str]) -> dict:
+def run_rows(work: Path, files: dict[str, Path], windows: int, results: Path, wanted: Callable[[str], bool]) -> dict:
     done = json.loads(results.read_text()) if results.is_file() else {}
 
     def save(key: str, row: dict) -> None:
@@ -99,7 +99,7 @@ def run_rows(work: Path, files: dict[str, Path], windows: int, results: Path, on
     todo.sort(key=lambda t: (CompressConfig(**{t[0]: t[1]}).heavy(), t[4] > 0, t[2] != "default recipe"))
     for kind, value, label, flags, steps in todo:
         key = f"{kind}={value} | {label}"
-        if key in done or (only and not any(o in key for o in only)) or any(o in key for o in skip):
+        if key in done or not wanted(key):
             continue
         out = work / "ckpt"
         r = cli("compress", MODEL, f"--{kind.replace('_', '-')}", value, *flags, "--out", out, "--overwrite")
@@ -176,12 +176,11 @@ def fmt(rows: dict, windows: int) -> str:
     return "\n\n".join([intro, table(head, body), *lines])
 
 
-def quality_section(work: Path, windows: int, results: Path, only: list[str] | None = None,
-                    skip: list[str] | None = None) -> str:
+def quality_section(work: Path, windows: int, results: Path, wanted: Callable[[str], bool] = lambda key: True) -> str:
     from welore_core.settings import get_core_settings
 
     files = corpora(work, Path(get_core_settings().data_dir))
-    return fmt(run_rows(work, files, windows, results, only or [], skip or []), windows)
+    return fmt(run_rows(work, files, windows, results, wanted), windows)
 
 
 def main() -> int:
@@ -199,7 +198,8 @@ def main() -> int:
     results = args.results or ROOT / ".welore" / "bench" / f"recipes-w{args.windows}.json"
     with tempfile.TemporaryDirectory() as d:
         os.environ["WELORE_CACHE_DIR"] = str(Path(d) / "cache")  # inherited by every `welore` child
-        body = quality_section(Path(d), args.windows, results, args.only, args.skip)
+        body = quality_section(Path(d), args.windows, results, lambda key: (
+            not args.only or any(o in key for o in args.only)) and not any(o in key for o in args.skip))
     print(body)
     write_section("compression-recipes", "## Compression recipes: quality at equal ERR and at equal parameters\n\n" + body)
     return 0
