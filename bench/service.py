@@ -166,13 +166,15 @@ class _Connection:
     fraction of the server's time per request (the `client CPU` column)."""
 
     def __init__(self, url: str, headers: dict[str, str]):
-        host, port = url.split("//", 1)[1].rsplit(":", 1)
+        netloc = url.split("//", 1)[1]
+        host, port = netloc.rsplit(":", 1)
         self.host, self.port = host, int(port)
-        self.headers = "".join(f"{k}: {v}\r\n" for k, v in {"Host": url.split("//", 1)[1], **headers}.items())
+        self.headers = "".join(f"{k}: {v}\r\n" for k, v in {"Host": netloc, **headers}.items())
         self.reader = self.writer = None
 
     async def request(self, method: str, path: str, body: bytes = b"") -> int:
-        """Send one request and read the whole answer; → its status (reconnects after a close)."""
+        """Send one request and read the whole answer; → its status (reconnects after a close). The
+        API answers these requests with a Content-Length; a chunked answer is not read."""
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         extra = f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n" if body else ""
