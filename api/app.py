@@ -21,7 +21,7 @@ from .artifacts.routes import router as artifacts_router
 from .catalog.routes import datasets_router
 from .catalog.routes import router as models_router
 from .db import engine_for
-from .dispatch import make_dispatcher
+from .dispatch import dispatch, make_dispatcher
 from .events.bus import make_bus
 from .events.fanout import FanOut
 from .files.routes import router as files_router
@@ -56,7 +56,7 @@ def recover_embedded(settings: Settings, bus, dispatcher) -> list[str]:
         queued = [(j.id, j.queue) for j in s.scalars(select(Job).where(Job.status == JobStatus.QUEUED.value)
                                                      .order_by(Job.created_at))]
     for job_id, queue in queued:
-        dispatcher.enqueue(job_id, queue)
+        dispatch(settings.db_url, dispatcher.enqueue, job_id, queue)
     return [i for i, _ in queued]
 
 

@@ -13,6 +13,21 @@ RUN_JOB = "welore.run_job"
 REAP = "welore.reap"
 
 
+def dispatch(db_url: str, enqueue, job_id: str, queue: str) -> None:
+    """Send a committed, queued job to its workers (`enqueue(job_id, queue)`, which raises when the
+    broker is unreachable), then mark it sent; a job never marked is sent again by the reaper. A
+    message sent twice is harmless: only one delivery can claim the job."""
+    from .db import session_scope
+    from .jobs import states
+
+    enqueue(job_id, queue)
+    try:
+        with session_scope(db_url) as s:
+            states.dispatched(s, job_id)
+    except Exception:  # sent all the same; at worst the reaper sends it once more
+        log.warning("could not mark %s dispatched", job_id, exc_info=True)
+
+
 class CeleryDispatcher:
     def __init__(self, settings):
         from worker.celery_app import make_celery  # celery only: no torch

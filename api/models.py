@@ -103,6 +103,8 @@ class Job(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     runner: Mapped[Optional[str]] = mapped_column(String(100), default=None)  # who holds the claim
+    # queued, its task message not sent yet (since when); the reaper re-sends what stays so
+    undispatched_since: Mapped[Optional[dt.datetime]] = mapped_column(default=None)
     error_code: Mapped[Optional[str]] = mapped_column(String(64), default=None)
     error_message: Mapped[Optional[str]] = mapped_column(Text, default=None)
     result: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON, default=None)

@@ -21,7 +21,7 @@ import torch
 
 SHAPES = {
     # hidden, intermediate, heads, kv_heads
-    "llama3-8b": dict(hidden=4096, intermediate=14336, heads=32, kv_heads=8),
+    "llama3-8b": dict(hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=128256),
     "small": dict(hidden=1024, intermediate=4096, heads=16, kv_heads=4),
     "bench": dict(hidden=512, intermediate=1536, heads=8, kv_heads=2),
     "tiny": dict(hidden=64, intermediate=160, heads=4, kv_heads=2),
@@ -73,8 +73,8 @@ def write_synthetic(out: Path | str, *, layers: int, hidden: int, intermediate: 
 
     from welore_core.layerwise.writer import ShardWriter
 
-    tokenizer = tokenizer if tokenizer is not None else (smollm2_tokenizer() if vocab is None else None)
-    vocab = vocab or len(tokenizer)
+    tokenizer = tokenizer if tokenizer is not None else smollm2_tokenizer()
+    vocab = max(vocab or 0, len(tokenizer))  # a larger vocab (Llama-3's 128,256) pads SmolLM2's 49,152
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                          max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False,

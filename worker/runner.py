@@ -27,6 +27,7 @@ from typing import Callable, Optional
 
 from api import storage
 from api.db import session_scope
+from api.dispatch import dispatch
 from api.events.bus import EventBus, make_bus
 from api.jobs import states
 from api.models import Artifact, Job, utcnow
@@ -374,7 +375,8 @@ def _hand_back(settings, bus, pub: Publisher, job_id: str, enqueue) -> str:
     _publish(bus, job_id, [*events, t.event])
     if enqueue is not None:
         try:
-            enqueue(job_id, t.job.queue)
+            dispatch(settings.db_url, enqueue, job_id, t.job.queue)
         except Exception:
-            log.warning("could not re-enqueue %s; the reaper's next pass will", job_id, exc_info=True)
+            log.warning("could not re-enqueue %s; the reaper will once WELORE_HEARTBEAT_TIMEOUT_S has passed",
+                        job_id, exc_info=True)
     return "requeued"

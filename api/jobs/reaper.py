@@ -1,6 +1,7 @@
 """The reaper: puts jobs whose worker was lost back in the queue (or fails them once their
-attempts are spent, see states.reap), and sweeps what dead attempts left in the artifact store's
-.tmp. It needs no worker: the API process runs it in a thread (`Reaper`), every
+attempts are spent, see states.reap), sends again the queued jobs whose task message never
+reached the broker (states.undispatched), and sweeps what dead attempts left in the artifact
+store's .tmp. It needs no worker: the API process runs it in a thread (`Reaper`), every
 `Settings.reap_every_s`; `celery beat` can run the `welore.reap` task too. Several reapers at
 once are safe: every transition is conditional."""
 
@@ -14,6 +15,7 @@ from sqlalchemy import select
 
 from .. import storage
 from ..db import session_scope
+from ..dispatch import dispatch
 from ..models import Job, JobStatus
 from . import states
 
@@ -26,7 +28,7 @@ def _running_ids(settings) -> set[str]:
 
 
 def reap_once(settings, bus, enqueue: Callable[[str, str], None]) -> list[tuple[str, str]]:
-    """One pass; → [(job id, its new status)] for each job reaped."""
+    """One pass; → [(job id, its new status)] for each job reaped or sent again."""
     with session_scope(settings.db_url) as s:
         ids = states.stale(s, settings.heartbeat_timeout_s)
     done = []
@@ -44,11 +46,20 @@ def reap_once(settings, bus, enqueue: Callable[[str, str], None]) -> list[tuple[
                     bus.finish(job_id)
             except Exception:
                 log.warning("could not publish the reaping of %s", job_id, exc_info=True)
-            if t.job.status == JobStatus.QUEUED.value:
-                enqueue(job_id, t.job.queue)
             log.warning("job %s lost its worker: now %s", job_id, t.job.status)
+            if t.job.status == JobStatus.QUEUED.value:
+                dispatch(settings.db_url, enqueue, job_id, t.job.queue)
         except Exception:
-            log.warning("could not reap %s", job_id, exc_info=True)
+            log.warning("could not reap or re-send %s", job_id, exc_info=True)
+    with session_scope(settings.db_url) as s:
+        unsent = states.undispatched(s, settings.heartbeat_timeout_s)
+    for job_id, queue in unsent:
+        try:
+            dispatch(settings.db_url, enqueue, job_id, queue)
+            done.append((job_id, JobStatus.QUEUED.value))
+            log.warning("job %s was queued but never sent to a worker: sent now", job_id)
+        except Exception:
+            log.warning("could not send %s to a worker (is the broker reachable?)", job_id, exc_info=True)
     try:
         storage.sweep_tmp(settings, lambda: _running_ids(settings))
     except Exception:

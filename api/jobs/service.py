@@ -21,6 +21,7 @@ from welore_core.corpus import BUILTIN, PACKAGED
 
 from ..catalog.service import resolve_model
 from ..deps import ID_PATTERN
+from ..dispatch import dispatch
 from ..errors import Conflict, InvalidRequest, NotFound, ServiceUnavailable
 from ..files import service as files_service
 from ..models import ApiKey, Job, new_id, utcnow
@@ -134,17 +135,18 @@ def submit(db, settings: Settings, dispatcher, bus, owner: ApiKey, body: dict,
     except Exception:
         log.warning("could not publish the queued event of %s", job.id, exc_info=True)
     try:
-        dispatcher.enqueue(job.id, job.queue)
+        dispatch(settings.db_url, dispatcher.enqueue, job.id, job.queue)
     except Exception as exc:
         log.exception("enqueue of %s failed", job.id)
         message = f"the job could not be queued: {type(exc).__name__}"
         with db() as session:
             t = states.fail_queued(session, bus, job.id, "enqueue_failed", message)
-        if t is not None:
-            try:
-                bus.publish(job.id, t.event)
-            except Exception:
-                pass
+        if t is None:  # the reaper sent it meanwhile: it runs after all
+            return job, True
+        try:
+            bus.publish(job.id, t.event)
+        except Exception:
+            pass
         raise ServiceUnavailable(f"the job {job.id} could not be queued (is the broker reachable?); it is failed, "
                                  "and a retry with the same Idempotency-Key submits it again",
                                  code="enqueue_failed", job_id=job.id) from exc

@@ -8,6 +8,11 @@ claim) can never both win.
     queued  ──fail───▶ failed (enqueue)    running ──requeue─▶ queued  (shutdown: attempt given back)
     running ──reap───▶ queued (attempts left) | failed `worker_lost` | cancelled (cancel requested)
     running ──heartbeat / progress──▶ running, while the claim (`runner`) is still the caller's
+    queued  ──dispatched──▶ queued, its task message sent (`undispatched_since` cleared)
+
+Whatever makes a job `queued` also sets `undispatched_since`; `dispatched` clears it once the
+task message reached the broker (api/dispatch.py `dispatch`). A job left queued and undispatched
+(the broker was down when it was submitted back) is sent again by the reaper (`undispatched`).
 
 A worker's claim is the `runner` token it wrote at `claim`; its heartbeats, its end and its
 requeue only match while it holds that claim, so a worker that was reaped (presumed dead) finds
@@ -66,6 +71,7 @@ def _status_event(session: Session, job: Job, seq: int, data: dict, events: Iter
 def submit(session: Session, job: Job) -> Transition:
     """A new job row, `queued`, with its first event (seq 0)."""
     job.status = QUEUED.value
+    job.undispatched_since = utcnow()
     session.add(job)
     return Transition(job, _status_event(session, job, 0, {}))
 
@@ -85,13 +91,19 @@ def cancel(session: Session, bus, job_id: str, owner_id: str) -> Optional[Transi
 
 def fail_queued(session: Session, bus, job_id: str, code: str, message: str) -> Optional[Transition]:
     """A queued job that cannot run (its enqueue failed): failed, with its Idempotency-Key released
-    so that a retry with the same key submits it again."""
-    job = _update(session, job_id, [QUEUED], status=FAILED.value, finished_at=utcnow(), error_code=code,
-                  error_message=message, idempotency_key=None)
+    so that a retry with the same key submits it again. None: unknown, no longer queued, or sent
+    meanwhile by another actor (the reaper), so it will run after all."""
+    job = _update(session, job_id, [QUEUED], (Job.undispatched_since.is_not(None),), status=FAILED.value,
+                  finished_at=utcnow(), error_code=code, error_message=message, idempotency_key=None)
     if job is None:
         return None
     return Transition(job, _status_event(session, job, next_seq(session, bus, job_id),
                                          {"error": {"code": code, "message": message}}))
+
+
+def dispatched(session: Session, job_id: str) -> Optional[Job]:
+    """The queued job's task message was sent: no longer one for the reaper to send again."""
+    return _update(session, job_id, [QUEUED], (Job.undispatched_since.is_not(None),), undispatched_since=None)
 
 
 # -- a worker -----------------------------------------------------------------------------
@@ -169,7 +181,7 @@ def requeue(session: Session, job_id: str, runner: str, seq: int, *, give_back_a
             events: Iterable[dict] = ()) -> Optional[Transition]:
     """running → queued by the worker holding the claim (a graceful shutdown gives its attempt back)."""
     job = _update(session, job_id, [RUNNING], (Job.runner == runner,), status=QUEUED.value, runner=None,
-                  heartbeat_at=None, stage=None, progress=0.0,
+                  heartbeat_at=None, stage=None, progress=0.0, undispatched_since=utcnow(),
                   attempts=Job.attempts - 1 if give_back_attempt else Job.attempts)
     return Transition(job, _status_event(session, job, seq, {"reason": reason}, events)) if job is not None else None
 
@@ -179,6 +191,14 @@ def stale(session: Session, timeout_s: float) -> list[str]:
     """Ids of running jobs whose heartbeat is older than `timeout_s`."""
     cutoff = utcnow() - dt.timedelta(seconds=timeout_s)
     return list(session.scalars(select(Job.id).where(Job.status == RUNNING.value, Job.heartbeat_at < cutoff)))
+
+
+def undispatched(session: Session, older_than_s: float) -> list[tuple[str, str]]:
+    """(id, queue) of queued jobs whose task message was not sent for `older_than_s`: a broker that was
+    down when they were submitted back (a worker's shutdown, a reaping), or a sender that died."""
+    cutoff = utcnow() - dt.timedelta(seconds=older_than_s)
+    return list(session.execute(select(Job.id, Job.queue).where(Job.status == QUEUED.value,
+                                                                Job.undispatched_since < cutoff)).tuples())
 
 
 def reap(session: Session, bus, job_id: str, timeout_s: float, max_attempts: int) -> Optional[Transition]:
@@ -196,7 +216,7 @@ def reap(session: Session, bus, job_id: str, timeout_s: float, max_attempts: int
         data = {"reason": f"cancel requested; {silent}"}
     elif seen.attempts < max_attempts:
         job = _update(session, job_id, [RUNNING], guard, status=QUEUED.value, runner=None, heartbeat_at=None,
-                      stage=None, progress=0.0)
+                      stage=None, progress=0.0, undispatched_since=now)
         data = {"reason": f"worker_lost: {silent}; it runs again (attempt {seen.attempts + 1} of {max_attempts})"}
     else:
         message = (f"the worker running this job was lost ({silent}) on each of its {seen.attempts} attempts "

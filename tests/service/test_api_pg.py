@@ -42,7 +42,7 @@ def test_migrations_match_the_models(pg_url):
     from api import migrate
     from api.models import Base
 
-    assert migrate.current(pg_url) == "0002"
+    assert migrate.current(pg_url) == "0003"
     engine = create_engine(pg_url)
     with engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []

@@ -200,3 +200,43 @@ def test_sweep_removes_dead_attempts_files_only(app, key, fast):
         (tmp / name / "half.safetensors").write_bytes(b"x" * 1000)
     reap_once(fast, bus_for(fast), lambda j, q: None)
     assert (tmp / f"{running}.aaaa").is_dir() and not (tmp / f"{finished}.bbbb").exists()
+
+
+def test_a_job_handed_back_while_the_broker_was_down_is_sent_by_the_reaper(app, key, fast):
+    """A hand-back (or a reaping) whose enqueue fails leaves the job queued with no task message:
+    it stays marked undispatched, and the reaper sends it once the heartbeat timeout has passed."""
+    import json
+
+    import redis
+
+    from api.db import session_scope
+    from api.dispatch import dispatch
+    from api.jobs import states
+    from api.jobs.reaper import reap_once
+    from api.models import Job, utcnow
+    from worker.runner import bus_for
+
+    job_id = _job(app, key)
+    assert _row(fast, job_id).undispatched_since is None  # the submit sent it
+    _claim(fast, job_id, "w")
+    with session_scope(fast.db_url) as s:
+        assert states.requeue(s, job_id, "w", states.next_seq(s, None, job_id), give_back_attempt=True,
+                              reason="worker shutdown")
+
+    def broker_down(job_id, queue):
+        raise ConnectionError("broker down")
+
+    with pytest.raises(ConnectionError):
+        dispatch(fast.db_url, broker_down, job_id, "q")
+    assert _row(fast, job_id).status == "queued" and _row(fast, job_id).undispatched_since is not None
+    r = redis.Redis.from_url(fast.redis_url)
+    queue = fast.queue("gpu")
+    r.delete(queue)
+    with session_scope(fast.db_url) as s:  # as if the timeout had passed
+        s.get(Job, job_id).undispatched_since = utcnow() - dt.timedelta(seconds=10)
+    reap_once(fast, bus_for(fast), app.app.state.dispatcher.enqueue)
+    messages = [json.loads(m) for m in r.lrange(queue, 0, -1)]
+    r.close()
+    assert any(job_id in m["headers"]["argsrepr"] for m in messages)
+    row = _row(fast, job_id)
+    assert row.status == "queued" and row.undispatched_since is None
