@@ -15,7 +15,7 @@ from welore_core.checkpoint import load_checkpoint, save_merged
 from welore_core.compression.calibration import Calibration
 from welore_core.compression.model import compress_model
 from welore_core.errors import Cancelled, OutputExists
-from welore_core.evaluate import perplexity
+from welore_core.evaluate import perplexity, token_windows
 from welore_core.layerwise.compress import compress_streamed
 from welore_core.layerwise.hidden import layered_perplexity
 from welore_core.layerwise.layers import ResidentLayers, StreamedLayers
@@ -102,8 +102,6 @@ def test_streamed_perplexity_equals_in_memory(tmp_path):
     model, path = _dense(tmp_path, tie=False, layers=2)
     tok = ByteTokenizer()
     want = perplexity(model, tok, TEXTS, seq_len=32, windows=6)
-    from welore_core.evaluate import token_windows
-
     tokens = token_windows(tok, TEXTS, 32, 6)
     got = layered_perplexity(StreamedLayers(path), tokens)
     resident = layered_perplexity(ResidentLayers(model), tokens)
@@ -117,6 +115,22 @@ def test_streamed_perplexity_equals_in_memory(tmp_path):
     assert factored
     got_c = layered_perplexity(StreamedLayers(tmp_path / "out", factored=factored), tokens)
     assert math.isclose(got_c.perplexity, perplexity(loaded.model, tok, TEXTS, 32, 6).perplexity, rel_tol=1e-5)
+
+
+def test_streamed_bf16_source_keeps_embeddings_and_head_bf16(tmp_path):
+    """A bf16 source's embeddings and LM head stay bf16 in the layer-by-layer store (half their
+    float32 bytes; an 8B model's pair is 2.1 GB instead of 4.2), upcast where used: the
+    perplexity is the in-memory float32 load's of the same checkpoint."""
+    model, path = _dense(tmp_path, tie=False, layers=2, seed=4)
+    odd = _shard_oddly(path, tmp_path / "bf16", n_files=2, dtype=torch.bfloat16)
+    tokens = token_windows(ByteTokenizer(), TEXTS, 32, 6)
+    store = StreamedLayers(odd)
+    assert store.model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert store.model.get_output_embeddings().weight.dtype == torch.bfloat16
+    assert store.model.model.norm.weight.dtype == torch.float32
+    got = layered_perplexity(store, tokens)
+    want = perplexity(load_model(str(odd), device="cpu").model, ByteTokenizer(), TEXTS, 32, 6)
+    assert math.isclose(got.perplexity, want.perplexity, rel_tol=1e-5)
 
 
 def _calibration(seed=0, n=6, seq_len=24):

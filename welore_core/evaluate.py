@@ -16,6 +16,7 @@ from torch import nn
 
 from .errors import InvalidArgument, InvalidData
 from .progress import ProgressEvent, ProgressFn, StopFn, check_stop, no_progress
+from .scoring import head_weight, nll_sum
 
 SEPARATOR = "\n\n"
 
@@ -65,14 +66,19 @@ def perplexity(model: nn.Module, tokenizer, texts: list[str], seq_len: int = 512
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    weight = head_weight(model) if hasattr(model, "model") else None
     nll, count = 0.0, 0
     for i in range(0, data.shape[0], batch_size):
         check_stop(should_stop)
         batch = data[i:i + batch_size].to(device)
-        logits = model(input_ids=batch).logits.float()  # (b, L, vocab)
-        loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                           batch[:, 1:].reshape(-1), reduction="sum")
-        nll += float(loss)
+        targets = batch[:, 1:].reshape(-1)
+        if weight is not None:  # the head a block of the vocabulary at a time (no L × vocab logits)
+            h = model.model(input_ids=batch).last_hidden_state[:, :-1]  # (b, L-1, hidden), final norm applied
+            nll += nll_sum(h.reshape(-1, h.shape[-1]), weight, targets, dtype=h.dtype)
+        else:
+            logits = model(input_ids=batch).logits.float()  # (b, L, vocab)
+            nll += float(nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets,
+                                                     reduction="sum"))
         count += batch[:, 1:].numel()
         progress(ProgressEvent("eval", min(i + batch_size, data.shape[0]), data.shape[0],
                                metrics={"ppl": math.exp(nll / count)}))

@@ -121,9 +121,7 @@ class StreamedCompression:
         tokens = calibration.tokens.numel() if calibration is not None else 0
         self.plan: MemoryPlan = memory_plan(
             self.source, self.shapes, self.min_ratio if self.method != "uniform" else None, cache, out_dtype=dtype,
-            compute_dtype=compute_dtype, tokens=tokens, hidden=self.config.hidden_size,
-            vocab=self.config.vocab_size, seq_len=calibration.seq_len if calibration is not None else 0,
-            shard_bytes=shard_bytes)
+            compute_dtype=compute_dtype, tokens=tokens, hidden=self.config.hidden_size)
         identity = {"recipe": config.to_dict(), "dtype": str(dtype), "tolerance": tolerance, "shard_bytes": shard_bytes,
                     "source": _source_fingerprint(self.source),
                     "tokens": calibration.tokens_hash if calibration is not None else None}

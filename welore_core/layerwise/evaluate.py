@@ -39,7 +39,7 @@ def evaluate_streamed(path: Path | str, texts: list[str], seq_len: int = 512, wi
     source = CheckpointSource(path)
     config = read_config(path)
     plan = memory_plan(source, [], None, None, compute_dtype=dtype, tokens=tokens.numel(),
-                       hidden=config.hidden_size, vocab=config.vocab_size, seq_len=seq_len)
+                       hidden=config.hidden_size)
     progress(ProgressEvent("plan", 1, 1, message=str(path), metrics=plan.metrics()))
     store = StreamedLayers(path, config=config, factored=factored, device=dev, dtype=dtype, source=source)
     return layered_perplexity(store, tokens, progress, should_stop), plan

@@ -5,7 +5,7 @@ decoder layer 0 captures its input hidden states (N×L×hidden, on the model's d
 keyword arguments the model passes its layers (rotary embeddings, causal mask), then stops the
 forward — so the layers themselves may still be on the meta device (layers.StreamedLayers).
 `run(layer)` advances every batch through one layer; `nll(model, tokens)` applies the final
-norm and LM head window by window (one window's logits in memory at a time) and sums the
+norm and LM head (one block of the vocabulary at a time, scoring.nll_sum) and sums the
 next-token negative log-likelihood. Calibration (statistics per layer) and streamed
 evaluation both use it: the same mechanism for a model in memory and one streamed from disk.
 """
@@ -18,7 +18,9 @@ import time
 import torch
 from torch import nn
 
+from ..errors import UnsupportedModel
 from ..progress import ProgressEvent, ProgressFn, StopFn, check_stop, no_progress
+from ..scoring import head_weight, nll_sum
 from ..targets import decoder_layers
 
 BATCH_TOKENS = 4096  # windows per layer forward: ⌈BATCH_TOKENS / seq_len⌉
@@ -71,16 +73,17 @@ class HiddenStates:
     @torch.no_grad()
     def nll(self, model: nn.Module, tokens: torch.Tensor) -> float:
         """Σ −log p(token t+1 | ..t) over every window, from the final hidden states."""
-        norm, head = model.model.norm, model.get_output_embeddings()
+        norm, weight = model.model.norm, head_weight(model)
+        if weight is None:
+            raise UnsupportedModel(f"{type(model).__name__}'s LM head is not a plain linear map; layer-by-layer "
+                                   "evaluation scores only Llama-family heads")
         total, row = 0.0, 0
         for h in self.hidden:
-            for j in range(h.shape[0]):  # one window's logits at a time: L × vocab
-                check_stop(self.should_stop)
-                logits = head(norm(h[j:j + 1])).float()
-                target = tokens[row:row + 1, 1:].to(logits.device)
-                total += float(nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                           target.reshape(-1), reduction="sum"))
-                row += 1
+            check_stop(self.should_stop)
+            x = norm(h)[:, :-1]  # (b, L-1, hidden)
+            target = tokens[row:row + h.shape[0], 1:]
+            total += nll_sum(x.reshape(-1, x.shape[-1]), weight, target.reshape(-1), dtype=x.dtype)
+            row += h.shape[0]
         return total
 
 

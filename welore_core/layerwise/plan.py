@@ -5,9 +5,9 @@ Streamed, memory follows the largest layer, not the depth:
        + the largest decoder layer in float32 (read for its spectra / factors)
        + one SVD's working set (W, U, S, Vh and LAPACK's workspace for the largest matrix)
        + the current layer's output (shards are assembled from spilled units on disk, writer.py)
-       + for evaluation and calibration: embeddings, final norm and LM head in the compute dtype,
-         the windows' hidden states (N × L × hidden) twice (a layer's input and output), and one
-         window's logits (L × vocab, float32).
+       + for evaluation and calibration: embeddings, final norm and LM head (in the compute dtype,
+         or a narrower stored one), the windows' hidden states (N × L × hidden) twice (a layer's
+         input and output), and one block of logits (scoring.BLOCK_ELEMENTS, float32).
 The spectrum cache's disk use is planned too: every entry holds S and the leading r·(1−ρ)
 triplets (`spectrum.needed_rank`); when those bytes would pass the cache's cap or half the
 free disk, entries hold singular values only and factors are recomputed (`cache_mode`).
@@ -26,7 +26,8 @@ from typing import Optional
 import torch
 
 from ..spectrum import SpectrumCache, entry_bytes, needed_rank
-from .source import CheckpointSource
+from ..scoring import BLOCK_ELEMENTS
+from .source import DTYPE_BYTES, CheckpointSource
 
 BASE_BYTES = 400 << 20  # the interpreter with torch and transformers imported
 GB = 1e9
@@ -64,15 +65,16 @@ def svd_bytes(shape: tuple[int, int]) -> int:
 
 def memory_plan(source: CheckpointSource, shapes: list[tuple[int, int]], min_ratio: Optional[float],
                 cache: Optional[SpectrumCache], out_dtype: torch.dtype = torch.float32,
-                compute_dtype: torch.dtype = torch.float32, tokens: int = 0, hidden: int = 0,
-                vocab: int = 0, seq_len: int = 0, shard_bytes: int = 1 << 30) -> MemoryPlan:
+                compute_dtype: torch.dtype = torch.float32, tokens: int = 0, hidden: int = 0) -> MemoryPlan:
     """The plan of a streamed compression (tokens = 0) or of a calibrated / evaluation run."""
     layer = max((source.numel(source.layer_names(L)) * 4 for L in range(source.n_layers)), default=0)
     out_el = torch.empty((), dtype=out_dtype).element_size()
     comp_el = torch.empty((), dtype=compute_dtype).element_size()
     svd_b = max((svd_bytes(s) for s in shapes), default=0)
-    resident = source.numel(source.other_names()) * comp_el if tokens else 0
-    hidden_b = 2 * tokens * hidden * comp_el + (4 * seq_len * vocab if tokens else 0)
+    held = {n: min(DTYPE_BYTES.get(source.tensors[n].dtype, 4), comp_el) if len(source.tensors[n].shape) == 2
+            else comp_el for n in source.other_names()}  # embeddings/head in a narrower stored dtype (layers.py)
+    resident = sum(source.tensors[n].numel * b for n, b in held.items()) if tokens else 0
+    hidden_b = 2 * tokens * hidden * comp_el + (3 * 4 * BLOCK_ELEMENTS if tokens else 0)  # + a block of logits
     out_buffer = layer // 4 * out_el  # one layer's output (the writer spills units to disk)
     peak = BASE_BYTES + layer + svd_b + out_buffer + resident + hidden_b
     need = sum(entry_bytes(s, needed_rank(s, min_ratio)) for s in shapes)

@@ -1,0 +1,18 @@
+"""scoring.nll_sum: the LM head a block of the vocabulary at a time gives cross-entropy's sum."""
+
+import torch
+from torch import nn
+
+from welore_core import scoring
+
+
+def test_blocked_nll_equals_cross_entropy(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(37, 16, generator=g), torch.randn(1000, 16, generator=g) * 3
+    t = torch.randint(0, 1000, (37,), generator=g)
+    want = float(nn.functional.cross_entropy(h @ w.T, t, reduction="sum"))
+    monkeypatch.setattr(scoring, "BLOCK_ELEMENTS", 37 * 300)  # 300 rows a block: 4 blocks, the last short
+    assert abs(scoring.nll_sum(h, w, t) - want) < 1e-4 * abs(want)
+    wb = w.to(torch.bfloat16)  # a bf16 head, upcast block by block = the fp32 head of the same values
+    want_b = float(nn.functional.cross_entropy(h @ wb.float().T, t, reduction="sum"))
+    assert abs(scoring.nll_sum(h, wb, t) - want_b) < 1e-4 * abs(want_b)
