@@ -5,10 +5,13 @@ Each row is one `welore compress --err 0.3 --json` in a child process with a fre
 (cold): peak RSS (the child's VmHWM, polled from outside so a run stopped at its time budget is
 measured too), the growth above the import baseline (a child that imports the same modules),
 seconds, seconds per layer and the cache's bytes. The 8B-shaped model (bf16 shards, 32 GB in
-float32) runs streamed only, niced, under `--big-seconds`; a run stopped there is resumed once to
-show it continues from its journal (layers whose spectra are done, shards written).
+float32) runs streamed only, niced, under `--big-seconds`; with `--work DIR`, a run stopped there
+continues from its journal (layers whose spectra are done, shards written) at the next invocation.
+Parts are saved in `--results` as they finish and the section is rendered from all of them, so
+the depth rows (which want a quiet machine: their seconds are compared) and the long 8B-shaped
+run can be measured at different times (`--depths none --big`).
 
-    python -m bench.scale [--depths 4,8,16,32] [--big] [--big-seconds 1200] [--work DIR]
+    python -m bench.scale [--depths 4,8,16,32|none] [--big] [--big-seconds 1200] [--work DIR]
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ from bench.synthetic import SHAPES, write_synthetic
 
 ROOT = Path(__file__).resolve().parent.parent
 GB = 1e9
-RESUME_SECONDS = 180.0
 
 
 def _vmhwm_mb(pid: int) -> float | None:
@@ -127,80 +129,104 @@ def depth_rows(work: Path, depths: list[int], shape: str, env: dict, baseline: f
 
 
 def big_rows(work: Path, env: dict, baseline: float, seconds: float, layers: int) -> list:
+    """The 8B-shaped row(s). With --work, an existing complete model there is reused, and a run
+    stopped at its budget keeps its journal and cache, so the next invocation continues it."""
     rows = []
-    for depth, budget in ((layers, seconds),):
-        free = shutil.disk_usage(work).free
-        need = depth * 0.47 * GB + 2.2 * GB
-        if free < 2.5 * need:
-            rows.append([f"8B-shaped, {depth} layers", "skipped", f"needs {need / GB:.1f} GB, {free / GB:.1f} GB free"]
-                        + [""] * 6)
-            continue
-        model = write_synthetic(work / f"llama3-8b-{depth}", layers=depth, **SHAPES["llama3-8b"])
-        size = sum(f.stat().st_size for f in model.glob("*.safetensors"))
-        cap = {"WELORE_CACHE_MAX_GB": "4"}  # 8B at min_ratio 0.5 would cache ~32 GB of factors: values only
-        runs = [compress_row(model, work, True, env, timeout=budget, nice=10, extra_env=cap)]
-        if runs[0]["timed_out"]:  # resumed once, briefly: it continues from the journal
-            runs.append(compress_row(model, work, True, env, timeout=min(RESUME_SECONDS, budget), nice=10,
-                                     cache=runs[0]["cache"], extra_env=cap))
-        for i, r in enumerate(runs):
-            done, shards = journal_layers(r["out"]) if r["timed_out"] else (depth, None)
-            what = "complete" if not r["timed_out"] else f"stopped at {budget if i == 0 else RESUME_SECONDS:.0f} s: " \
-                   f"spectra of {done}/{depth} layers" + (f", {shards} shards" if shards else "")
-            label = f"8B-shaped, {depth} layers" + (" (resumed)" if i else "")
-            per_layer = r["seconds"] / max(done, 1)
-            rows.append([label, what, f"{size / GB:.1f}", f"{r['peak_rss_mb']:.0f}",
-                         f"{r['peak_rss_mb'] - baseline:.0f}", f"{r['seconds']:.0f}", f"{per_layer:.0f}",
-                         f"{r['cache_bytes'] / 1e6:.0f}",
-                         f"{r['report']['err_achieved']:.3f}" if r["report"] else "-"])
-            print(rows[-1], flush=True)
-        for r in runs:
+    free = shutil.disk_usage(work).free
+    need = layers * 0.47 * GB + 2.2 * GB
+    model = work / f"llama3-8b-{layers}"
+    if not (model / "config.json").is_file() and free < 2.5 * need:
+        return [[f"8B-shaped, {layers} layers", "skipped", f"needs {need / GB:.1f} GB, {free / GB:.1f} GB free"]
+                + [""] * 6]
+    if not (model / "config.json").is_file():
+        write_synthetic(model, layers=layers, **SHAPES["llama3-8b"])
+    size = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+    cap = {"WELORE_CACHE_MAX_GB": "4"}  # 8B at min_ratio 0.5 would cache ~32 GB of factors: values only
+    cache = work / "cache-8b"
+    runs = [compress_row(model, work, True, env, timeout=seconds, nice=10, extra_env=cap, cache=cache)]
+    for r in runs:
+        done, shards = journal_layers(r["out"]) if r["timed_out"] else (layers, None)
+        what = "complete" if not r["timed_out"] else (f"stopped at {seconds:.0f} s: spectra of {done}/{layers} layers"
+                                                       + (f", {shards} shards" if shards else ""))
+        rows.append([f"8B-shaped, {layers} layers", what, f"{size / GB:.1f}", f"{r['peak_rss_mb']:.0f}",
+                     f"{r['peak_rss_mb'] - baseline:.0f}", f"{r['seconds']:.0f}",
+                     f"{r['seconds'] / max(done, 1):.0f}", f"{r['cache_bytes'] / 1e6:.0f}",
+                     f"{r['report']['err_achieved']:.3f}" if r["report"] else "-"])
+        print(rows[-1], flush=True)
+        if not r["timed_out"]:
             shutil.rmtree(r["out"], ignore_errors=True)
-            shutil.rmtree(r["out"].with_name(f".{r['out'].name}.partial"), ignore_errors=True)
-            shutil.rmtree(r["cache"], ignore_errors=True)
-        shutil.rmtree(model, ignore_errors=True)
+            shutil.rmtree(cache, ignore_errors=True)
     return rows
+
+
+def render(saved: dict) -> str:
+    body = []
+    d = saved.get("depth")
+    if d:
+        shape = SHAPES[d["shape"]]
+        peaks = {(int(k.split(":")[0]), k.endswith("s")): v for k, v in d["peaks"].items()}
+        depths = sorted({k[0] for k in peaks})
+        lo, hi = min(depths), max(depths)
+        growth_s = peaks[(hi, True)] / peaks[(lo, True)]
+        growth_m = peaks[(hi, False)] / peaks[(lo, False)]
+        heads = ["layers", "path", "source GB (bf16)", "peak RSS MB", "above import MB", "seconds", "s / layer",
+                 "cache MB", "ERR"]
+        body += [f"Machine: {d['machine']}. `welore compress --err 0.3` (data-free WeLore, min_ratio 0.5), cold "
+                 f"spectrum cache, child processes niced; import baseline {d['baseline']:.0f} MB (a child importing "
+                 "the same modules).", "",
+                 f"### Depth: synthetic Llama, hidden {shape['hidden']}, intermediate {shape['intermediate']}, "
+                 f"GQA {shape['heads']}/{shape['kv_heads']}, vocab {shape.get('vocab', 49152):,} (bf16 shards)", "",
+                 table(heads, d["rows"]), "",
+                 f"Peak RSS growth above the import baseline, {hi} vs {lo} layers: streamed **{growth_s:.2f}x** "
+                 f"(goal <= 1.2x: {'met' if growth_s <= 1.2 else 'NOT met'}), in memory {growth_m:.2f}x."]
+    b = saved.get("big")
+    if b:
+        body += ["", "### Llama-3-8B-shaped (hidden 4096, intermediate 14336, GQA 32/8, vocab 128,256; bf16 shards, "
+                 f"32 GB in float32), streamed, spectrum cache capped at 4 GB (singular values only)", "",
+                 f"Machine: {b['machine']}; import baseline {b['baseline']:.0f} MB.", "",
+                 table(["model", "run", "source GB", "peak RSS MB", "above import MB", "seconds", "s / layer",
+                        "cache MB", "ERR"], b["rows"]), "",
+                 "Goal: peak RSS <= 6 GB on this 24 GB machine — "
+                 + ("met." if all(float(r[3]) <= 6000 for r in b["rows"] if r[3]) else "NOT met.")
+                 + " The run includes the quality check (dense and compressed perplexity, both streamed). A run "
+                 "stopped at its budget keeps its journal; the next one skips every layer whose spectra it holds "
+                 "and every shard written."]
+    return "## Scale: layer-streamed compression\n\n" + "\n".join(body)
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--depths", default="4,8,16,32")
+    ap.add_argument("--depths", default="4,8,16,32", help="comma-separated depths, or none (keep the saved rows)")
     ap.add_argument("--shape", default="bench", choices=sorted(SHAPES))
     ap.add_argument("--big", action="store_true", help="also the Llama-3-8B-shaped checkpoint")
     ap.add_argument("--big-layers", type=int, default=32)
     ap.add_argument("--big-seconds", type=float, default=1200.0, help="time budget of the 8B-shaped run")
-    ap.add_argument("--work", default=None, help="directory for the synthetic checkpoints (default: a temp dir)")
+    ap.add_argument("--work", default=None, help="directory for the synthetic checkpoints (default: a temp dir; "
+                    "give one to reuse the 8B-shaped model and continue a stopped run)")
+    ap.add_argument("--results", type=Path, default=ROOT / ".welore" / "bench" / "scale.json",
+                    help="the parts measured so far (the section is rendered from all of them)")
     args = ap.parse_args(argv)
     work = Path(args.work or tempfile.mkdtemp(prefix="welore-scale-"))
     work.mkdir(parents=True, exist_ok=True)
+    saved = json.loads(args.results.read_text()) if args.results.is_file() else {}
+
+    def save(part: str, value: dict) -> None:
+        saved[part] = value
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.write_text(json.dumps(saved, indent=1))
+        write_section("scale", render(saved))
+
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     baseline = import_baseline(env)
-    depths = [int(d) for d in args.depths.split(",")]
-    rows, peaks = depth_rows(work, depths, args.shape, env, baseline)
-    shape = SHAPES[args.shape]
-    lo, hi = min(depths), max(depths)
-    growth_s = peaks[(hi, True)] / peaks[(lo, True)]
-    growth_m = peaks[(hi, False)] / peaks[(lo, False)]
-    heads = ["layers", "path", "source GB (bf16)", "peak RSS MB", "above import MB", "seconds", "s / layer",
-             "cache MB", "ERR"]
-    body = [f"Machine: {machine()}. `welore compress --err 0.3` (data-free WeLore, min_ratio 0.5), cold spectrum "
-            f"cache, child processes niced; import baseline {baseline:.0f} MB (a child importing the same modules).",
-            "",
-            f"### Depth: synthetic Llama, hidden {shape['hidden']}, intermediate {shape['intermediate']}, "
-            f"GQA {shape['heads']}/{shape['kv_heads']}, vocab {shape.get('vocab', 49152):,} (bf16 shards)", "", table(heads, rows), "",
-            f"Peak RSS growth above the import baseline, {hi} vs {lo} layers: streamed **{growth_s:.2f}x** "
-            f"(goal <= 1.2x: {'met' if growth_s <= 1.2 else 'NOT met'}), in memory {growth_m:.2f}x."]
-    write_section("scale", "## Scale: layer-streamed compression\n\n" + "\n".join(body))
-    print("\n".join(body), flush=True)
+    if args.depths != "none":
+        depths = [int(d) for d in args.depths.split(",")]
+        rows, peaks = depth_rows(work, depths, args.shape, env, baseline)
+        save("depth", {"machine": machine(), "baseline": baseline, "shape": args.shape, "rows": rows,
+                       "peaks": {f"{k[0]}:{'s' if k[1] else 'm'}": v for k, v in peaks.items()}})
     if args.big:
-        big = big_rows(work, env, baseline, args.big_seconds, args.big_layers)
-        body += ["", "### Llama-3-8B-shaped (hidden 4096, intermediate 14336, GQA 32/8, vocab 128,256; bf16 shards, "
-                 "32 GB in float32), streamed, spectrum cache capped at 4 GB (singular values only)", "",
-                 table(["model", "run", "source GB", "peak RSS MB", "above import MB", "seconds", "s / layer",
-                        "cache MB", "ERR"], big), "",
-                 "A stopped run keeps its journal: the resumed run skips every layer whose spectra it holds. "
-                 "s / layer of a stopped run = its seconds over the layers whose spectra it finished (pass 1 only)."]
-    write_section("scale", "## Scale: layer-streamed compression\n\n" + "\n".join(body))
-    print("\n".join(body))
+        save("big", {"machine": machine(), "baseline": baseline,
+                     "rows": big_rows(work, env, baseline, args.big_seconds, args.big_layers)})
+    print(render(saved))
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
 
