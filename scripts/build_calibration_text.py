@@ -11,11 +11,14 @@ general.jsonl interleaves two halves, so that whitening keeps the directions man
   (the coin-flip task of Wei et al., synthetic).
 Each generated document is followed by real records of about the same length, so every prefix
 (calibration takes the first windows) holds both. Only the first half of the BoolQ passages is
-used, so the second half stays unseen. general-heldout.jsonl holds real text only. Each record is
+used, so the second half stays unseen. general-heldout.jsonl is built the same way from other
+items: 8 documents generated from another seed, interleaved with unseen passages, problems and
+puzzles, so that the quality check (its first 4 × 512 tokens) sees the model's own mix of domains
+(code, lists, dialogue) too, not only the real kinds whose siblings were calibrated on. Each record is
 {"text", "source"}. Attribution: welore_core/data/LICENSE-general.md. Why the generated half:
 docs/research/calibration-rounds.md (round 9).
 
-Usage: python scripts/build_calibration_text.py [--data ../shared/data] [--generated FILE]
+Usage: python scripts/build_calibration_text.py [--data ../shared/data] [--generated FILE] [--generated-heldout FILE]
   --generated FILE  reuse generated documents (JSONL, `text`) instead of sampling them (~4 min on 2 cores)
 """
 
@@ -26,6 +29,7 @@ import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+HELDOUT_DOCS = 8  # generated documents of the held-out file (another seed than the calibration's)
 
 
 def main() -> int:
@@ -35,6 +39,8 @@ def main() -> int:
     p.add_argument("--heldout", type=int, default=25, help="passages of the held-out file (the next ones)")
     p.add_argument("--out", type=Path, default=ROOT / "welore_core" / "data")
     p.add_argument("--generated", type=Path, default=None, help="generated documents to reuse (JSONL)")
+    p.add_argument("--generated-heldout", type=Path, default=None,
+                   help="generated documents of the held-out file to reuse (JSONL)")
     args = p.parse_args()
     rows = [json.loads(line) for line in (args.data / "boolq" / "boolq_dev.jsonl").read_text().splitlines() if line.strip()]
     seen, passages = set(), []
@@ -52,7 +58,9 @@ def main() -> int:
     generated = ([json.loads(line)["text"] for line in args.generated.read_text().splitlines() if line.strip()]
                  if args.generated else generate())
     write(args.out / "general.jsonl", interleave(generated, real))
-    write(args.out / "general-heldout.jsonl", mix(heldout, svamp[2 * n:], coins[n:]))
+    unseen = ([json.loads(line)["text"] for line in args.generated_heldout.read_text().splitlines() if line.strip()]
+              if args.generated_heldout else generate(docs=HELDOUT_DOCS, seed=1))
+    write(args.out / "general-heldout.jsonl", interleave(unseen, mix(heldout, svamp[2 * n:], coins[n:])))
     return 0
 
 
