@@ -22,7 +22,7 @@ from torch import nn
 from ..errors import CorruptCheckpoint, UnsupportedModel
 from ..lowrank import LowRankLinear, swap_module
 from ..targets import decoder_layers
-from .source import DTYPES, CheckpointSource, layer_of
+from .source import CheckpointSource, layer_of
 
 
 class ResidentLayers:
@@ -110,13 +110,14 @@ class StreamedLayers:
         tied = bool(getattr(config, "tie_word_embeddings", False))
         if tied:
             others = [n for n in others if n != "lm_head.weight"]
-        _assign(self.model, {n: self.source.tensor(n, self._held_dtype(n)) for n in others},
+        _assign(self.model, {n: self.source.tensor(n, self.source.held_dtype(n, dtype)) for n in others},
                 f"{path} (embeddings, norm, head)",
                 skip=lambda n: layer_of(n) is not None or (tied and n == "lm_head.weight"))
         if tied:
             self.model.tie_weights()
         embed = self.model.get_input_embeddings()
-        if embed.weight.dtype != dtype:  # a gather: its rows upcast exactly as they are looked up
+        if embed.weight.dtype != dtype:  # a gather: its rows upcast exactly as they are looked up (the head:
+            # block by block in scoring.nll_sum)
             embed.register_forward_hook(lambda module, args, out: out.to(dtype))
         rebuild_buffers(self.model, config)
         for name, p in self.model.named_parameters():
@@ -127,14 +128,6 @@ class StreamedLayers:
                 b.data = b.data.to(self.device)
         self.model.eval()
         self._open: set[int] = set()
-
-    def _held_dtype(self, name: str) -> torch.dtype:
-        """Embeddings and LM head stay in their stored dtype when it is a narrower float than the
-        compute dtype (a Llama-3-8B's pair is 2.1 GB in bf16, 4.2 GB in float32): the embedding's
-        rows are upcast as looked up, the head block by block (scoring.nll_sum); the rest is cast."""
-        stored = DTYPES.get(self.source.tensors[name].dtype)
-        narrower = stored is not None and stored.itemsize < self.dtype.itemsize
-        return stored if narrower and len(self.source.tensors[name].shape) == 2 else self.dtype
 
     def open(self, layer: int) -> nn.Module:
         module = self.layers[layer]

@@ -27,7 +27,7 @@ import torch
 
 from ..spectrum import SpectrumCache, entry_bytes, needed_rank
 from ..scoring import BLOCK_ELEMENTS
-from .source import DTYPE_BYTES, CheckpointSource
+from .source import CheckpointSource
 
 BASE_BYTES = 400 << 20  # the interpreter with torch and transformers imported
 GB = 1e9
@@ -71,9 +71,8 @@ def memory_plan(source: CheckpointSource, shapes: list[tuple[int, int]], min_rat
     out_el = torch.empty((), dtype=out_dtype).element_size()
     comp_el = torch.empty((), dtype=compute_dtype).element_size()
     svd_b = max((svd_bytes(s) for s in shapes), default=0)
-    held = {n: min(DTYPE_BYTES.get(source.tensors[n].dtype, 4), comp_el) if len(source.tensors[n].shape) == 2
-            else comp_el for n in source.other_names()}  # embeddings/head in a narrower stored dtype (layers.py)
-    resident = sum(source.tensors[n].numel * b for n, b in held.items()) if tokens else 0
+    resident = sum(source.tensors[n].numel * source.held_dtype(n, compute_dtype).itemsize
+                   for n in source.other_names()) if tokens else 0
     hidden_b = 2 * tokens * hidden * comp_el + (3 * 4 * BLOCK_ELEMENTS if tokens else 0)  # + a block of logits
     out_buffer = layer // 4 * out_el  # one layer's output (the writer spills units to disk)
     peak = BASE_BYTES + layer + svd_b + out_buffer + resident + hidden_b
