@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import sys
+from datetime import date
 from pathlib import Path
 from typing import Callable
 
@@ -85,7 +86,7 @@ def run_rows(work: Path, files: dict[str, Path], windows: int, results: Path, wa
     done = json.loads(results.read_text()) if results.is_file() else {}
 
     def save(key: str, row: dict) -> None:
-        done[key] = row
+        done[key] = {**row, "measured": date.today().isoformat()}
         results.parent.mkdir(parents=True, exist_ok=True)
         results.write_text(json.dumps(done, indent=1))
         print(f"{key}: {json.dumps({k: v for k, v in row.items() if k != 'report'})}", file=sys.stderr, flush=True)
@@ -162,6 +163,14 @@ def fmt(rows: dict, windows: int) -> str:
                      f"{default['seconds']:.0f} s against {free['seconds']:.0f} s data-free "
                      f"({default['seconds'] / free['seconds']:.0f}×) in this run; heavy targets (sequential, "
                      "compensated) take the seconds in their rows.")
+    dates = sorted({r.get("measured", "?") for r in rows.values()})
+    if len(dates) > 1:  # rows carried from an earlier run (--results keeps them until they are deleted)
+        latest = dates[-1]
+        older = [k for k, r in rows.items() if r.get("measured", "?") != latest]
+        lines.append(f"Rows measured before {latest} (kept in --results; delete a row there to re-measure it): "
+                     + "; ".join(f"{d}: {sum(rows[k].get('measured', '?') == d for k in older)} rows"
+                                 for d in dates[:-1])
+                     + f". Measured on {latest}: " + ", ".join(k for k in rows if k not in older) + ".")
     intro = (f"`python -m bench.recipes` — {machine()}. SmolLM2-135M; perplexity on {windows} windows × 512 tokens "
              "of three held-out corpora of domains the calibration text does not hold: CommonsenseQA dev questions, "
              "Python's reference documentation, and the descriptions (METADATA) of the Python packages installed "
