@@ -161,7 +161,7 @@ def fmt(rows: dict, windows: int) -> str:
     if free and default:  # the run's first calibrated row: it pays the calibration pass
         lines.append(f"Cost: the default's first `welore compress` (ERR 0.1, cold: one calibration pass) took "
                      f"{default['seconds']:.0f} s against {free['seconds']:.0f} s data-free "
-                     f"({default['seconds'] / free['seconds']:.0f}×) in this run; heavy targets (sequential, "
+                     f"({default['seconds'] / free['seconds']:.0f}×), measured in one run on {default.get('measured', '?')}; heavy targets (sequential, "
                      "compensated) take the seconds in their rows.")
     dates = sorted({r.get("measured", "?") for r in rows.values()})
     if len(dates) > 1:  # rows carried from an earlier run (--results keeps them until they are deleted)
