@@ -125,6 +125,13 @@ def test_defaults_of_both_surfaces_are_the_configs():
     for heavy in (d, CompressConfig(err=0.5), CompressConfig(params_kept=0.8)):
         assert heavy.resolve().calibration.sequential and heavy.resolve().calibration.compensate
     assert CompressConfig(params_kept=0.9).resolve().calibration.compensate is False
+    # damping "auto": the light value up to HEAVY_DAMP_FROM_ERR (ERR 0.3 and params kept 0.8 included), then the heavy one
+    assert d.calibration.damp is None and d.resolve().calibration.damp == config.DAMP
+    assert CompressConfig(params_kept=0.8).resolve().calibration.damp == config.DAMP
+    for heavy in (CompressConfig(err=config.HEAVY_DAMP_FROM_ERR), CompressConfig(err=0.5), CompressConfig(params_kept=0.6)):
+        assert heavy.resolve().calibration.damp == config.HEAVY_DAMP > config.DAMP
+    given = CompressConfig(err=0.5, calibration=CalibrationConfig(damp=0.05))
+    assert given.resolve().calibration.damp == 0.05  # a given value is kept
 
 
 # -- defaults and ranges live in one place: change one, both surfaces follow --------------------

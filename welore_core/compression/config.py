@@ -24,6 +24,9 @@ NO_CALIBRATION = "none"
 DEFAULT_CALIBRATION = "general"  # the text shipped in welore_core/data (see corpus.BUILTIN)
 HEAVY_FROM_ERR = 0.2  # sequential/compensate "auto": on from this ERR (or its parameter equivalent) up;
 # below it they cost 5× the seconds for nothing measurable (docs/research/allocation-objective.md)
+DAMP = 0.01  # whitening damping "auto" below HEAVY_DAMP_FROM_ERR (δ = DAMP·mean diag of the Gram matrix)
+HEAVY_DAMP, HEAVY_DAMP_FROM_ERR = 0.3, 0.4  # from this ERR up a higher floor under the directions the calibration text
+# hardly uses pays on other domains' text; below it, it costs (docs/research/damping.md)
 RECIPE_VERSION = 1
 MAX_ERR, MIN_PARAMS_KEPT = 0.9, 0.1  # beyond these a compressed model is refused as unusable
 
@@ -55,8 +58,11 @@ class CalibrationConfig:
     compensate: Optional[bool] = field(default=None, metadata=_opt(
         "compensate", "refit each layer's o_proj/down_proj to the dense block's outputs (needs sequential; one "
         f"more layer run per layer); auto: on from ERR {HEAVY_FROM_ERR} when sequential", tristate=True))
-    damp: float = field(default=0.01, metadata=_opt("damp", "whitening damping, a fraction of the Gram's mean "
-                                                    "diagonal", lo=0.0, hi=1.0))
+    damp: Optional[float] = field(default=None, metadata=_opt(
+        "damp", "whitening damping, a fraction of the Gram's mean diagonal added to it (a floor under the directions "
+        f"the calibration text hardly uses); auto: {HEAVY_DAMP:g} from ERR {HEAVY_DAMP_FROM_ERR:g} (params kept "
+        f"{1 - HEAVY_DAMP_FROM_ERR:g}) on, else {DAMP:g}",
+        lo=0.0, hi=1.0))
 
 
 @dataclass(frozen=True)
@@ -102,10 +108,10 @@ class CompressConfig:
     def target(self) -> tuple[str, float]:
         return ("err", self.err) if self.err is not None else ("params_kept", self.params_kept)
 
-    def heavy(self) -> bool:
-        """At or beyond ERR HEAVY_FROM_ERR (a parameter target: at or below its rough equivalent)."""
+    def heavy(self, from_err: float = HEAVY_FROM_ERR) -> bool:
+        """At or beyond ERR `from_err` (a parameter target: at or below its rough equivalent, 1 − from_err)."""
         kind, value = self.target
-        return value >= HEAVY_FROM_ERR if kind == "err" else value <= 1.0 - HEAVY_FROM_ERR
+        return value >= from_err if kind == "err" else value <= 1.0 - from_err
 
     def resolve(self) -> "CompressConfig":
         """The same recipe with every "auto" made concrete (what welore.json stores)."""
@@ -114,7 +120,8 @@ class CompressConfig:
         if cal is not None:
             sequential = (self.heavy() or bool(cal.compensate)) if cal.sequential is None else cal.sequential
             compensate = sequential and self.heavy() if cal.compensate is None else cal.compensate
-            cal = replace(cal, sequential=sequential, compensate=compensate)
+            damp = (HEAVY_DAMP if self.heavy(HEAVY_DAMP_FROM_ERR) else DAMP) if cal.damp is None else cal.damp
+            cal = replace(cal, sequential=sequential, compensate=compensate, damp=damp)
         return replace(self, method=method, calibration=cal)
 
     # -- serialisation ---------------------------------------------------------------------

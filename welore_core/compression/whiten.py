@@ -29,10 +29,10 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InvalidArgument
+from .config import DAMP  # δ = DAMP·mean(diag G) unless the recipe says otherwise
 
 FACTORIZATIONS = ("plain", "whitened")
-DAMP = 1e-2  # δ = DAMP·mean(diag G); see BENCHMARKS.md (calibration) for the choice
-RIDGE = 1e-3  # compensated: ρ = RIDGE·mean(diag Ĝ); see BENCHMARKS.md (calibration-compensated)
+RIDGE = 1e-3  # compensated: ρ = RIDGE·mean(diag Ĝ); see docs/research/calibration-rounds.md (sixth round)
 RETRIES = 3  # Cholesky retries, damping ×100 each
 
 
