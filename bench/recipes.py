@@ -163,11 +163,18 @@ def fmt(rows: dict, windows: int) -> str:
                      f"{default['seconds']:.0f} s against {free['seconds']:.0f} s data-free "
                      f"({default['seconds'] / free['seconds']:.0f}×), measured in one run on {default.get('measured', '?')}; heavy targets (sequential, "
                      "compensated) take the seconds in their rows.")
+    planned = [f"{kind}={value} | {label}" for kind, value in TARGETS for label, _ in VARIANTS]
+    planned += [f"{kind}={value} | default recipe + --recover {steps}" for kind, value, steps in RECOVER]
+    missing = [k for k in planned if k not in rows]
+    if missing:
+        lines.append("Not measured yet (`python -m bench.recipes` measures what its --results lacks): "
+                     + ", ".join(missing) + ".")
     dates = sorted({r.get("measured", "?") for r in rows.values()})
     if len(dates) > 1:  # rows carried from an earlier run (--results keeps them until they are deleted)
         latest = dates[-1]
         older = [k for k, r in rows.items() if r.get("measured", "?") != latest]
-        lines.append(f"Rows measured before {latest} (kept in --results; delete a row there to re-measure it): "
+        lines.append(f"Rows measured before {latest} (kept in --results; delete a row there to re-measure it; seconds "
+                     "compare only within one date, each run having had its own machine and load): "
                      + "; ".join(f"{d}: {sum(rows[k].get('measured', '?') == d for k in older)} rows"
                                  for d in dates[:-1])
                      + f". Measured on {latest}: " + ", ".join(k for k in rows if k not in older) + ".")
