@@ -9,8 +9,9 @@ one `welore compress … --json` process (its seconds and peak RSS), then `welor
 held-out corpora of domains the calibration text does not hold: CommonsenseQA dev questions with
 their choices and answer, the Python documentation's reference topics (read from the stdlib), and
 the descriptions of the Python packages installed beside welore (their METADATA: READMEs of
-software, on which nothing was ever tuned — the first two were looked at when the calibration text
-was chosen, docs/research/calibration-rounds.md round 9).
+software — the first two were looked at when the calibration text was chosen,
+docs/research/calibration-rounds.md round 9; all three when the damping switch was,
+docs/research/damping.md).
 
 Rows are saved as they finish (`--results`), so an interrupted run resumes where it stopped. The
 run uses a spectrum cache of its own (a fresh temporary directory): the first calibrated row pays
@@ -181,8 +182,9 @@ def fmt(rows: dict, windows: int) -> str:
     intro = (f"`python -m bench.recipes` — {machine()}. SmolLM2-135M; perplexity on {windows} windows × 512 tokens "
              "of three held-out corpora of domains the calibration text does not hold: CommonsenseQA dev questions, "
              "Python's reference documentation, and the descriptions (METADATA) of the Python packages installed "
-             "beside welore, on which nothing was ever tuned. Default recipe = `welore compress MODEL --err F` with "
-             "nothing else: calibrated on the shipped general text (64 × 512 tokens), loss allocation (Σ e²), "
+             "beside welore (the calibration text was chosen without looking at it; the damping switch of "
+             "docs/research/damping.md was chosen on all three, the quality check's slice included). Default "
+             "recipe = `welore compress MODEL --err F` with nothing else: calibrated on the shipped general text (64 × 512 tokens), loss allocation (Σ e²), "
              "sequential and compensated from ERR 0.2 (params kept 0.8), whitening damping 0.3 from ERR 0.4 (params kept "
              "0.6; 0.01 below). `whitened, … allocation` = the same recipe with only `--method` changed. "
              "`quality check ×` = the ratio the command itself reported on its held-out slice. Seconds and peak RSS: "
