@@ -83,6 +83,17 @@ def evaluate(model: str, files: dict[str, Path], windows: int) -> dict[str, floa
     return {name: cli("eval", model, "--data", f, "--windows", windows)["perplexity"] for name, f in files.items()}
 
 
+def planned() -> list[tuple[str, str, float, str, list]]:
+    """Every row of the table in its order: (key, target kind, target value, label, extra flags)."""
+    recover = {(kind, v): steps for kind, v, steps in RECOVER}
+    rows = []
+    for kind, v in TARGETS:
+        variants = VARIANTS + ([(f"default recipe + --recover {recover[kind, v]}", ["--recover", recover[kind, v]])]
+                               if (kind, v) in recover else [])
+        rows += [(f"{kind}={v} | {label}", kind, v, label, flags) for label, flags in variants]
+    return rows
+
+
 def run_rows(work: Path, files: dict[str, Path], windows: int, results: Path, wanted: Callable[[str], bool]) -> dict:
     done = json.loads(results.read_text()) if results.is_file() else {}
 
@@ -95,12 +106,10 @@ def run_rows(work: Path, files: dict[str, Path], windows: int, results: Path, wa
     if "dense" not in done:
         cli("compress", MODEL, "--err", "0.3", *WARMUP, "--out", work / "warmup", "--overwrite")
         save("dense", {"ppl": evaluate(MODEL, files, windows)})
-    todo = [(kind, v, label, flags, 0) for kind, v in TARGETS for label, flags in VARIANTS]
-    todo += [(kind, v, f"default recipe + --recover {steps}", ["--recover", steps], steps) for kind, v, steps in RECOVER]
     # cheap rows first (light targets share one cached calibration pass), the default before its baselines
-    todo.sort(key=lambda t: (CompressConfig(**{t[0]: t[1]}).heavy(), t[4] > 0, t[2] != "default recipe"))
-    for kind, value, label, flags, steps in todo:
-        key = f"{kind}={value} | {label}"
+    todo = sorted(planned(), key=lambda t: (CompressConfig(**{t[1]: t[2]}).heavy(), "--recover" in t[4],
+                                            t[3] != "default recipe"))
+    for key, kind, value, label, flags in todo:
         if key in done or not wanted(key):
             continue
         out = work / "ckpt"
@@ -123,8 +132,7 @@ def fmt(rows: dict, windows: int) -> str:
     head += ["quality check ×", "s", "peak RSS MB"]
     body = [["dense", "-", "-", "1", *[v for c in dense for v in (f"{dense[c]:.2f}", "1.00×")], "-", "-", "-"]]
     lines = []
-    labels = [label for label, _ in VARIANTS] + [f"default recipe + --recover {steps}" for *_, steps in RECOVER]
-    order = [f"{kind}={value} | {label}" for kind, value in TARGETS for label in labels]
+    order = [key for key, *_ in planned()]
     for key in sorted((k for k in rows if k != "dense"), key=lambda k: order.index(k) if k in order else len(order)):
         r = rows[key]
         q = r.get("quality") or {}
@@ -162,23 +170,21 @@ def fmt(rows: dict, windows: int) -> str:
     if free and default:  # the run's first calibrated row: it pays the calibration pass
         lines.append(f"Cost: the default's first `welore compress` (ERR 0.1, cold: one calibration pass) took "
                      f"{default['seconds']:.0f} s against {free['seconds']:.0f} s data-free "
-                     f"({default['seconds'] / free['seconds']:.0f}×), measured in one run on {default.get('measured', '?')}; heavy targets (sequential, "
-                     "compensated) take the seconds in their rows.")
-    planned = [f"{kind}={value} | {label}" for kind, value in TARGETS for label, _ in VARIANTS]
-    planned += [f"{kind}={value} | default recipe + --recover {steps}" for kind, value, steps in RECOVER]
-    missing = [k for k in planned if k not in rows]
+                     f"({default['seconds'] / free['seconds']:.0f}×), measured in one run on {default.get('measured', '?')}; "
+                     "heavy targets (sequential, compensated) take the seconds in their rows.")
+    missing = [k for k in order if k not in rows]
     if missing:
         lines.append("Not measured yet (`python -m bench.recipes` measures what its --results lacks): "
                      + ", ".join(missing) + ".")
-    dates = sorted({r.get("measured", "?") for r in rows.values()})
-    if len(dates) > 1:  # rows carried from an earlier run (--results keeps them until they are deleted)
-        latest = dates[-1]
-        older = [k for k, r in rows.items() if r.get("measured", "?") != latest]
+    by_date: dict[str, list[str]] = {}
+    for k, r in rows.items():
+        by_date.setdefault(r.get("measured", "?"), []).append(k)
+    if len(by_date) > 1:  # rows carried from an earlier run (--results keeps them until they are deleted)
+        *earlier, latest = sorted(by_date)
         lines.append(f"Rows measured before {latest} (kept in --results; delete a row there to re-measure it; seconds "
                      "compare only within one date, each run having had its own machine and load): "
-                     + "; ".join(f"{d}: {sum(rows[k].get('measured', '?') == d for k in older)} rows"
-                                 for d in dates[:-1])
-                     + f". Measured on {latest}: " + ", ".join(k for k in rows if k not in older) + ".")
+                     + "; ".join(f"{d}: {len(by_date[d])} rows" for d in earlier)
+                     + f". Measured on {latest}: " + ", ".join(by_date[latest]) + ".")
     intro = (f"`python -m bench.recipes` — {machine()}. SmolLM2-135M; perplexity on {windows} windows × 512 tokens "
              "of three held-out corpora of domains the calibration text does not hold: CommonsenseQA dev questions, "
              "Python's reference documentation, and the descriptions (METADATA) of the Python packages installed "
