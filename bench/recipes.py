@@ -49,7 +49,7 @@ WARMUP = ["--calibration", "none"]  # first row: converts the GGUF and fills the
 
 
 def corpora(work: Path, data_dir: Path) -> dict[str, Path]:
-    """Held-out text of two other domains as JSONL files (`text` per line)."""
+    """Held-out text of other domains as JSONL files (`text` per line)."""
     import pydoc_data.topics as topics
 
     def csqa(obj: dict) -> str:
@@ -72,6 +72,9 @@ def corpora(work: Path, data_dir: Path) -> dict[str, Path]:
     texts = {"csqa": [csqa(json.loads(r)) for r in rows if r.strip()],
              "pydoc": [topics.topics[k] for k in sorted(topics.topics)],
              "pkgdoc": package_docs()}
+    cmake = sorted(Path("/usr/share").glob("cmake-*/Help/**/*.rst"))  # Debian's cmake-data; absent → no column
+    if cmake:
+        texts["cmake"] = [p.read_text(errors="replace") for p in cmake]
     out = {}
     for name, items in texts.items():
         out[name] = work / f"{name}.jsonl"
@@ -121,7 +124,7 @@ def run_rows(work: Path, files: dict[str, Path], windows: int, results: Path, wa
     return done
 
 
-NAMES = {"csqa": "CSQA", "pydoc": "pydoc", "pkgdoc": "pkg docs"}
+NAMES = {"csqa": "CSQA", "pydoc": "pydoc", "pkgdoc": "pkg docs", "cmake": "CMake docs"}
 
 
 def fmt(rows: dict, windows: int) -> str:
@@ -138,11 +141,12 @@ def fmt(rows: dict, windows: int) -> str:
         q = r.get("quality") or {}
         body.append([f"{'ERR' if r['kind'] == 'err' else 'params kept'} {r['value']}", r["label"], f"{r['err']:.3f}",
                      f"{r['params_kept']:.3f}",
-                     *[v for c in dense for v in (f"{r['ppl'][c]:.2f}", f"{r['ppl'][c] / dense[c]:.2f}×")],
+                     *[v for c in dense for v in ((f"{r['ppl'][c]:.2f}", f"{r['ppl'][c] / dense[c]:.2f}×")
+                                                  if c in r["ppl"] else ("-", "-"))],
                      f"{q['ratio']:.2f}×" if q else "-", f"{r['seconds']:.0f}", f"{r['peak_rss_mb']:,.0f}"])
 
     def worst(r: dict) -> tuple[float, str]:
-        return max((r["ppl"][c] / dense[c], NAMES.get(c, c)) for c in dense)
+        return max((r["ppl"][c] / dense[c], NAMES.get(c, c)) for c in dense if c in r["ppl"])
 
     for (kind, value), goal in GOALS.items():
         r = rows.get(f"{kind}={value} | default recipe")
@@ -156,8 +160,8 @@ def fmt(rows: dict, windows: int) -> str:
         rs = {lab: rows.get(f"{kind}={value} | {lab}") for lab in ("default recipe", "whitened, WeLore allocation",
                                                                     "whitened, uniform allocation")}
         if all(rs.values()):
-            lost = [NAMES.get(c, c) for c in dense
-                    if not rs["default recipe"]["ppl"][c] < min(rs[b]["ppl"][c] for b in list(rs)[1:])]
+            lost = [NAMES.get(c, c) for c in dense if all(c in r["ppl"] for r in rs.values())
+                    and not rs["default recipe"]["ppl"][c] < min(rs[b]["ppl"][c] for b in list(rs)[1:])]
             lines.append(f"Goal params kept {value}: default better than both whitened allocations on every corpus — "
                          + ("met." if not lost else f"not met on {', '.join(lost)}."))
     for kind, value, steps in RECOVER:

@@ -2,7 +2,7 @@
 general-heldout.jsonl, the same mix of other items, on which every compression's quality check runs
 (run once by a maintainer; the outputs are committed, the sources are not).
 
-general.jsonl interleaves two halves, so that whitening keeps the directions many domains use:
+general.jsonl interleaves three kinds of text, so that whitening keeps the directions many domains use:
 - text a language model wrote: SmolLM2-135M-Instruct (Apache-2.0) sampling 64 documents of 520
   tokens (temperature 1, top-p 0.95), each from a random first token (as in LLM-QAT's data-free
   calibration) — prose, code, maths, lists, dialogue, in the proportions of its training mix;
@@ -12,8 +12,8 @@ general.jsonl interleaves two halves, so that whitening keeps the directions man
 Each generated document is followed by real records of about the same length, so every prefix
 (calibration takes the first windows) holds both. Only the first half of the BoolQ passages is
 used, so the second half stays unseen. general-heldout.jsonl is built the same way from other
-items: 8 documents generated from another seed, interleaved with unseen passages, problems and
-puzzles, so that the quality check (its first 4 × 512 tokens) sees the model's own mix of domains
+items: 8 documents generated from another seed, interleaved with unseen passages, problems,
+puzzles and source passages drawn with another seed, so that the quality check (its first 4 × 512 tokens) sees the model's own mix of domains
 (code, lists, dialogue) too, not only the real kinds whose siblings were calibrated on. Each record is
 {"text", "source"}. Attribution: welore_core/data/LICENSE-general.md. Why the generated half:
 docs/research/calibration-rounds.md (round 9).
@@ -30,6 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 HELDOUT_DOCS = 8  # generated documents of the held-out file (another seed than the calibration's)
+SOURCE_PACKAGES = ("networkx", "sympy", "numpy")  # BSD-3-Clause, installed with torch
 
 
 def main() -> int:
@@ -57,10 +58,11 @@ def main() -> int:
     real = mix(passages, svamp[:2 * n], coins[:n])
     generated = ([json.loads(line)["text"] for line in args.generated.read_text().splitlines() if line.strip()]
                  if args.generated else generate())
-    write(args.out / "general.jsonl", interleave(generated, real))
+    write(args.out / "general.jsonl", interleave(generated, real, source_passages(len(generated), seed=0)))
     unseen = ([json.loads(line)["text"] for line in args.generated_heldout.read_text().splitlines() if line.strip()]
               if args.generated_heldout else generate(docs=HELDOUT_DOCS, seed=1))
-    write(args.out / "general-heldout.jsonl", interleave(unseen, mix(heldout, svamp[2 * n:], coins[n:])))
+    write(args.out / "general-heldout.jsonl",
+          interleave(unseen, mix(heldout, svamp[2 * n:], coins[n:]), source_passages(len(unseen), seed=1)))
     return 0
 
 
@@ -84,16 +86,36 @@ def generate(docs: int = 64, tokens: int = 520, seed: int = 0) -> list[str]:
     return [lm.tokenizer.decode(row, skip_special_tokens=True) for row in out]
 
 
-def interleave(generated: list[str], real: list[dict]) -> list[dict]:
-    """Each generated document, then real records of about its length (the rest of the real ones last)."""
+def source_passages(count: int, seed: int, chars: int = 2000) -> list[str]:
+    """`count` passages of about `chars` characters (whole lines) of NumPy/SymPy/NetworkX source (not tests),
+    each from a random line of a random module."""
+    import importlib.util
+    import random
+
+    files = sorted(p for pkg in SOURCE_PACKAGES
+                   for p in Path(importlib.util.find_spec(pkg).submodule_search_locations[0]).rglob("*.py")
+                   if "test" not in str(p) and p.stat().st_size > 4000)
+    rng, out = random.Random(seed), []
+    while len(out) < count:
+        lines = rng.choice(files).read_text(errors="ignore").splitlines(keepends=True)
+        text = "".join(lines[rng.randrange(0, max(1, len(lines) - 40)):])[:chars]
+        if len(text) >= chars // 2:
+            out.append(text[: text.rfind("\n") + 1])
+    return out
+
+
+def interleave(generated: list[str], real: list[dict], source: list[str]) -> list[dict]:
+    """Each generated document, then real records of about its length and one source passage (the rest of
+    the real ones last)."""
     out, i = [], 0
-    for text in generated:
+    for text, code in zip(generated, source, strict=True):
         out.append({"text": text, "source": "smollm2-generated"})
         size = 0
         while size < len(text) and i < len(real):
             out.append(real[i])
             size += len(real[i]["text"])
             i += 1
+        out.append({"text": code, "source": "python-source"})
     return out + real[i:]
 
 
