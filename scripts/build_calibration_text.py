@@ -8,15 +8,18 @@ general.jsonl interleaves three kinds of text, so that whitening keeps the direc
   calibration) — prose, code, maths, lists, dialogue, in the proportions of its training mix;
 - three kinds of real text: encyclopaedic prose (Wikipedia passages as distributed with BoolQ,
   CC BY-SA 3.0), arithmetic word problems (SVAMP, MIT licence) and short state-tracking puzzles
-  (the coin-flip task of Wei et al., synthetic).
-Each generated document is followed by real records of about the same length, so every prefix
-(calibration takes the first windows) holds both. Only the first half of the BoolQ passages is
-used, so the second half stays unseen. general-heldout.jsonl is built the same way from other
-items: 8 documents generated from another seed, interleaved with unseen passages, problems,
-puzzles and source passages drawn with another seed, so that the quality check (its first 4 × 512 tokens) sees the model's own mix of domains
-(code, lists, dialogue) too, not only the real kinds whose siblings were calibrated on. Each record is
-{"text", "source"}. Attribution: welore_core/data/LICENSE-general.md. Why the generated half:
-docs/research/calibration-rounds.md (round 9).
+  (the coin-flip task of Wei et al., synthetic);
+- passages of Python library source (NumPy, SymPy, NetworkX: BSD-3-Clause, installed with torch),
+  code with its docstrings, the technical register the other two lack.
+Each generated document is followed by real records of about the same length and one source passage
+(~2,000 characters), so every prefix (calibration takes the first windows) holds all three. Only the
+first half of the BoolQ passages is used, so the second half stays unseen. general-heldout.jsonl is
+built the same way from other items: 8 documents generated from another seed, interleaved with
+unseen passages, problems, puzzles and source passages drawn with another seed, so that the quality
+check (its first 4 × 512 tokens) sees the model's own mix of domains (code, lists, dialogue) too, not
+only the real kinds whose siblings were calibrated on. Each record is {"text", "source"}.
+Attribution: welore_core/data/LICENSE-general.md. Why the generated half:
+docs/research/calibration-rounds.md (round 9); why the source: docs/research/calibration-text.md.
 
 Usage: python scripts/build_calibration_text.py [--data ../shared/data] [--generated FILE] [--generated-heldout FILE]
   --generated FILE  reuse generated documents (JSONL, `text`) instead of sampling them (~4 min on 2 cores)
