@@ -178,7 +178,7 @@ def fmt(rows: dict, windows: int) -> str:
     missing = [k for k in order if k not in rows]
     if missing:
         lines.append("Not measured yet (`python -m bench.recipes` measures what its --results lacks): "
-                     + ", ".join(missing) + ".")
+                     + "; ".join(missing) + ".")
     by_date: dict[str, list[str]] = {}
     for k, r in rows.items():
         by_date.setdefault(r.get("measured", "?"), []).append(k)
@@ -187,7 +187,7 @@ def fmt(rows: dict, windows: int) -> str:
         lines.append(f"Rows measured before {latest} (kept in --results; delete a row there to re-measure it; seconds "
                      "compare only within one date, each run having had its own machine and load): "
                      + "; ".join(f"{d}: {len(by_date[d])} rows" for d in earlier)
-                     + f". Measured on {latest}: " + ", ".join(by_date[latest]) + ".")
+                     + f". Measured on {latest}: " + "; ".join(by_date[latest]) + ".")
     intro = (f"`python -m bench.recipes` — {machine()}. SmolLM2-135M; perplexity on {windows} windows × 512 tokens "
              "of held-out corpora of domains the calibration text does not hold: CommonsenseQA dev questions, "
              "Python's reference documentation, the descriptions (METADATA) of the Python packages installed "

@@ -41,7 +41,8 @@ def register(sub) -> None:
                        "checkpoint; full trains everything; lora trains peft LoRA adapters on a dense model.")
     p.add_argument("model", help="registry name (smollm2-135m), model directory or WeLore checkpoint")
     p.add_argument("--data", required=True, help="a .jsonl (text, or prompt+completion) or .txt file, or a built-in "
-                   "name: boolq, commonsenseqa (tasks), boolq-passages (BoolQ passages as plain text)")
+                   "name: boolq, commonsenseqa (tasks), boolq-passages (BoolQ passages as plain text), general (the "
+                   "general text shipped with welore, what --recover distils on)")
     p.add_argument("--data-format", choices=DATA_FORMATS, default="auto",
                    help="how to read --data (default: detected from the first JSONL object)")
     p.add_argument("--method", choices=METHODS, default="welore")
