@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from tiny_llama import make_tiny_llama, train_tokenizer as _tokenizer
+from welore_core.corpus import builtin_names
 from welore_core.errors import Cancelled, InvalidArgument, InvalidData, OutputExists
 from welore_core.finetune import FinetuneConfig, finetune_checkpoint
 from welore_core.finetune.data import (IGNORE, BatchStream, Example, build_dataset, encode_example, pack,
@@ -351,6 +352,8 @@ def test_builtin_task_formatters(tiny, data_dir):
                        choice_examples=5)
     assert len(ds.choices) == 5 and ds.format == "commonsenseqa"
     assert all(sum(x != IGNORE for x in s.labels) >= 2 for s in ds.train[:20])  # answer letter + EOS
+    for name in builtin_names():  # the names `welore finetune --data` lists are the names it reads
+        assert read_data(name)[2], name
 
 
 def test_prompt_completion_and_txt_and_bad_data(tiny, tmp_path):

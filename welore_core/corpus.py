@@ -25,6 +25,13 @@ BUILTIN = {
 _PACKAGE_DATA = Path(__file__).resolve().parent / "data"
 PACKAGED = {"general": _PACKAGE_DATA / "general.jsonl", "general-heldout": _PACKAGE_DATA / "general-heldout.jsonl"}
 TEXT_FIELDS = ("text", "passage")
+# Fine-tuning's extra built-in names: name → (built-in name above, the data format it is read as).
+ALIASES = {"boolq-passages": ("boolq", "text")}
+
+
+def builtin_names() -> list[str]:
+    """Every built-in name fine-tuning data accepts (evaluation and calibration accept all but ALIASES)."""
+    return sorted({*BUILTIN, *PACKAGED, *ALIASES})
 
 
 def resolve_data(spec: str | Path) -> Path:

@@ -34,6 +34,7 @@ def _positive_float(text: str) -> float:
 
 def register(sub) -> None:
     from ..finetune.config import DATA_FORMATS, FROZEN_DTYPES, METHODS, PRECISIONS
+    from ..corpus import builtin_names
 
     p = sub.add_parser("finetune", help="fine-tune a model: WeLore-COFT (low-rank factors only), full or LoRA",
                        description="Fine-tune MODEL (registry name, model directory or WeLore checkpoint). "
@@ -41,8 +42,8 @@ def register(sub) -> None:
                        "checkpoint; full trains everything; lora trains peft LoRA adapters on a dense model.")
     p.add_argument("model", help="registry name (smollm2-135m), model directory or WeLore checkpoint")
     p.add_argument("--data", required=True, help="a .jsonl (text, or prompt+completion) or .txt file, or a built-in "
-                   "name: boolq, commonsenseqa (tasks), boolq-passages (BoolQ passages as plain text), general (the "
-                   "general text shipped with welore, what --recover distils on)")
+                   f"name ({', '.join(builtin_names())}): boolq-passages is BoolQ's passages as plain text, general "
+                   "the text shipped with welore (what --recover distils on)")
     p.add_argument("--data-format", choices=DATA_FORMATS, default="auto",
                    help="how to read --data (default: detected from the first JSONL object)")
     p.add_argument("--method", choices=METHODS, default="welore")

@@ -22,14 +22,10 @@ from typing import Optional
 
 import torch
 
-from ..corpus import TEXT_FIELDS, iter_jsonl, resolve_data
+from ..corpus import ALIASES, TEXT_FIELDS, iter_jsonl, resolve_data
 from ..errors import InvalidArgument, InvalidData
 
 IGNORE = -100  # label of a position that is not scored
-
-# Extra built-in names: (corpus name understood by corpus.resolve_data, forced format).
-ALIASES = {"boolq-passages": ("boolq", "text")}
-
 
 @dataclass
 class Example:
