@@ -125,13 +125,16 @@ def test_defaults_of_both_surfaces_are_the_configs():
     for heavy in (d, CompressConfig(err=0.5), CompressConfig(params_kept=0.8)):
         assert heavy.resolve().calibration.sequential and heavy.resolve().calibration.compensate
     assert CompressConfig(params_kept=0.9).resolve().calibration.compensate is False
-    # damping "auto": the light value up to HEAVY_DAMP_FROM_ERR (ERR 0.3 and params kept 0.8 included), then the heavy one
+    # damping and windows "auto": the light values up to HEAVY_CALIBRATION_FROM_ERR (ERR 0.3 and params kept 0.8
+    # included), then the heavy ones
     assert d.calibration.damp is None and d.resolve().calibration.damp == config.DAMP
     assert CompressConfig(params_kept=0.8).resolve().calibration.damp == config.DAMP
-    for heavy in (CompressConfig(err=config.HEAVY_DAMP_FROM_ERR), CompressConfig(err=0.5), CompressConfig(params_kept=0.6)):
+    for heavy in (CompressConfig(err=config.HEAVY_CALIBRATION_FROM_ERR), CompressConfig(err=0.5), CompressConfig(params_kept=0.6)):
         assert heavy.resolve().calibration.damp == config.HEAVY_DAMP > config.DAMP
-    given = CompressConfig(err=0.5, calibration=CalibrationConfig(damp=0.05))
-    assert given.resolve().calibration.damp == 0.05  # a given value is kept
+        assert heavy.resolve().calibration.samples == config.HEAVY_SAMPLES > config.SAMPLES  # and more windows
+    assert d.resolve().calibration.samples == CompressConfig(params_kept=0.8).resolve().calibration.samples == config.SAMPLES
+    given = CompressConfig(err=0.5, calibration=CalibrationConfig(damp=0.05, samples=32))
+    assert (given.resolve().calibration.damp, given.resolve().calibration.samples) == (0.05, 32)  # given values are kept
 
 
 # -- defaults and ranges live in one place: change one, both surfaces follow --------------------
@@ -183,15 +186,15 @@ def test_a_changed_range_reaches_the_cli_and_the_rest_schema(patched_config, cap
 
 def test_a_changed_default_reaches_the_cli_and_the_rest_params(patched_config):
     mod, cli, params = patched_config([("min_ratio: float = field(default=0.5,", "min_ratio: float = field(default=0.25,"),
-                                       ("samples: int = field(default=64,", "samples: int = field(default=48,")])
+                                       ("seq_len: int = field(default=512,", "seq_len: int = field(default=384,")])
     args = cli.build_parser().parse_args(["compress", "m", "--out", "o", "--err", "0.3"])
     from_cli = cli.compress.config_from_args(args)
     p = params.CompressParams(err=0.3).model_dump()
     from_rest = mod.CompressConfig.from_options({k: p[k] for k in mod.OPTIONS})
     assert from_cli == from_rest
-    assert (from_cli.min_ratio, from_cli.calibration.samples) == (0.25, 48)
+    assert (from_cli.min_ratio, from_cli.calibration.seq_len) == (0.25, 384)
     help_text = {a.dest: a.help for a in compress_parser(cli.build_parser)._actions}
-    assert "(default 0.25)" in help_text["min_ratio"] and "(default 48)" in help_text["calib_samples"]
+    assert "(default 0.25)" in help_text["min_ratio"] and "(default 384)" in help_text["calib_seq_len"]
     assert "(default 0.25)" in params.CompressParams.model_fields["min_ratio"].description
 
 

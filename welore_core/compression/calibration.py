@@ -48,10 +48,10 @@ from ..spectrum import SpectrumCache
 from ..layerwise.hidden import HiddenStates
 from ..layerwise.layers import ResidentLayers
 from ..targets import closes_block, layer_index
+from .config import SAMPLES
 from .whiten import DAMP, Transform, transformed_svd
 
 CAL_FORMAT = "calib-v1"
-DEFAULT_SAMPLES = 64
 DEFAULT_SEQ_LEN = 512
 BATCH_TOKENS = 4096  # calibration windows per forward: ⌈BATCH_TOKENS / seq_len⌉
 
@@ -84,7 +84,7 @@ class Calibration:
                 "tokens": self.samples * self.seq_len, "tokens_hash": self.tokens_hash}
 
 
-def load_calibration(tokenizer, data: str, samples: int = DEFAULT_SAMPLES,
+def load_calibration(tokenizer, data: str, samples: int = SAMPLES,
                      seq_len: int = DEFAULT_SEQ_LEN) -> Calibration:
     """The first `samples` windows of `seq_len` tokens of `data` (a .txt/.jsonl file or a
     built-in name), in file order, like evaluation windows."""

@@ -24,9 +24,13 @@ NO_CALIBRATION = "none"
 DEFAULT_CALIBRATION = "general"  # the text shipped in welore_core/data (see corpus.BUILTIN)
 HEAVY_FROM_ERR = 0.2  # sequential/compensate "auto": on from this ERR (or its parameter equivalent) up;
 # below it they cost 5× the seconds for nothing measurable (docs/research/allocation-objective.md)
-DAMP = 0.01  # whitening damping "auto" below HEAVY_DAMP_FROM_ERR (δ = DAMP·mean diag of the Gram matrix)
-HEAVY_DAMP, HEAVY_DAMP_FROM_ERR = 0.3, 0.4  # from this ERR up a higher floor under the directions the calibration text
-# hardly uses pays on other domains' text; below it, it costs (docs/research/damping.md)
+# "auto" calibration below HEAVY_CALIBRATION_FROM_ERR / from it up (params kept 0.6 down). Heavy compression drops
+# directions the calibration text hardly uses, which other domains' text may use: there a higher whitening damping
+# (δ = damp·mean diag of the Gram matrix) pays, and twice the calibration windows; below, the floor costs and the
+# windows cost seconds for little (docs/research/damping.md, docs/research/calibration-samples.md)
+HEAVY_CALIBRATION_FROM_ERR = 0.4
+DAMP, HEAVY_DAMP = 0.01, 0.3
+SAMPLES, HEAVY_SAMPLES = 64, 128
 RECIPE_VERSION = 1
 MAX_ERR, MIN_PARAMS_KEPT = 0.9, 0.1  # beyond these a compressed model is refused as unusable
 
@@ -44,8 +48,10 @@ class CalibrationConfig:
     data: str = field(default=DEFAULT_CALIBRATION, metadata=_opt(
         "calibration", "calibration text: a .txt/.jsonl file, a built-in name (general: the text shipped "
         "with welore), or none for data-free WeLore"))
-    samples: int = field(default=64, metadata=_opt("calib_samples", "calibration windows (the first N of the text)",
-                                                   lo=1, hi=100_000))
+    samples: Optional[int] = field(default=None, metadata=_opt(
+        "calib_samples", f"calibration windows (the first N of the text); auto: {HEAVY_SAMPLES} from ERR "
+        f"{HEAVY_CALIBRATION_FROM_ERR:g} (params kept {1 - HEAVY_CALIBRATION_FROM_ERR:g}) on, else {SAMPLES}",
+        lo=1, hi=100_000))
     seq_len: int = field(default=512, metadata=_opt("calib_seq_len", "tokens per calibration window",
                                                     lo=2, hi=32_768))
     factorization: str = field(default="whitened", metadata=_opt(
@@ -60,8 +66,8 @@ class CalibrationConfig:
         f"more layer run per layer); auto: on from ERR {HEAVY_FROM_ERR} when sequential", tristate=True))
     damp: Optional[float] = field(default=None, metadata=_opt(
         "damp", "whitening damping, a fraction of the Gram's mean diagonal added to it (a floor under the directions "
-        f"the calibration text hardly uses); auto: {HEAVY_DAMP:g} from ERR {HEAVY_DAMP_FROM_ERR:g} (params kept "
-        f"{1 - HEAVY_DAMP_FROM_ERR:g}) on, else {DAMP:g}",
+        f"the calibration text hardly uses); auto: {HEAVY_DAMP:g} from ERR {HEAVY_CALIBRATION_FROM_ERR:g} (params kept "
+        f"{1 - HEAVY_CALIBRATION_FROM_ERR:g}) on, else {DAMP:g}",
         lo=0.0, hi=1.0))
 
 
@@ -120,8 +126,10 @@ class CompressConfig:
         if cal is not None:
             sequential = (self.heavy() or bool(cal.compensate)) if cal.sequential is None else cal.sequential
             compensate = sequential and self.heavy() if cal.compensate is None else cal.compensate
-            damp = (HEAVY_DAMP if self.heavy(HEAVY_DAMP_FROM_ERR) else DAMP) if cal.damp is None else cal.damp
-            cal = replace(cal, sequential=sequential, compensate=compensate, damp=damp)
+            heavier = self.heavy(HEAVY_CALIBRATION_FROM_ERR)
+            samples = (HEAVY_SAMPLES if heavier else SAMPLES) if cal.samples is None else cal.samples
+            damp = (HEAVY_DAMP if heavier else DAMP) if cal.damp is None else cal.damp
+            cal = replace(cal, samples=samples, sequential=sequential, compensate=compensate, damp=damp)
         return replace(self, method=method, calibration=cal)
 
     # -- serialisation ---------------------------------------------------------------------
@@ -206,7 +214,7 @@ class Option:
         return "--" + self.name.replace("_", "-")
 
 
-_TYPES = {"Optional[float]": float, "float": float, "int": int, "str": str, "bool": bool, "Optional[bool]": bool}
+_TYPES = {"Optional[float]": float, "float": float, "int": int, "Optional[int]": int, "str": str, "bool": bool, "Optional[bool]": bool}
 _SECTIONS = {"calibration": CalibrationConfig, "experimental": ExperimentalConfig}
 
 
