@@ -10,7 +10,8 @@ corpora of domains the calibration text does not hold: CommonsenseQA dev questio
 choices and answer, the Python documentation's reference topics (read from the stdlib), the
 descriptions of the Python packages installed beside welore (their METADATA: READMEs of software),
 and CMake's reference documentation where Debian's cmake-data is installed. Which choices looked at
-which corpus: docs/research/calibration-rounds.md (round 9), damping.md, calibration-text.md.
+which corpus: docs/research/calibration-rounds.md (round 9), damping.md, calibration-text.md,
+calibration-samples.md.
 
 Rows are saved as they finish (`--results`), so an interrupted run resumes where it stopped. The
 run uses a spectrum cache of its own (a fresh temporary directory): the first calibrated row pays
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 from bench.report import machine, table, welore_json as cli
+from welore_core.compression import config as cfg
 from welore_core.compression.config import CompressConfig
 
 MODEL = "smollm2-135m"
@@ -194,11 +196,15 @@ def fmt(rows: dict, windows: int) -> str:
              "beside welore, and CMake's reference documentation (reStructuredText, Debian's cmake-data; a column "
              "only where it is installed). The damping switch (docs/research/damping.md) was chosen on the first "
              "three; the library source in the calibration text (docs/research/calibration-text.md) was one "
-             "variant measured on all four, nothing tuned. Default recipe = `welore compress MODEL --err F` with "
-             "nothing else: calibrated on the shipped general text (64 × 512 tokens: generated documents, "
-             "Wikipedia, word problems, puzzles, Python library source), loss allocation (Σ e²), "
-             "sequential and compensated from ERR 0.2 (params kept 0.8), whitening damping 0.3 from ERR 0.4 (params kept "
-             "0.6; 0.01 below). `whitened, … allocation` = the same recipe with only `--method` changed. "
+             "variant measured on all four, nothing tuned; the heavy targets' calibration windows "
+             "(docs/research/calibration-samples.md) were chosen on all four and checked on a fifth no choice had "
+             "seen (GNU info manuals). Default recipe = `welore compress MODEL --err F` with "
+             "nothing else: calibrated on the shipped general text (generated documents, Wikipedia, word problems, "
+             f"puzzles, Python library source; {cfg.SAMPLES} × 512 tokens), loss allocation (Σ e²), sequential and "
+             f"compensated from ERR {cfg.HEAVY_FROM_ERR:g} (params kept {1 - cfg.HEAVY_FROM_ERR:g}), from ERR "
+             f"{cfg.HEAVY_CALIBRATION_FROM_ERR:g} (params kept {1 - cfg.HEAVY_CALIBRATION_FROM_ERR:g}) whitening damping "
+             f"{cfg.HEAVY_DAMP:g} instead of {cfg.DAMP:g} and {cfg.HEAVY_SAMPLES} calibration windows "
+             "(docs/research/calibration-samples.md). `whitened, … allocation` = the same recipe with only `--method` changed. "
              "`quality check ×` = the ratio the command itself reported on its held-out slice. Seconds and peak RSS: "
              "the whole `welore compress` process (load, calibration, compression, quality check, write), with a "
              "spectrum cache fresh at the start of the run: the first calibrated row at a light target pays the "
