@@ -214,7 +214,8 @@ class Option:
         return "--" + self.name.replace("_", "-")
 
 
-_TYPES = {"Optional[float]": float, "float": float, "int": int, "Optional[int]": int, "str": str, "bool": bool, "Optional[bool]": bool}
+_TYPES = {"float": float, "Optional[float]": float, "int": int, "Optional[int]": int, "str": str, "bool": bool,
+          "Optional[bool]": bool}
 _SECTIONS = {"calibration": CalibrationConfig, "experimental": ExperimentalConfig}
 
 

@@ -27,6 +27,7 @@ from ..errors import InvalidArgument, InvalidData
 
 IGNORE = -100  # label of a position that is not scored
 
+
 @dataclass
 class Example:
     """One prompt/completion pair; `options`/`gold` make it a multiple-choice item."""
