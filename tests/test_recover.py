@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 
-from welore_core.compression.config import CalibrationConfig, CompressConfig
+from welore_core.compression.config import RECOVER_OPTIONS, RECOVER_TEXT, CalibrationConfig, CompressConfig
 from welore_core.compression.pipeline import compress_checkpoint
 from welore_core.errors import OutputExists
 
@@ -44,6 +45,7 @@ def test_recover_fine_tunes_the_factors_from_the_dense_teacher(tiny, tmp_path, f
     assert r["recovery"]["steps"] == 3 and r["recovery"]["teacher"] == str(tiny / "dense")
     meta = json.loads((out / "welore.json").read_text())
     assert meta["training"]["config"]["teacher"] == str(tiny / "dense")  # distilled from the dense source
+    assert {k: meta["training"]["config"][k] for k in RECOVER_OPTIONS} == RECOVER_OPTIONS
     assert meta["recipe"] == r["recipe"] and meta["factored"]  # still the compressed, factorised model
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # the intermediate checkpoint is gone
 
@@ -64,3 +66,15 @@ def test_outputs_are_checked_before_any_work(tiny, tmp_path, fresh_cache, monkey
         compress_checkpoint(str(tiny / "dense"), tmp_path / "new", recipe(tiny / "text.txt"), merged_out=merged,
                             cache=fresh_cache)
     assert (out / "keep").read_text() == "x" and not (tmp_path / "new").exists()
+
+
+def test_what_recover_runs_is_stated_where_users_read_it():
+    from api.jobs.params import CompressParams
+    from welore_core.cli import build_parser
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| `--recover STEPS`"))
+    compress = next(a for a in build_parser()._subparsers._group_actions[0].choices["compress"]._actions
+                    if "--recover" in a.option_strings)
+    assert RECOVER_TEXT in row and RECOVER_TEXT in compress.help
+    assert RECOVER_TEXT in CompressParams.model_fields["recover"].description

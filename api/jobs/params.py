@@ -7,7 +7,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from welore_core.compression.config import OPTIONS, CompressConfig, Option
+from welore_core.compression.config import OPTIONS, RECOVER_TEXT, CompressConfig, Option
 from welore_core.errors import InvalidArgument
 
 
@@ -52,8 +52,8 @@ CompressParams = create_model(
     "(give exactly one of `err` and `params_kept`), plus what to do with the result.",
     **{o.name: _compress_field(o) for o in OPTIONS.values()},
     merged=(bool, Field(False, description="also export merged dense weights (artifacts under merged/)")),
-    recover=(int, Field(0, ge=0, le=100_000, description="then fine-tune the low-rank factors for this many "
-                                                        "steps, distilled from the source model (0: no recovery)")),
+    recover=(int, Field(0, ge=0, le=100_000, description="then fine-tune the low-rank factors for this many steps, "
+                        f"distilled from the source model ({RECOVER_TEXT}; 0: no recovery)")),
     recover_data=(Optional[str], Field(None, min_length=1, max_length=200,
                                        description="text for recover: an uploaded file id or a built-in name "
                                                    "(default: the shipped general text)")))

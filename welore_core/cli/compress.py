@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..compression.config import OPTIONS, CompressConfig, Option, range_text
+from ..compression.config import OPTIONS, RECOVER_TEXT, CompressConfig, Option, range_text
 from ..errors import InvalidArgument
 from .common import add_device_flag, add_json_flag, check_outputs, emit, peak_rss_mb, positive_int, progress_for
 
@@ -57,7 +57,7 @@ def register(sub) -> None:
     p.add_argument("model", help="registry name (smollm2-135m), .gguf file or model directory")
     add_recipe_flags(p)
     p.add_argument("--recover", type=positive_int, default=None, metavar="STEPS",
-                   help="then fine-tune the low-rank factors for STEPS steps, distilled from MODEL (WeLore-COFT)")
+                   help=f"then fine-tune the low-rank factors for STEPS steps, distilled from MODEL ({RECOVER_TEXT})")
     p.add_argument("--recover-data", metavar="DATA", help="text for --recover (default: the shipped general text)")
     p.add_argument("--out", required=True, help="directory for the compressed checkpoint")
     p.add_argument("--merged-out", help="also write a dense (merged) export loadable by plain transformers")

@@ -32,6 +32,14 @@ HEAVY_CALIBRATION_FROM_ERR = 0.4
 DAMP, HEAVY_DAMP = 0.01, 0.3
 SAMPLES, HEAVY_SAMPLES = 64, 128
 RECIPE_VERSION = 1
+# What `--recover STEPS` runs after compressing: distilled WeLore-COFT from the dense source on RECOVER_DATA when the
+# user gives no text. lr 1e-4: better than 2e-4 and 5e-4 on every held-out corpus of bench.recipes, and than 5e-4 on
+# the recovery text's own held-out documents; 4 x 512-token windows measured no better (docs/research/recovery-lr.md)
+RECOVER_DATA = DEFAULT_CALIBRATION
+RECOVER_OPTIONS = {"method": "welore", "batch_size": 8, "seq_len": 256, "lr": 1e-4, "precision": "auto",
+                   "distill_weight": 1.0}
+RECOVER_TEXT = (f"WeLore-COFT, batch {RECOVER_OPTIONS['batch_size']} × {RECOVER_OPTIONS['seq_len']} tokens, "
+                f"lr {RECOVER_OPTIONS['lr']:g}")  # what CLI, REST and README say it runs
 MAX_ERR, MIN_PARAMS_KEPT = 0.9, 0.1  # beyond these a compressed model is refused as unusable
 
 

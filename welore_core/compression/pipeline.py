@@ -21,15 +21,9 @@ from ..loading import load_model, output_dtype
 from ..outputs import check_outputs
 from ..progress import ProgressEvent, ProgressFn, StopFn, check_stop, no_progress
 from ..spectrum import SpectrumCache
-from .config import CompressConfig
+from .config import RECOVER_DATA, RECOVER_OPTIONS, CompressConfig
 from .model import compress_model
 from .quality import Quality, advice, held_out_perplexity
-
-RECOVER_DATA = "general"  # distillation text of --recover when none is given (the calibration text)
-# lr 1e-4: better than 2e-4 and 5e-4 on every held-out corpus of bench.recipes, and than 5e-4 on the recovery
-# text's own held-out documents (docs/research/recovery-lr.md); 4 x 512-token windows measured no better
-RECOVER_OPTIONS = {"method": "welore", "batch_size": 8, "seq_len": 256, "lr": 1e-4, "precision": "auto",
-                   "distill_weight": 1.0}
 
 
 def compress_checkpoint(model: str, out: str | Path, config: CompressConfig, *, merged_out: str | Path | None = None,
