@@ -13,10 +13,12 @@ and CMake's reference documentation where Debian's cmake-data is installed. Whic
 which corpus: docs/research/calibration-rounds.md (round 9), damping.md, calibration-text.md,
 calibration-samples.md.
 
-Rows are saved as they finish (`--results`), so an interrupted run resumes where it stopped. The
+Rows are saved as they finish (`--results`, default bench/results/recipes-w<windows>.json, kept in the
+repository), so an interrupted run resumes where it stopped and a fresh checkout re-renders the section
+without measuring anything; delete a row there to re-measure it. The
 run uses a spectrum cache of its own (a fresh temporary directory): the first calibrated row pays
 the calibration pass, later rows with the same calibration reuse it, as a user's would.
-Usage: python -m bench.recipes [--windows 8] [--results .welore/bench/recipes.json] [--only KEY ...] [--skip KEY ...]
+Usage: python -m bench.recipes [--windows 8] [--results bench/results/recipes-w8.json] [--only KEY ...] [--skip KEY ...]
 """
 
 from __future__ import annotations
@@ -121,7 +123,9 @@ def run_rows(work: Path, files: dict[str, Path], windows: int, results: Path, wa
         save(key, {"kind": kind, "value": value, "label": label, "err": r["err_achieved"],
                    "params_kept": r["params_kept_achieved"], "seconds": r["seconds"],
                    "compress_seconds": r["compress_seconds"], "peak_rss_mb": r["peak_rss_mb"],
-                   "quality": r.get("quality"), "ppl": evaluate(str(out), files, windows)})
+                   "quality": r.get("quality"), "ppl": evaluate(str(out), files, windows),
+                   **({"recovery": {k: v for k, v in r["recovery"].items() if k != "loss_curve"}}
+                      if r.get("recovery") else {})})
     return done
 
 
@@ -228,11 +232,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--results", type=Path, default=None,
-                    help="rows measured so far (default .welore/bench/recipes-w<windows>.json)")
+                    help="rows measured so far (default bench/results/recipes-w<windows>.json)")
     ap.add_argument("--only", nargs="*", default=[], help="run only rows whose key contains one of these")
     ap.add_argument("--skip", nargs="*", default=[], help="do not run rows whose key contains one of these")
     args = ap.parse_args()
-    results = args.results or ROOT / ".welore" / "bench" / f"recipes-w{args.windows}.json"
+    results = args.results or ROOT / "bench" / "results" / f"recipes-w{args.windows}.json"
     with tempfile.TemporaryDirectory() as d:
         os.environ["WELORE_CACHE_DIR"] = str(Path(d) / "cache")  # inherited by every `welore` child
         body = quality_section(Path(d), args.windows, results, lambda key: (
