@@ -1,0 +1,20 @@
+"""The compression-recipes section of BENCHMARKS.md is rendered from the rows kept in the repository
+(bench/results/recipes-w8.json): every planned row is there, and the published table and goal lines are
+exactly what `python -m bench.recipes` renders from them (no measurement needed)."""
+
+from __future__ import annotations
+
+import json
+
+from bench.recipes import ROOT, fmt, planned
+
+
+def test_tracked_rows_cover_the_plan_and_render_the_published_section():
+    rows = json.loads((ROOT / "bench" / "results" / "recipes-w8.json").read_text())
+    assert set(rows) == {"dense"} | {key for key, *_ in planned()}
+    rendered = fmt(rows, 8)
+    assert "Not measured yet" not in rendered
+    published = (ROOT / "BENCHMARKS.md").read_text().split("<!-- bench:compression-recipes -->\n")[1]
+    published = published.split("<!-- /bench:compression-recipes -->")[0]
+    # the first paragraph names the machine and the day it was rendered; everything after it is the measurement
+    assert published.rstrip().split("\n\n")[2:] == rendered.split("\n\n")[1:]
