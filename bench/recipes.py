@@ -129,6 +129,7 @@ def run_rows(work: Path, files: dict[str, Path], windows: int, results: Path, wa
     return done
 
 
+SECTION, TITLE = "compression-recipes", "## Compression recipes: quality at equal ERR and at equal parameters\n\n"
 NAMES = {"csqa": "CSQA", "pydoc": "pydoc", "pkgdoc": "pkg docs", "cmake": "CMake docs"}
 
 
@@ -217,6 +218,11 @@ def fmt(rows: dict, windows: int) -> str:
     return "\n\n".join([intro, table(head, body), *lines])
 
 
+def results_file(windows: int) -> Path:
+    """Where the rows measured so far are kept (in the repository: the section re-renders without measuring)."""
+    return ROOT / "bench" / "results" / f"recipes-w{windows}.json"
+
+
 def quality_section(work: Path, windows: int, results: Path, wanted: Callable[[str], bool] = lambda key: True) -> str:
     from welore_core.settings import get_core_settings
 
@@ -236,13 +242,13 @@ def main() -> int:
     ap.add_argument("--only", nargs="*", default=[], help="run only rows whose key contains one of these")
     ap.add_argument("--skip", nargs="*", default=[], help="do not run rows whose key contains one of these")
     args = ap.parse_args()
-    results = args.results or ROOT / "bench" / "results" / f"recipes-w{args.windows}.json"
+    results = args.results or results_file(args.windows)
     with tempfile.TemporaryDirectory() as d:
         os.environ["WELORE_CACHE_DIR"] = str(Path(d) / "cache")  # inherited by every `welore` child
         body = quality_section(Path(d), args.windows, results, lambda key: (
             not args.only or any(o in key for o in args.only)) and not any(o in key for o in args.skip))
     print(body)
-    write_section("compression-recipes", "## Compression recipes: quality at equal ERR and at equal parameters\n\n" + body)
+    write_section(SECTION, TITLE + body)
     return 0
 
 

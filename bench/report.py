@@ -45,10 +45,20 @@ def machine() -> str:
     return f"{dev}; torch {torch.__version__}; Python {platform.python_version()}; {_dt.date.today().isoformat()}"
 
 
+def _section(name: str) -> re.Pattern:
+    return re.compile(rf"<!-- bench:{re.escape(name)} -->\n(.*?)\n<!-- /bench:{re.escape(name)} -->", re.S)
+
+
+def read_section(name: str) -> str | None:
+    """The body of the section `name` of BENCHMARKS.md, as `write_section` wrote it (None where absent)."""
+    m = _section(name).search(BENCHMARKS.read_text()) if BENCHMARKS.exists() else None
+    return m.group(1) if m else None
+
+
 def write_section(name: str, body: str) -> None:
     """Replace (or append) the section `name` of BENCHMARKS.md."""
     text = BENCHMARKS.read_text() if BENCHMARKS.exists() else HEADER
     block = f"<!-- bench:{name} -->\n{body.rstrip()}\n<!-- /bench:{name} -->"
-    pattern = re.compile(rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->", re.S)
+    pattern = _section(name)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     BENCHMARKS.write_text(text)

@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import json
 
-from bench.recipes import ROOT, fmt, planned
+from bench.recipes import SECTION, TITLE, fmt, planned, results_file
+from bench.report import read_section
 
 
 def test_tracked_rows_cover_the_plan_and_render_the_published_section():
-    rows = json.loads((ROOT / "bench" / "results" / "recipes-w8.json").read_text())
+    rows = json.loads(results_file(8).read_text())
     assert set(rows) == {"dense"} | {key for key, *_ in planned()}
     rendered = fmt(rows, 8)
     assert "Not measured yet" not in rendered
-    published = (ROOT / "BENCHMARKS.md").read_text().split("<!-- bench:compression-recipes -->\n")[1]
-    published = published.split("<!-- /bench:compression-recipes -->")[0]
+    published = read_section(SECTION)
+    assert published.startswith(TITLE)
     # the first paragraph names the machine and the day it was rendered; everything after it is the measurement
-    assert published.rstrip().split("\n\n")[2:] == rendered.split("\n\n")[1:]
+    assert published[len(TITLE):].split("\n\n")[1:] == rendered.split("\n\n")[1:]
