@@ -7,9 +7,11 @@ measured too), the growth above the import baseline (a child that imports the sa
 seconds, seconds per layer and the cache's bytes. The 8B-shaped model (bf16 shards, 32 GB in
 float32) runs streamed only, niced, under `--big-seconds`; with `--work DIR`, a run stopped there
 continues from its journal (layers whose spectra are done, shards written) at the next invocation.
-Parts are saved in `--results` as they finish and the section is rendered from all of them, so
-the depth rows (which want a quiet machine: their seconds are compared) and the long 8B-shaped
-run can be measured at different times (`--depths none --big`).
+Parts are saved in `--results` (default bench/results/scale.json, kept in the repository) as they
+finish and the section is rendered from all of them, so the depth rows (which want a quiet machine:
+their seconds are compared) and the long 8B-shaped run can be measured at different times
+(`--depths none --big`), and a fresh checkout re-renders the section without measuring
+(`--depths none`).
 
     python -m bench.scale [--depths 4,8,16,32|none] [--big] [--big-seconds 1200] [--work DIR]
 """
@@ -30,6 +32,8 @@ from bench.report import machine, table, write_section
 from bench.synthetic import SHAPES, write_synthetic
 
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "scale.json"
+SECTION = "scale"
 GB = 1e9
 
 
@@ -203,7 +207,7 @@ def main(argv=None) -> None:
     ap.add_argument("--big-seconds", type=float, default=1200.0, help="time budget of the 8B-shaped run")
     ap.add_argument("--work", default=None, help="directory for the synthetic checkpoints (default: a temp dir; "
                     "give one to reuse the 8B-shaped model and continue a stopped run)")
-    ap.add_argument("--results", type=Path, default=ROOT / ".welore" / "bench" / "scale.json",
+    ap.add_argument("--results", type=Path, default=RESULTS,
                     help="the parts measured so far (the section is rendered from all of them)")
     args = ap.parse_args(argv)
     work = Path(args.work or tempfile.mkdtemp(prefix="welore-scale-"))
@@ -214,10 +218,10 @@ def main(argv=None) -> None:
         saved[part] = value
         args.results.parent.mkdir(parents=True, exist_ok=True)
         args.results.write_text(json.dumps(saved, indent=1))
-        write_section("scale", render(saved))
+        write_section(SECTION, render(saved))
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    baseline = import_baseline(env)
+    baseline = import_baseline(env) if args.depths != "none" or args.big else None
     if args.depths != "none":
         depths = [int(d) for d in args.depths.split(",")]
         rows, peaks = depth_rows(work, depths, args.shape, env, baseline)
@@ -226,6 +230,7 @@ def main(argv=None) -> None:
     if args.big:
         save("big", {"machine": machine(), "baseline": baseline,
                      "rows": big_rows(work, env, baseline, args.big_seconds, args.big_layers)})
+    write_section(SECTION, render(saved))
     print(render(saved))
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)

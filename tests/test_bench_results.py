@@ -1,11 +1,13 @@
-"""The compression-recipes section of BENCHMARKS.md is rendered from the rows kept in the repository
-(bench/results/recipes-w8.json): every planned row is there, and the published table and goal lines are
-exactly what `python -m bench.recipes` renders from them (no measurement needed)."""
+"""The sections of BENCHMARKS.md whose rows are kept in the repository (bench/results/) are rendered from
+them: compression-recipes (bench/results/recipes-w8.json: every planned row is there) and scale
+(bench/results/scale.json); the published tables and goal lines are exactly what `python -m bench.recipes`
+and `python -m bench.scale` render from those files (no measurement needed)."""
 
 from __future__ import annotations
 
 import json
 
+from bench import scale
 from bench.recipes import SECTION, TITLE, fmt, planned, results_file
 from bench.report import read_section
 
@@ -19,3 +21,9 @@ def test_tracked_rows_cover_the_plan_and_render_the_published_section():
     assert published.startswith(TITLE)
     # the first paragraph names the machine and the day it was rendered; everything after it is the measurement
     assert published[len(TITLE):].split("\n\n")[1:] == rendered.split("\n\n")[1:]
+
+
+def test_scale_section_is_rendered_from_the_tracked_parts():
+    saved = json.loads(scale.RESULTS.read_text())
+    assert set(saved) == {"depth", "big"}
+    assert read_section(scale.SECTION) == scale.render(saved)
