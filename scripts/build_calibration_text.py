@@ -12,7 +12,11 @@ general.jsonl interleaves three kinds of text, so that whitening keeps the direc
 - passages of Python library source (NumPy, SymPy, NetworkX: BSD-3-Clause, installed with torch),
   code with its docstrings, the technical register the other two lack.
 Each generated document is followed by real records of about the same length and one source passage
-(~2,000 characters), so every prefix (calibration takes the first windows) holds all three. Only the
+(~2,000 characters), so every prefix (calibration takes the first windows) holds all three. After
+them come 256 more generated documents (four batches of 64, seeds 2-5), past the windows calibration
+reads by default (128 x 512 tokens at most), for `--recover`, which distils on the whole file: its
+150 steps x 2,048 tokens then pass over the text 1.2 times instead of 2.4, the added half in the
+model's own mix of domains (docs/research/recovery-text.md). Only the
 first half of the BoolQ passages is used, so the second half stays unseen. general-heldout.jsonl is
 built the same way from other items: 8 documents generated from another seed, interleaved with
 unseen passages, problems, puzzles and source passages drawn with another seed, so that the quality
@@ -21,8 +25,10 @@ only the real kinds whose siblings were calibrated on. Each record is {"text", "
 Attribution: welore_core/data/LICENSE-general.md. Why the generated half:
 docs/research/calibration-rounds.md (round 9); why the source: docs/research/calibration-text.md.
 
-Usage: python scripts/build_calibration_text.py [--data ../shared/data] [--generated FILE] [--generated-heldout FILE]
-  --generated FILE  reuse generated documents (JSONL, `text`) instead of sampling them (~4 min on 2 cores)
+Usage: python scripts/build_calibration_text.py [--data ../shared/data] [--generated FILE]
+                                                [--generated-heldout FILE] [--generated-recovery FILE]
+  --generated FILE  reuse generated documents (JSONL, `text`) instead of sampling them (~4 min per 64
+                    documents on 2 cores; the three kinds take ~22 min in all)
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 HELDOUT_DOCS = 8  # generated documents of the held-out file (another seed than the calibration's)
+RECOVERY_SEEDS = (2, 3, 4, 5)  # one batch of 64 generated documents each, appended for --recover
 SOURCE_PACKAGES = ("networkx", "sympy", "numpy")  # BSD-3-Clause, installed with torch
 
 
@@ -45,6 +52,8 @@ def main() -> int:
     p.add_argument("--generated", type=Path, default=None, help="generated documents to reuse (JSONL)")
     p.add_argument("--generated-heldout", type=Path, default=None,
                    help="generated documents of the held-out file to reuse (JSONL)")
+    p.add_argument("--generated-recovery", type=Path, default=None,
+                   help="generated documents appended for --recover to reuse (JSONL)")
     args = p.parse_args()
     rows = [json.loads(line) for line in (args.data / "boolq" / "boolq_dev.jsonl").read_text().splitlines() if line.strip()]
     seen, passages = set(), []
@@ -59,14 +68,19 @@ def main() -> int:
              for o in json.loads((args.data / "coin_flip" / "coin_flip.json").read_text())["examples"]]
     n = len(passages)
     real = mix(passages, svamp[:2 * n], coins[:n])
-    generated = ([json.loads(line)["text"] for line in args.generated.read_text().splitlines() if line.strip()]
-                 if args.generated else generate())
-    write(args.out / "general.jsonl", interleave(generated, real, source_passages(len(generated), seed=0)))
-    unseen = ([json.loads(line)["text"] for line in args.generated_heldout.read_text().splitlines() if line.strip()]
-              if args.generated_heldout else generate(docs=HELDOUT_DOCS, seed=1))
+    generated = read_generated(args.generated) if args.generated else generate()
+    recovery = (read_generated(args.generated_recovery) if args.generated_recovery
+                else [d for seed in RECOVERY_SEEDS for d in generate(seed=seed)])
+    write(args.out / "general.jsonl", interleave(generated, real, source_passages(len(generated), seed=0))
+          + [{"text": t, "source": "smollm2-generated"} for t in recovery])
+    unseen = read_generated(args.generated_heldout) if args.generated_heldout else generate(docs=HELDOUT_DOCS, seed=1)
     write(args.out / "general-heldout.jsonl",
           interleave(unseen, mix(heldout, svamp[2 * n:], coins[n:]), source_passages(len(unseen), seed=1)))
     return 0
+
+
+def read_generated(path: Path) -> list[str]:
+    return [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
 
 
 def generate(docs: int = 64, tokens: int = 520, seed: int = 0) -> list[str]:

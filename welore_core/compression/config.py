@@ -33,9 +33,11 @@ DAMP, HEAVY_DAMP = 0.01, 0.3
 SAMPLES, HEAVY_SAMPLES = 64, 128
 RECIPE_VERSION = 1
 # What `--recover STEPS` runs after compressing: distilled WeLore-COFT from the dense source on RECOVER_DATA when the
-# user gives no text. lr 1e-4: better than 2e-4 and 5e-4 on every held-out corpus of bench.recipes, and than 5e-4 on
-# the recovery text's own held-out documents; 5e-5 ties it there (chosen by that text, not by the held-out corpora);
-# 4 x 512-token windows measured no better (docs/research/recovery-lr.md)
+# user gives no text: the whole shipped file, whose tail (past the windows calibration reads) is 256 documents the
+# model generated, so 150 steps pass over the text 1.2 times (not 2.4) (docs/research/recovery-text.md). lr 1e-4: better
+# than 2e-4 and 5e-4 on every held-out corpus of bench.recipes, and than 5e-4 on the recovery text's own held-out
+# documents; 5e-5 ties it there (chosen by that text, not by the held-out corpora); 4 x 512-token windows measured
+# no better (docs/research/recovery-lr.md)
 RECOVER_DATA = DEFAULT_CALIBRATION
 RECOVER_OPTIONS = {"method": "welore", "batch_size": 8, "seq_len": 256, "lr": 1e-4, "precision": "auto",
                    "distill_weight": 1.0}
