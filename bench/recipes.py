@@ -31,7 +31,7 @@ from datetime import date
 from pathlib import Path
 from typing import Callable
 
-from bench.report import machine, table, welore_json as cli
+from bench.report import RESULTS, machine, table, welore_json as cli
 from welore_core.compression import config as cfg
 from welore_core.compression.config import CompressConfig
 
@@ -220,7 +220,7 @@ def fmt(rows: dict, windows: int) -> str:
 
 def results_file(windows: int) -> Path:
     """Where the rows measured so far are kept (in the repository: the section re-renders without measuring)."""
-    return ROOT / "bench" / "results" / f"recipes-w{windows}.json"
+    return RESULTS / f"recipes-w{windows}.json"
 
 
 def quality_section(work: Path, windows: int, results: Path, wanted: Callable[[str], bool] = lambda key: True) -> str:

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+RESULTS = Path(__file__).resolve().parent / "results"  # the rows each section is rendered from (tracked)
 HEADER = "# Benchmarks\n\nWritten by the scripts in `bench/`; each section is replaced whole by its script.\n"
 
 

@@ -28,11 +28,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.report import machine, table, write_section
+from bench.report import RESULTS, machine, table, write_section
 from bench.synthetic import SHAPES, write_synthetic
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results" / "scale.json"
+RESULTS_FILE = RESULTS / "scale.json"
 SECTION = "scale"
 GB = 1e9
 
@@ -207,7 +207,7 @@ def main(argv=None) -> None:
     ap.add_argument("--big-seconds", type=float, default=1200.0, help="time budget of the 8B-shaped run")
     ap.add_argument("--work", default=None, help="directory for the synthetic checkpoints (default: a temp dir; "
                     "give one to reuse the 8B-shaped model and continue a stopped run)")
-    ap.add_argument("--results", type=Path, default=RESULTS,
+    ap.add_argument("--results", type=Path, default=RESULTS_FILE,
                     help="the parts measured so far (the section is rendered from all of them)")
     args = ap.parse_args(argv)
     work = Path(args.work or tempfile.mkdtemp(prefix="welore-scale-"))
@@ -218,7 +218,6 @@ def main(argv=None) -> None:
         saved[part] = value
         args.results.parent.mkdir(parents=True, exist_ok=True)
         args.results.write_text(json.dumps(saved, indent=1))
-        write_section(SECTION, render(saved))
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     baseline = import_baseline(env) if args.depths != "none" or args.big else None
@@ -230,8 +229,9 @@ def main(argv=None) -> None:
     if args.big:
         save("big", {"machine": machine(), "baseline": baseline,
                      "rows": big_rows(work, env, baseline, args.big_seconds, args.big_layers)})
-    write_section(SECTION, render(saved))
-    print(render(saved))
+    body = render(saved)
+    write_section(SECTION, body)
+    print(body)
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -24,6 +24,6 @@ def test_tracked_rows_cover_the_plan_and_render_the_published_section():
 
 
 def test_scale_section_is_rendered_from_the_tracked_parts():
-    saved = json.loads(scale.RESULTS.read_text())
+    saved = json.loads(scale.RESULTS_FILE.read_text())
     assert set(saved) == {"depth", "big"}
     assert read_section(scale.SECTION) == scale.render(saved)
