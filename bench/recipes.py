@@ -36,7 +36,6 @@ from welore_core.compression import config as cfg
 from welore_core.compression.config import CompressConfig
 
 MODEL = "smollm2-135m"
-ROOT = Path(__file__).resolve().parent.parent
 TARGETS = [("err", 0.1), ("err", 0.3), ("err", 0.5), ("params_kept", 0.8), ("params_kept", 0.6)]
 VARIANTS = [  # label, extra flags
     ("default recipe", []),
