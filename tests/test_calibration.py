@@ -308,7 +308,7 @@ def test_compensate_fits_the_closing_matrices_to_the_dense_blocks(tiny_llama, fr
 def test_checkpoint_records_calibration(tiny_llama, fresh_cache, tmp_path, byte_tokenizer):
     texts = tmp_path / "calib.jsonl"
     texts.write_text("".join(json.dumps({"text": f"calibration passage number {i}, " * 4}) + "\n" for i in range(40)))
-    c = load_calibration(byte_tokenizer, str(texts), samples=4, seq_len=64)
+    c = load_calibration(byte_tokenizer, CalibrationConfig(data=str(texts), samples=4, seq_len=64))
     assert c.tokens.shape == (4, 64)
     model = tiny_llama()
     recipe = calibrated(err=0.3, min_ratio=0.0, data=str(texts), damp=0.05)
@@ -340,7 +340,7 @@ def test_argument_errors(tiny_llama, fresh_cache, byte_tokenizer):
     with pytest.raises(InvalidArgument, match="max_position_embeddings"):
         compress_model(tiny_llama(), calibrated(err=0.3), calib(tokens(n=1, L=300)), cache=fresh_cache)
     with pytest.raises(InvalidArgument, match="tokenizer"):
-        load_calibration(None, "boolq")
+        load_calibration(None, CalibrationConfig(samples=4))
     with pytest.raises(InvalidArgument, match="sink_weight weighs calibration tokens"):
         data_free(err=0.3, experimental=ExperimentalConfig(sink_weight=8))
     with pytest.raises(InvalidArgument, match=r"sink_weight must be in \(0, "):

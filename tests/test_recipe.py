@@ -186,7 +186,7 @@ def test_a_changed_range_reaches_the_cli_and_the_rest_schema(patched_config, cap
 
 def test_a_changed_default_reaches_the_cli_and_the_rest_params(patched_config):
     mod, cli, params = patched_config([("min_ratio: float = field(default=0.5,", "min_ratio: float = field(default=0.25,"),
-                                       ("seq_len: int = field(default=512,", "seq_len: int = field(default=384,")])
+                                       ("SEQ_LEN = 512  #", "SEQ_LEN = 384  #")])
     args = cli.build_parser().parse_args(["compress", "m", "--out", "o", "--err", "0.3"])
     from_cli = cli.compress.config_from_args(args)
     p = params.CompressParams(err=0.3).model_dump()

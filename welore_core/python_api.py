@@ -38,8 +38,7 @@ def compress(model, config, *, tokenizer=None, progress: ProgressFn = no_progres
                                   "tokenizer=tok)), or use a data-free recipe (CompressConfig(..., calibration=None))")
         from .compression.calibration import load_calibration
 
-        c = resolved.calibration
-        calibration = load_calibration(tokenizer, c.data, c.samples, c.seq_len)
+        calibration = load_calibration(tokenizer, resolved.calibration)
     report = compress_model(model, config, calibration, progress=progress)
     as_factorised(model, factored_modules(model))
     model.welore_meta = {"format_version": 1, "kind": "compressed", **report.to_dict(), "recipe": resolved.to_dict(),

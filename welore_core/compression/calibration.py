@@ -48,11 +48,10 @@ from ..spectrum import SpectrumCache
 from ..layerwise.hidden import HiddenStates
 from ..layerwise.layers import ResidentLayers
 from ..targets import closes_block, layer_index
-from .config import SAMPLES
+from .config import CalibrationConfig
 from .whiten import DAMP, Transform, transformed_svd
 
 CAL_FORMAT = "calib-v1"
-DEFAULT_SEQ_LEN = 512
 BATCH_TOKENS = 4096  # calibration windows per forward: ⌈BATCH_TOKENS / seq_len⌉
 
 
@@ -84,17 +83,17 @@ class Calibration:
                 "tokens": self.samples * self.seq_len, "tokens_hash": self.tokens_hash}
 
 
-def load_calibration(tokenizer, data: str, samples: int = SAMPLES,
-                     seq_len: int = DEFAULT_SEQ_LEN) -> Calibration:
-    """The first `samples` windows of `seq_len` tokens of `data` (a .txt/.jsonl file or a
-    built-in name), in file order, like evaluation windows."""
+def load_calibration(tokenizer, config: CalibrationConfig) -> Calibration:
+    """The first `config.samples` windows of `config.seq_len` tokens of `config.data` (a .txt/.jsonl file
+    or a built-in name), in file order, like evaluation windows. `config` is a resolved recipe's
+    (`CompressConfig.resolve()` turns its "auto" window count into a number)."""
     if tokenizer is None:
         raise InvalidArgument("calibration needs the model's tokenizer, and this model ships none; "
                               "save the tokenizer files beside config.json or compress data-free "
                               "(--calibration none)")
-    if samples < 1 or seq_len < 2:
-        raise InvalidArgument(f"calib_samples must be ≥ 1 and calib_seq_len ≥ 2; received "
-                              f"samples={samples}, seq_len={seq_len}")
+    data, samples, seq_len = config.data, config.samples, config.seq_len
+    if samples is None:
+        raise ValueError("load_calibration needs a resolved CalibrationConfig (CompressConfig.resolve())")
     tokens = token_windows(tokenizer, read_texts(data), seq_len, samples)
     return Calibration(tokens, str(data), data_hash(data), samples)
 

@@ -31,6 +31,7 @@ HEAVY_FROM_ERR = 0.2  # sequential/compensate "auto": on from this ERR (or its p
 HEAVY_CALIBRATION_FROM_ERR = 0.4
 DAMP, HEAVY_DAMP = 0.01, 0.3
 SAMPLES, HEAVY_SAMPLES = 64, 128
+SEQ_LEN = 512  # tokens per calibration window
 RECIPE_VERSION = 1
 # What `--recover STEPS` runs after compressing: distilled WeLore-COFT from the dense source on RECOVER_DATA when the
 # user gives no text: the whole shipped file, whose tail (past the windows calibration reads) is 256 documents the
@@ -63,7 +64,7 @@ class CalibrationConfig:
         "calib_samples", f"calibration windows (the first N of the text); auto: {HEAVY_SAMPLES} from ERR "
         f"{HEAVY_CALIBRATION_FROM_ERR:g} (params kept {1 - HEAVY_CALIBRATION_FROM_ERR:g}) on, else {SAMPLES}",
         lo=1, hi=100_000))
-    seq_len: int = field(default=512, metadata=_opt("calib_seq_len", "tokens per calibration window",
+    seq_len: int = field(default=SEQ_LEN, metadata=_opt("calib_seq_len", "tokens per calibration window",
                                                     lo=2, hi=32_768))
     factorization: str = field(default="whitened", metadata=_opt(
         "factorization", "whitened: each LRC from the SVD of W·S with S·Sᵀ = XᵀX, the least output error on "

@@ -63,8 +63,7 @@ def compress_checkpoint(model: str, out: str | Path, config: CompressConfig, *, 
     if config.calibration is not None:
         from .calibration import load_calibration
 
-        c = config.calibration
-        calib = load_calibration(tokenizer, c.data, c.samples, c.seq_len)
+        calib = load_calibration(tokenizer, config.calibration)
     ppl_dense = tokens = None
     if tokenizer is not None:
         progress(ProgressEvent("quality", 0, 2, message="dense model"))

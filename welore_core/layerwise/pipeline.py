@@ -48,8 +48,7 @@ def compress_spec_streamed(model: str, path: Path, out: str | Path, config, *, m
     if config.calibrated:
         from ..compression.calibration import load_calibration
 
-        c = config.calibration
-        calib = load_calibration(tokenizer, c.data, c.samples, c.seq_len)
+        calib = load_calibration(tokenizer, config.calibration)
 
     def held_out(directory: Path, factored=None) -> tuple[float, int]:
         store = StreamedLayers(directory, factored=factored, device=dev, dtype=compute)
