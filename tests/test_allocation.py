@@ -118,8 +118,13 @@ def test_uniform_plans_keep_at_least_one_rank():
 
 # -- the truncation-loss allocation (method "loss": the spectra are those of W·S) --------------
 
-def _total_loss(values, plans):
-    return sum(relative_error(s, p.kept) ** 4 for s, p in zip(values, plans))  # Σ e², e = rel. error²
+def _weights(values, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [float(w) for w in 0.1 + 10 * torch.rand(len(values), generator=g)]  # sensitivities, two decades
+
+
+def _total_loss(values, weights, plans):  # Σ c_W · Σ_{i≥k} σ_i²
+    return sum(w * float((s.double()[p.kept:] ** 2).sum()) for s, w, p in zip(values, weights, plans))
 
 
 @pytest.mark.parametrize("min_ratio", [0.0, 0.5])
@@ -127,7 +132,7 @@ def _total_loss(values, plans):
                                         ("params_kept", 0.6)])
 def test_loss_allocation_meets_the_budget_and_respects_min_ratio(kind, goal, min_ratio):
     values, shapes = _spectra(seed=1)
-    alloc = allocate_loss(values, shapes, **{kind: goal}, min_ratio=min_ratio, tolerance=0.02)
+    alloc = allocate_loss(values, shapes, _weights(values), **{kind: goal}, min_ratio=min_ratio, tolerance=0.02)
     assert alloc.method == "loss" and alloc.min_ratio == min_ratio and alloc.tau is None
     achieved = alloc.err if kind == "err" else alloc.params_kept
     assert abs(achieved - goal) <= 0.02, (achieved, goal)
@@ -140,17 +145,19 @@ def test_loss_allocation_meets_the_budget_and_respects_min_ratio(kind, goal, min
             assert p.kept == p.rank
 
 
-def test_loss_allocation_minimises_its_squared_truncation_loss_under_its_budget():
-    """Lagrangian optimality: no allocation keeping at most as many ranks (WeLore's, uniform's) has a lower Σ e²."""
+def test_loss_allocation_minimises_its_weighted_truncation_loss_under_its_budget():
+    """Lagrangian optimality: no allocation keeping at most as many ranks (WeLore's, uniform's) has a
+    lower Σ c_W·Σ_{i≥k} σ_i²."""
     values, shapes = _spectra(seed=2)
+    weights = _weights(values, seed=2)
     compared = 0
     for goal in (0.2, 0.4):
-        loss = allocate_loss(values, shapes, err=goal, min_ratio=0.0, tolerance=0.02)
+        loss = allocate_loss(values, shapes, weights, err=goal, min_ratio=0.0, tolerance=0.02)
         for other in (allocate_welore(values, shapes, err=goal, min_ratio=0.0, tolerance=0.02),
                       allocate_uniform(shapes, err=goal, tolerance=0.02)):
             if other.err >= loss.err:
                 compared += 1
-                assert _total_loss(values, loss.plans) <= _total_loss(values, other.plans) + 1e-12
+                assert _total_loss(values, weights, loss.plans) <= _total_loss(values, weights, other.plans) * (1 + 1e-9)
         assert [p.kept for p in loss.plans] != [p.kept for p in allocate_uniform(shapes, err=goal, tolerance=0.02).plans]
     assert compared == 4  # every alternative removed at least as many ranks here
 
@@ -163,27 +170,48 @@ def test_loss_allocation_takes_more_ranks_from_a_steep_spectrum_than_from_a_flat
     flat = torch.linspace(1.0, 0.8, r)
     shapes = [(r, r), (r, r)]
     for goal in (0.2, 0.4, 0.6):
-        alloc = allocate_loss([steep, flat], shapes, err=goal, min_ratio=0.0, tolerance=0.02)
+        alloc = allocate_loss([steep, flat], shapes, [1.0, 1.0], err=goal, min_ratio=0.0, tolerance=0.02)
         s, f = alloc.plans
         assert s.dropped > f.dropped, (goal, s, f)
     # the ordering follows the spectra, not their position
-    alloc = allocate_loss([flat, steep], shapes, err=0.4, min_ratio=0.0, tolerance=0.02)
+    alloc = allocate_loss([flat, steep], shapes, [1.0, 1.0], err=0.4, min_ratio=0.0, tolerance=0.02)
     assert alloc.plans[1].dropped > alloc.plans[0].dropped
+
+
+def test_loss_allocation_keeps_more_of_the_matrix_the_loss_is_more_sensitive_to():
+    """Two identical spectra: the one whose output error moves the loss 10× more keeps more ranks;
+    only the weights' ratios matter."""
+    r = 64
+    s = torch.exp(-3.0 * torch.linspace(0, 1, r))
+    shapes = [(r, r), (r, r)]
+    alloc = allocate_loss([s, s.clone()], shapes, [1.0, 10.0], err=0.4, min_ratio=0.0, tolerance=0.02)
+    assert alloc.plans[1].kept > alloc.plans[0].kept
+    scaled = allocate_loss([s, s.clone()], shapes, [1e-7, 1e-6], err=0.4, min_ratio=0.0, tolerance=0.02)
+    assert scaled.plans == alloc.plans
+    even = allocate_loss([s, s.clone()], shapes, [3.0, 3.0], err=0.4, min_ratio=0.0, tolerance=0.02)
+    assert abs(even.plans[0].kept - even.plans[1].kept) <= 1
 
 
 def test_loss_allocation_is_deterministic():
     values, shapes = _spectra(seed=3)
-    runs = [allocate_loss(values, shapes, params_kept=0.7, min_ratio=0.5, tolerance=0.02) for _ in range(3)]
+    weights = _weights(values, seed=3)
+    runs = [allocate_loss(values, shapes, weights, params_kept=0.7, min_ratio=0.5, tolerance=0.02) for _ in range(3)]
     assert all(r.plans == runs[0].plans for r in runs)
-    again = allocate_loss([v.clone() for v in values], list(shapes), params_kept=0.7, min_ratio=0.5, tolerance=0.02)
+    again = allocate_loss([v.clone() for v in values], list(shapes), list(weights), params_kept=0.7, min_ratio=0.5,
+                          tolerance=0.02)
     assert again.plans == runs[0].plans
 
 
 def test_loss_allocation_refuses_bad_targets():
     values, shapes = _spectra()
+    weights = _weights(values)
     with pytest.raises(InvalidArgument, match="exactly one target"):
-        allocate_loss(values, shapes)
+        allocate_loss(values, shapes, weights)
     with pytest.raises(InvalidArgument, match="min_ratio"):
-        allocate_loss(values, shapes, err=0.2, min_ratio=1.0)
+        allocate_loss(values, shapes, weights, err=0.2, min_ratio=1.0)
     with pytest.raises(InvalidArgument, match="cannot be reached"):  # two matrices, all-or-nothing steps
-        allocate_loss(values[:2], shapes[:2], err=0.2, min_ratio=0.9)
+        allocate_loss(values[:2], shapes[:2], weights[:2], err=0.2, min_ratio=0.9)
+    with pytest.raises(InvalidArgument, match="one finite weight"):
+        allocate_loss(values, shapes, weights[:-1], err=0.2)
+    with pytest.raises(InvalidArgument, match="one finite weight"):
+        allocate_loss(values, shapes, [float("nan")] + weights[1:], err=0.2)

@@ -1,5 +1,5 @@
 """Next-token negative log-likelihood from last hidden states, with the LM head applied one
-block of the vocabulary at a time: never the (tokens × vocab) logits at once, and a head stored
+block of the vocabulary at a time (and its gradient, for calibration's sensitivities): never the (tokens × vocab) logits at once, and a head stored
 in a narrower dtype (bf16) upcast one block at a time, never whole.
 
 For a 128k-token vocabulary the full logits of one 512-token window are 263 MB in float32 (and
@@ -37,6 +37,24 @@ def nll_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
         peak = new_peak
     return float((peak + torch.log(total) - picked).sum())
 
+
+
+@torch.no_grad()
+def nll_sum_grad(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """∂(Σ −log softmax(hidden · weightᵀ)[target])/∂hidden (N × d, float32) = softmax·W − W[target],
+    block by block like `nll_sum`: one pass for the log-sum-exp of every row, one for the gradient."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    x = hidden.float()
+    targets = targets.to(hidden.device)
+    rows = max(256, BLOCK_ELEMENTS // max(n, 1))
+    lse = torch.full((n,), -float("inf"), dtype=torch.float32, device=hidden.device)
+    for a in range(0, vocab, rows):
+        lse = torch.logaddexp(lse, torch.logsumexp(x @ weight[a:a + rows].float().T, dim=1))
+    grad = -weight[targets].float()
+    for a in range(0, vocab, rows):
+        block = weight[a:a + rows].float()
+        grad += torch.exp(x @ block.T - lse[:, None]) @ block
+    return grad
 
 def head_weight(model) -> torch.Tensor | None:
     """The LM head's weight when it is a plain linear map (no bias), else None."""

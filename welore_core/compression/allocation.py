@@ -203,23 +203,22 @@ def relative_error(S: torch.Tensor, kept: int) -> float:
     return (float((S[kept:] ** 2).sum()) / total) ** 0.5 if total > 0 else 0.0
 
 
-def loss_terms(S: torch.Tensor) -> torch.Tensor:
-    """The allocation objective's term of one matrix for every rank k = 0..r: e(k)², where
-    e(k) = Σ_{i≥k} s_i² / Σ s_i² is the relative truncation loss (see allocate_loss)."""
+def loss_terms(S: torch.Tensor, weight: float) -> torch.Tensor:
+    """The allocation objective's term of one matrix for every rank k = 0..r: weight·Σ_{i≥k} s_i², the
+    estimated loss increase of the rank-k truncation (see allocate_loss)."""
     energy = S.double() ** 2
     tail = torch.flip(torch.cumsum(torch.flip(energy, [0]), 0), [0])  # tail[k] = Σ_{i≥k} s_i²
-    e = torch.cat([tail, tail.new_zeros(1)]) / max(float(energy.sum()), 1e-300)
-    return e ** 2
+    return torch.cat([tail, tail.new_zeros(1)]) * weight
 
 
-def loss_plans(spectra: Sequence[torch.Tensor], shapes: Sequence[tuple[int, int]], lam: float, kind: str,
-               min_ratio: float) -> list[MatrixPlan]:
-    """For one multiplier λ, each matrix's rank minimising e(k)² + λ·cost(k)/Σcost (see allocate_loss)."""
+def loss_plans(spectra: Sequence[torch.Tensor], shapes: Sequence[tuple[int, int]], weights: Sequence[float],
+               lam: float, kind: str, min_ratio: float) -> list[MatrixPlan]:
+    """For one multiplier λ, each matrix's rank minimising term(k) + λ·cost(k)/Σcost (see allocate_loss)."""
     plans = []
     total = sum(min(s) for s in shapes) if kind == "err" else sum(m * n for m, n in shapes)
-    for S, (m, n) in zip(spectra, shapes):
+    for S, (m, n), w in zip(spectra, shapes, weights):
         r = min(m, n)
-        terms = loss_terms(S)
+        terms = loss_terms(S, w)
         k = torch.arange(r + 1, dtype=torch.float64)
         if kind == "err":
             cost = k.clone()
@@ -234,7 +233,8 @@ def loss_plans(spectra: Sequence[torch.Tensor], shapes: Sequence[tuple[int, int]
     return plans
 
 
-def _between(short: list[MatrixPlan], over: list[MatrixPlan], spectra, kind: str, goal: float) -> list[MatrixPlan]:
+def _between(short: list[MatrixPlan], over: list[MatrixPlan], spectra, weights, kind: str,
+             goal: float) -> list[MatrixPlan]:
     """Between the plans of two close multipliers (`short` of the budget, `over` it), move matrices from
     their `short` rank to their `over` rank, cheapest loss per unit of budget first, and stop at the
     plan closest to the goal (the relaxation alone can jump over the requested budget)."""
@@ -244,7 +244,7 @@ def _between(short: list[MatrixPlan], over: list[MatrixPlan], spectra, kind: str
     moves = [i for i, (a, b) in enumerate(zip(short, over)) if a != b]
     def rate(i):
         spent = abs(value(short[:i] + [over[i]] + short[i + 1:]) - value(short)) or 1e-300
-        terms = loss_terms(spectra[i])
+        terms = loss_terms(spectra[i], weights[i])
         return float(terms[over[i].kept] - terms[short[i].kept]) / spent
     plans, best = list(short), list(short)
     for i in sorted(moves, key=rate):
@@ -254,30 +254,34 @@ def _between(short: list[MatrixPlan], over: list[MatrixPlan], spectra, kind: str
     return best
 
 
-def allocate_loss(spectra: Sequence[torch.Tensor], shapes: Sequence[tuple[int, int]], *,
+def allocate_loss(spectra: Sequence[torch.Tensor], shapes: Sequence[tuple[int, int]], weights: Sequence[float], *,
                   err: Optional[float] = None, params_kept: Optional[float] = None, min_ratio: float = 0.5,
                   tolerance: float = TOLERANCE) -> Allocation:
-    """Ranks that minimise Σ_W e_W(k_W)² under the budget.
+    """Ranks that minimise the estimated loss increase Σ_W c_W·Σ_{i≥k_W} σ_i² under the budget.
 
-    `spectra` are the singular values of W·S (whitened: e_W(k) = Σ_{i≥k} σ_i² / Σ σ_i² is the
-    relative output error energy of the rank-k truncation on the calibration activations). The
-    square penalises concentrating the loss: minimising Σ e_W alone takes most of the budget from
-    the few matrices whose whitened spectra fall steepest (q_proj, gate_proj) and, at heavy
-    compression, leaves them too little (their errors pass a softmax or a gate); squared, the same
-    budget is spread further. Measured on SmolLM2 against Σ e_W at equal parameters
-    (docs/research/allocation-objective.md): better on all three held-out corpora at ERR 0.3 and at
-    params kept 0.8 and 0.6; at ERR 0.5 (sequential, compensated) 1% to 11% worse. The budget is the ranks kept (an ERR target) or
-    the parameters stored (params_kept), counting an N-LRC whole and a factored LRC at k·(m+n).
+    `spectra` are the singular values σ of W·S (whitened: Σ_{i≥k} σ_i² is the output error energy
+    ‖(W − Ŵ_k)·Xᵀ‖² of the rank-k truncation on the calibration activations) and `weights` the
+    loss's sensitivity c_W to each matrix's output error (sensitivity.py): to second order the
+    loss grows by ½·c_W·‖ΔY‖². The weights carry what the spectra cannot: an error in q_proj's
+    outputs (through a softmax) moves the loss far less than the same error in v_proj's or
+    o_proj's. Measured on SmolLM2 against the unweighted relative objective Σ e_W² it replaced
+    (docs/research/allocation-objective.md). The budget is the ranks kept (an ERR target) or the
+    parameters stored (params_kept), counting an N-LRC whole and a factored LRC at k·(m+n).
     Solved by Lagrangian relaxation: for a multiplier λ every matrix independently picks the k
-    minimising e_W(k)² + λ·cost_W(k)/Σcost; λ is bisected (on a log scale) until the budget is met.
+    minimising its term + λ·cost_W(k)/Σcost; λ is bisected (on a log scale) until the budget is met.
     Like WeLore, a matrix is either an N-LRC or drops more than `min_ratio` of its ranks.
     """
     kind, goal = _target(err, params_kept)
     if not 0.0 <= min_ratio < 1.0:
         raise InvalidArgument(f"min_ratio must be in [0, 1); received {min_ratio}")
+    if len(weights) != len(spectra) or not all(math.isfinite(w) and w >= 0 for w in weights):
+        raise InvalidArgument(f"the loss allocation needs one finite weight ≥ 0 per matrix; received {len(weights)} "
+                              f"for {len(spectra)} matrices")
+    total = sum(w * float((S.double() ** 2).sum()) for S, w in zip(spectra, weights))
+    weights = [w / total for w in weights] if total > 0 else [1.0] * len(spectra)  # Σ terms(0) = 1: λ's scale
 
     def measure(lam: float) -> float:
-        plans = loss_plans(spectra, shapes, lam, kind, min_ratio)
+        plans = loss_plans(spectra, shapes, weights, lam, kind, min_ratio)
         return effective_rank_reduction(plans) if kind == "err" else params_kept_fraction(plans)
 
     increasing = kind == "err"  # a larger λ removes more
@@ -288,8 +292,8 @@ def allocate_loss(spectra: Sequence[torch.Tensor], shapes: Sequence[tuple[int, i
         mid = (lo + hi) / 2
         reached = measure(10 ** mid) >= goal if increasing else measure(10 ** mid) <= goal
         lo, hi = (lo, mid) if reached else (mid, hi)
-    plans = _between(loss_plans(spectra, shapes, 10 ** lo, kind, min_ratio),
-                     loss_plans(spectra, shapes, 10 ** hi, kind, min_ratio), spectra, kind, goal)
+    plans = _between(loss_plans(spectra, shapes, weights, 10 ** lo, kind, min_ratio),
+                     loss_plans(spectra, shapes, weights, 10 ** hi, kind, min_ratio), spectra, weights, kind, goal)
     alloc = Allocation("loss", plans, None, None, min_ratio)
     achieved = alloc.err if kind == "err" else alloc.params_kept
     _check_reached(kind, goal, achieved, measure(10 ** lo), measure(10 ** hi), tolerance,

@@ -52,6 +52,7 @@ from .config import CalibrationConfig
 from .whiten import DAMP, Transform, transformed_svd
 
 CAL_FORMAT = "calib-v1"
+SENSITIVITY_FORMAT = "sensitivity-v1"
 BATCH_TOKENS = 4096  # calibration windows per forward: ⌈BATCH_TOKENS / seq_len⌉
 
 
@@ -225,6 +226,20 @@ class Calibrator:
                 self.progress(ProgressEvent("calibrate", L + 1, last + 1, message=f"layer {L}",
                                             metrics={"factorized": result.factorized}))
         return self._finish(result)
+
+    def sensitivity(self) -> list[float]:
+        """The loss's sensitivity to each target's output error (sensitivity.py), on the first
+        sensitivity.WINDOWS calibration windows of the dense model; cached (an entry holding S alone)."""
+        from .sensitivity import WINDOWS, output_sensitivity
+
+        tokens = self.calibration.tokens[:WINDOWS]
+        key = hashlib.sha256("|".join([SENSITIVITY_FORMAT, self.source_hash, str(self.dtype), *self.names,
+                                       Calibration(tokens, "", "", 0).tokens_hash]).encode()).hexdigest()
+        c = self.cache.singular_values(key)
+        if c is None:
+            c = output_sensitivity(self.store, self.names, tokens, self.progress, self.should_stop)
+            self.cache.put(key, None, c, None, metadata={"kind": "sensitivity"}, keep=0)
+        return [float(v) for v in c]
 
     def sequential(self, kept: list[int], apply: ApplyFn, only: Optional[set[int]] = None,
                    compensate: bool = False) -> CalibratedSpectra:

@@ -98,14 +98,17 @@ def check_finite(model: nn.Module, what: str) -> None:
 
 
 def allocate(spectra: Spectra, method: str, err: Optional[float], params_kept: Optional[float],
-             min_ratio: float, tolerance: float = TOLERANCE) -> Allocation:
+             min_ratio: float, tolerance: float = TOLERANCE, weights: Optional[list[float]] = None) -> Allocation:
+    """`weights`: the loss's sensitivities (method "loss", whose `spectra` are the whitened ones)."""
     if method == "welore":
         return allocate_welore(spectra.values, spectra.shapes, err=err, params_kept=params_kept,
                                min_ratio=min_ratio, tolerance=tolerance)
     if method == "uniform":
         return allocate_uniform(spectra.shapes, err=err, params_kept=params_kept, tolerance=tolerance)
     if method == "loss":
-        return allocate_loss(spectra.values, spectra.shapes, err=err, params_kept=params_kept,
+        if weights is None:
+            raise InvalidArgument('method "loss" allocates from calibration: give the recipe a calibration')
+        return allocate_loss(spectra.values, spectra.shapes, weights, err=err, params_kept=params_kept,
                              min_ratio=min_ratio, tolerance=tolerance)
     raise InvalidArgument(f"method must be one of {', '.join(METHODS)}; received {method!r}")
 
@@ -189,10 +192,10 @@ def compress_model(model: nn.Module, config: CompressConfig, calibration=None, *
         t_cal = time.perf_counter()
         cal = Calibrator(model, names, spectra.keys, source_hash, calibration, factorization, cache,
                          damp=cal_cfg.damp, sink_weight=sink_weight, progress=progress, should_stop=should_stop)
-        if method == "loss":  # ranks from the spectra of W·S: every matrix's, from the dense model's activations
+        if method == "loss":  # ranks from the spectra of W·S (every matrix's, dense activations), weighted
             calibrated = cal.dense()
             alloc = allocate(replace(spectra, values=calibrated.values), method, err, params_kept, min_ratio,
-                             tolerance)
+                             tolerance, weights=cal.sensitivity())
         else:  # ranks from the weights first: only the LRCs need calibrated SVDs
             alloc = allocate(spectra, method, err, params_kept, min_ratio, tolerance)
             if not sequential:

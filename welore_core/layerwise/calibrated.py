@@ -9,7 +9,8 @@ layer, and the layer dropped. On a GPU one layer is on the device at a time.
   ranks from the weights, not sequential: allocate from pass 1's spectra → one calibration pass
       (dense inputs) caches the LRCs' whitened SVDs → each layer read again, its LRCs swapped in,
       written;
-  method "loss": one dense calibration pass over every matrix first, τ over the whitened spectra;
+  method "loss": one dense calibration pass over every matrix first, then the loss's sensitivities
+      (one more pass forward and one back, compression/sensitivity.py), ranks from both;
   sequential (and compensate): each layer is compressed while open, written as it closes, and
       its compressed outputs feed the next layer.
 """
@@ -58,7 +59,7 @@ def run_calibrated(job, journal, merged, spectra, source_hash: str, calibration,
     if method == "loss":  # τ over the whitened spectra of every matrix (dense inputs)
         calibrated = cal.dense()
         alloc = allocate(replace(spectra, values=calibrated.values), method, job.err, job.params_kept,
-                         job.min_ratio, job.tolerance)
+                         job.min_ratio, job.tolerance, weights=cal.sensitivity())
     else:
         alloc = allocate(spectra, method, job.err, job.params_kept, job.min_ratio, job.tolerance)
         lrc_only = {i for i, p in enumerate(alloc.plans) if p.lrc}
