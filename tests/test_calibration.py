@@ -123,7 +123,7 @@ def test_layer_inputs_match_the_full_forward(tiny_llama):
     torch.testing.assert_close(model.model.norm(torch.cat(inputs.hidden)), hidden[-1])
 
 
-def test_sensitivity_layer_by_layer_equals_the_whole_models_backward(tiny_llama, monkeypatch):
+def test_sensitivity_layer_by_layer_equals_the_whole_models_backward(tiny_llama, monkeypatch, tmp_path):
     """c_W = mean (∂ Σ NLL / ∂ y_W)², carried back one decoder layer at a time (as a streamed model
     needs), equals autograd through the whole model; no weight gradient is formed."""
     import welore_core.compression.sensitivity as sens
@@ -132,8 +132,8 @@ def test_sensitivity_layer_by_layer_equals_the_whole_models_backward(tiny_llama,
     t = tokens(n=5, L=16)
     names = target_names(model)
     monkeypatch.setattr(sens, "BATCH_TOKENS", 32)  # 2 windows a batch → 3 batches
-    c = sens.output_sensitivity(ResidentLayers(model), names, t)
-    assert all(p.grad is None for p in model.parameters())
+    c = sens.output_sensitivity(ResidentLayers(model), names, t, tmp_path)
+    assert all(p.grad is None for p in model.parameters()) and not list(tmp_path.iterdir())
     sums = {n: 0.0 for n in names}
 
     def hook(name):

@@ -33,7 +33,9 @@ is cached nothing runs at all.
 from __future__ import annotations
 
 import hashlib
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -237,7 +239,8 @@ class Calibrator:
                                        Calibration(tokens, "", "", 0).tokens_hash]).encode()).hexdigest()
         c = self.cache.singular_values(key)
         if c is None:
-            c = output_sensitivity(self.store, self.names, tokens, self.progress, self.should_stop)
+            with tempfile.TemporaryDirectory(prefix=".sensitivity-", dir=self.cache.root.parent) as spill:
+                c = output_sensitivity(self.store, self.names, tokens, Path(spill), self.progress, self.should_stop)
             self.cache.put(key, None, c, None, metadata={"kind": "sensitivity"}, keep=0)
         return [float(v) for v in c]
 

@@ -9,15 +9,19 @@ than an order of magnitude between matrix types (on SmolLM2, v_proj and o_proj o
 about 30× more per unit of error than q_proj's), which the whitened spectra alone cannot see.
 
 `output_sensitivity` runs the windows forward one decoder layer at a time (layerwise.hidden, as
-calibration does, so the same code serves a model in memory and one streamed from disk), keeping each
-layer's inputs, takes the gradient of the summed next-token loss at the last hidden state, and walks
-the layers back: each is opened again, re-run on its kept inputs with autograd, and the output
-gradient is carried to its input (no weight gradients are formed). Memory: every layer's inputs for
-the windows (n_layers × windows × seq_len × hidden, in the layers' dtype; 566 MB for SmolLM2-135M at
-16 × 512 tokens in float32), held on the CPU.
+calibration does, so the same code serves a model in memory and one streamed from disk), spilling each
+layer's inputs to a file, takes the gradient of the summed next-token loss at the last hidden state,
+and walks the layers back: each is opened again, re-run on its inputs (read back) with autograd, and
+the output gradient is carried to its input (no weight gradients are formed). Memory follows one
+layer, not the depth: the windows' hidden states and their gradients (2 × windows × seq_len × hidden)
+and one layer's activations; the disk holds n_layers × windows × seq_len × hidden in the layers'
+dtype for the length of the pass (566 MB for SmolLM2-135M at 16 × 512 tokens in float32, 21 GB for
+an 80-layer, 8192-wide model).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -31,20 +35,21 @@ WINDOWS = 16  # calibration windows the gradients are taken on (the first ones)
 BATCH_TOKENS = 4096  # windows per layer re-run: ⌈BATCH_TOKENS / seq_len⌉
 
 
-def output_sensitivity(store, names: list[str], tokens: torch.Tensor, progress: ProgressFn = no_progress,
-                       should_stop: StopFn | None = None) -> torch.Tensor:
+def output_sensitivity(store, names: list[str], tokens: torch.Tensor, spill: Path,
+                       progress: ProgressFn = no_progress, should_stop: StopFn | None = None) -> torch.Tensor:
     """c_W = mean over tokens and outputs of (∂ Σ next-token NLL / ∂ y_W)² for every target `names`
     (float64, in their order), on the windows `tokens` (N × L) through `store`
-    (layers.ResidentLayers or StreamedLayers). Only relative values matter to the allocation."""
+    (layers.ResidentLayers or StreamedLayers); the layers' inputs wait in the directory `spill`.
+    Only relative values matter to the allocation."""
     model = store.model
     states = HiddenStates(model, tokens, should_stop, batch_tokens=BATCH_TOKENS)
-    inputs: list[list[torch.Tensor]] = []
-    for L in range(store.n_layers):  # forward: keep each layer's inputs
-        inputs.append([h.to("cpu") for h in states.hidden])
+    for L in range(store.n_layers):  # forward: spill each layer's inputs
+        torch.save([h.to("cpu") for h in states.hidden], spill / f"layer-{L}.pt")
         states.run(store.open(L))
         store.close(L)
         progress(ProgressEvent("calibrate", L + 1, 2 * store.n_layers, message=f"sensitivity: layer {L} (forward)"))
     grads = _head_gradients(model, states.hidden, tokens, should_stop)
+    states.hidden.clear()
     by_layer: dict[int, list[int]] = {}
     for i, n in enumerate(names):
         by_layer.setdefault(layer_index(n), []).append(i)
@@ -55,7 +60,8 @@ def output_sensitivity(store, names: list[str], tokens: torch.Tensor, progress: 
         handles = [model.get_submodule(names[i]).register_forward_hook(_collector(i, sums, counts))
                    for i in by_layer.get(L, [])]
         try:
-            for b, (x, kw) in enumerate(zip(inputs[L], states.kwargs)):
+            inputs = torch.load(spill / f"layer-{L}.pt")
+            for b, (x, kw) in enumerate(zip(inputs, states.kwargs)):
                 check_stop(should_stop)
                 x = x.to(grads[b].device).detach().requires_grad_(True)
                 with torch.enable_grad():
@@ -65,7 +71,7 @@ def output_sensitivity(store, names: list[str], tokens: torch.Tensor, progress: 
         finally:
             for h in handles:
                 h.remove()
-        inputs[L] = []
+        (spill / f"layer-{L}.pt").unlink()
         store.close(L)
         progress(ProgressEvent("calibrate", 2 * store.n_layers - L, 2 * store.n_layers,
                                message=f"sensitivity: layer {L} (backward)"))
