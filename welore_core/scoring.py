@@ -1,6 +1,7 @@
-"""Next-token negative log-likelihood from last hidden states, with the LM head applied one
-block of the vocabulary at a time (and its gradient, for calibration's sensitivities): never the (tokens × vocab) logits at once, and a head stored
-in a narrower dtype (bf16) upcast one block at a time, never whole.
+"""Next-token negative log-likelihood from last hidden states (and its gradient, for calibration's
+sensitivities), with the LM head applied one block of the vocabulary at a time: never the
+(tokens × vocab) logits at once, and a head stored in a narrower dtype (bf16) upcast one block at
+a time, never whole.
 
 For a 128k-token vocabulary the full logits of one 512-token window are 263 MB in float32 (and
 cross-entropy makes a second copy); a Llama-3-8B's head alone is 2.1 GB in float32. Here the

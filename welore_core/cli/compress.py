@@ -52,7 +52,7 @@ def register(sub) -> None:
     p = sub.add_parser("compress", help="compress a model with WeLore (calibrated by default)",
                        description="Compress MODEL to a low-rank checkpoint. Give a target (--err or --params-kept) "
                        "or a --recipe. By default the factorisation is calibrated on text shipped with welore and "
-                       "ranks go where the whitened truncation loss is smallest; --calibration none gives the "
+                       "ranks go where they cost the model's loss least; --calibration none gives the "
                        "paper's data-free WeLore.")
     p.add_argument("model", help="registry name (smollm2-135m), .gguf file or model directory")
     add_recipe_flags(p)

@@ -260,13 +260,14 @@ def allocate_loss(spectra: Sequence[torch.Tensor], shapes: Sequence[tuple[int, i
     """Ranks that minimise the estimated loss increase Σ_W c_W·Σ_{i≥k_W} σ_i² under the budget.
 
     `spectra` are the singular values σ of W·S (whitened: Σ_{i≥k} σ_i² is the output error energy
-    ‖(W − Ŵ_k)·Xᵀ‖² of the rank-k truncation on the calibration activations) and `weights` the
-    loss's sensitivity c_W to each matrix's output error (sensitivity.py): to second order the
-    loss grows by ½·c_W·‖ΔY‖². The weights carry what the spectra cannot: an error in q_proj's
-    outputs (through a softmax) moves the loss far less than the same error in v_proj's or
-    o_proj's. Measured on SmolLM2 against the unweighted relative objective Σ e_W² it replaced
-    (docs/research/allocation-objective.md). The budget is the ranks kept (an ERR target) or the
-    parameters stored (params_kept), counting an N-LRC whole and a factored LRC at k·(m+n).
+    ‖(W − Ŵ_k)·Xᵀ‖² of the rank-k truncation on the calibration activations, plus the damping's
+    δ·‖W − Ŵ_k‖², whiten.py) and `weights` the loss's sensitivity c_W to each matrix's output
+    error (sensitivity.py): to second order the loss grows by ½·c_W·‖ΔY‖². The weights carry what
+    the spectra cannot: an error in q_proj's outputs (through a softmax) moves the loss far less
+    than the same error in v_proj's or o_proj's. Measured on SmolLM2 against the unweighted relative
+    objective Σ e_W² it replaced (docs/research/allocation-objective.md). The budget is the ranks
+    kept (an ERR target) or the parameters stored (params_kept), counting an N-LRC whole and a
+    factored LRC at k·(m+n).
     Solved by Lagrangian relaxation: for a multiplier λ every matrix independently picks the k
     minimising its term + λ·cost_W(k)/Σcost; λ is bisected (on a log scale) until the budget is met.
     Like WeLore, a matrix is either an N-LRC or drops more than `min_ratio` of its ranks.

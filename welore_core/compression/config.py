@@ -103,7 +103,8 @@ class CompressConfig:
         "params_kept", "fraction of the target matrices' parameters to keep", lo=0.0, hi=1.0, lo_open=True,
         target=True))
     method: str = field(default="auto", metadata=_opt(
-        "method", "rank allocation: loss (minimise the whitened truncation loss under the budget; needs "
+        "method", "rank allocation: loss (minimise the estimated loss increase under the budget: each "
+        "matrix's whitened truncation error weighted by the loss's sensitivity to its outputs; needs "
         "calibration), welore (the paper: one threshold on the normalised weight spectra), uniform (the same "
         "fraction everywhere); auto: loss with calibration, welore without", choices=METHODS))
     min_ratio: float = field(default=0.5, metadata=_opt(
@@ -306,7 +307,7 @@ def validate(cfg: CompressConfig) -> None:
     cal = cfg.calibration
     if cal is None:
         if cfg.method == "loss":
-            raise InvalidArgument("method loss allocates ranks by the whitened truncation loss and needs "
+            raise InvalidArgument("method loss allocates ranks by their estimated cost on calibration text and needs "
                                   "calibration; choose calibration text or method welore/uniform")
         if cfg.experimental.sink_weight != 1.0:
             raise InvalidArgument("sink_weight weighs calibration tokens and needs calibration text")

@@ -5,8 +5,8 @@ Truncating W to rank k changes its outputs on the calibration tokens by ΔY = (W
 whitened truncation error is ‖ΔY‖² = Σ_{i≥k} σ_i² (the spectrum of W·S, whiten.py). To second order
 the next-token loss grows by ½·Σ F·ΔY² (the diagonal empirical Fisher F = g², g = ∂loss/∂Y on real
 text); averaged over W's outputs and tokens, c_W = mean g², that is ½·c_W·‖ΔY‖². c_W differs by more
-than an order of magnitude between matrix types (on SmolLM2, v_proj and o_proj outputs move the loss
-about 30× more per unit of error than q_proj's), which the whitened spectra alone cannot see.
+than an order of magnitude between matrix types (on SmolLM2, v_proj's and o_proj's outputs move the
+loss 40–60× more per unit of error than q_proj's), which the whitened spectra alone cannot see.
 
 `output_sensitivity` runs the windows forward one decoder layer at a time (layerwise.hidden, as
 calibration does, so the same code serves a model in memory and one streamed from disk), spilling each
