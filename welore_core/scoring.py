@@ -39,7 +39,6 @@ def nll_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     return float((peak + torch.log(total) - picked).sum())
 
 
-
 @torch.no_grad()
 def nll_sum_grad(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """∂(Σ −log softmax(hidden · weightᵀ)[target])/∂hidden (N × d, float32) = softmax·W − W[target],

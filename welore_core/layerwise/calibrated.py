@@ -56,7 +56,7 @@ def run_calibrated(job, journal, merged, spectra, source_hash: str, calibration,
                      job.cache, damp=cal_cfg.damp, sink_weight=sink_weight, progress=job.progress,
                      should_stop=job.should_stop, store=store)
     method, lrc_only = job.method, None
-    if method == "loss":  # τ over the whitened spectra of every matrix (dense inputs)
+    if method == "loss":  # ranks from the whitened spectra of every matrix (dense inputs), weighted
         calibrated = cal.dense()
         alloc = allocate(replace(spectra, values=calibrated.values), method, job.err, job.params_kept,
                          job.min_ratio, job.tolerance, weights=cal.sensitivity())
