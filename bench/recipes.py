@@ -177,10 +177,13 @@ def fmt(rows: dict, windows: int) -> str:
                          f"{w:.2f}× ({where}; {'met' if w <= RECOVER_GOAL else 'not met'}).")
     free, default = rows.get("err=0.1 | data-free WeLore"), rows.get("err=0.1 | default recipe")
     if free and default:  # the run's first calibrated row: it pays the calibration pass
-        lines.append(f"Cost: the default's first `welore compress` (ERR 0.1, cold: one calibration pass) took "
-                     f"{default['seconds']:.0f} s against {free['seconds']:.0f} s data-free "
-                     f"({default['seconds'] / free['seconds']:.0f}×), measured in one run on {default.get('measured', '?')}; "
-                     "heavy targets (sequential, compensated) take the seconds in their rows.")
+        d_default, d_free = default.get("measured", "?"), free.get("measured", "?")
+        when = (f"measured in one run on {d_default}" if d_default == d_free
+                else f"the default measured on {d_default}, data-free on {d_free}: two runs, so the ratio is rough")
+        lines.append(f"Cost: the default's first `welore compress` (ERR 0.1, cold: one calibration pass and the "
+                     f"sensitivity pass) took {default['seconds']:.0f} s against {free['seconds']:.0f} s data-free "
+                     f"({default['seconds'] / free['seconds']:.0f}×), {when}; heavy targets (sequential, compensated) "
+                     "take the seconds in their rows.")
     missing = [k for k in order if k not in rows]
     if missing:
         lines.append("Not measured yet (`python -m bench.recipes` measures what its --results lacks): "
