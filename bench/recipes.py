@@ -173,8 +173,12 @@ def fmt(rows: dict, windows: int) -> str:
         r = rows.get(f"{kind}={value} | default recipe + --recover {steps}")
         if r:
             w, where = worst(r)
+            base = rows.get(f"{kind}={value} | default recipe") or {}
+            stale = (f" This row was measured on {r.get('measured')}, before the default row it builds on "
+                     f"({base.get('measured')}): it shows the default recipe of its own date."
+                     if r.get("measured", "") < base.get("measured", "") else "")
             lines.append(f"Goal {kind} {value} + --recover {steps}: ≤ {RECOVER_GOAL:g}× dense on every corpus — worst "
-                         f"{w:.2f}× ({where}; {'met' if w <= RECOVER_GOAL else 'not met'}).")
+                         f"{w:.2f}× ({where}; {'met' if w <= RECOVER_GOAL else 'not met'}).{stale}")
     free, default = rows.get("err=0.1 | data-free WeLore"), rows.get("err=0.1 | default recipe")
     if free and default:  # the run's first calibrated row: it pays the calibration pass
         d_default, d_free = default.get("measured", "?"), free.get("measured", "?")
