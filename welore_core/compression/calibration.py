@@ -77,13 +77,18 @@ class Calibration:
 
     @property
     def tokens_hash(self) -> str:
-        t = self.tokens.to(torch.int64).contiguous()
-        return hashlib.sha256(t.numpy().tobytes() + str(tuple(t.shape)).encode()).hexdigest()
+        return tokens_hash(self.tokens)
 
     def record(self) -> dict:
         return {"data": self.data, "data_hash": self.data_hash, "samples": self.samples,
                 "samples_requested": self.samples_requested, "seq_len": self.seq_len,
                 "tokens": self.samples * self.seq_len, "tokens_hash": self.tokens_hash}
+
+
+def tokens_hash(tokens: torch.Tensor) -> str:
+    """What identifies a batch of token windows in cache keys (values and shape)."""
+    t = tokens.to(torch.int64).contiguous()
+    return hashlib.sha256(t.numpy().tobytes() + str(tuple(t.shape)).encode()).hexdigest()
 
 
 def load_calibration(tokenizer, config: CalibrationConfig) -> Calibration:
@@ -236,7 +241,7 @@ class Calibrator:
 
         tokens = self.calibration.tokens[:WINDOWS]
         key = hashlib.sha256("|".join([SENSITIVITY_FORMAT, self.source_hash, str(self.dtype), *self.names,
-                                       Calibration(tokens, "", "", 0).tokens_hash]).encode()).hexdigest()
+                                       tokens_hash(tokens)]).encode()).hexdigest()
         c = self.cache.singular_values(key)
         if c is None:
             with tempfile.TemporaryDirectory(prefix=".sensitivity-", dir=self.cache.root.parent) as spill:
