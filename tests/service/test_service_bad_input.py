@@ -154,3 +154,106 @@ def test_a_body_not_declared_json_is_415_naming_the_header(server, keys):
             assert "Content-Type: application/json" in r.json()["error"]["message"]
         ok = _post_raw(c, "/v1/jobs", b'{"type": "evaluate"}', keys["A"], "application/json; charset=utf-8")
         assert ok.status_code == 422  # declared JSON, invalid: the field errors, not 415
+
+
+def _b64(raw: bytes) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def test_malformed_link_tokens_are_404_and_log_no_traceback(server):
+    """Unauthenticated: a token whose payload is not ours (an exponent that overflows, lists nested
+    3000 deep, a lone surrogate in a name, wrong types, not base64) is the link_invalid 404."""
+    api, _ = server
+    payloads = [b'{"k":"x","j":"y","n":"z","e":1e999}', b"[" * 3000 + b"]" * 3000,
+                b'{"k":"\\ud800","j":"y","n":"z","e":1}', b'{"k":"x","j":"\\udfff","n":"z","e":99999999999}',
+                b'{"k":"x","j":"y","n":"\\ud800","e":99999999999}', b'{"k":"x","j":"y","n":"z","e":"1"}',
+                b'{"k":["x"],"j":"y","n":"z","e":1}', b'{"k":"x","j":"y","n":"z","e":1.5}',
+                b'{"k":"x","j":"y","n":"z","e":' + b"9" * 5000 + b"}", b'"just a string"', b"null", b"",
+                b'{"k":"\xed\xa0\x80","j":"y","n":"z","e":1}', b'{"k":{"a":' * 2000 + b"1" + b"}" * 2000 + b"}"]
+    with httpx.Client(base_url=api.url, timeout=60) as c:
+        tokens = [f"{_b64(p)}.{_b64(b'sig')}" for p in payloads] + ["%%%.x", "....", "a" * 5000, "\x00"]
+        for token in tokens:
+            r = c.get(f"/v1/links/{token}")
+            _check(r, token[:40])
+            assert r.status_code == 404 and r.json()["error"]["code"] == "link_invalid", (token[:40], r.text[:300])
+    assert "Traceback" not in api.output() and "unhandled error" not in api.output()
+
+
+SURROGATES = ('"\\ud800"', '"\\udfff"', '"a\\udbff b"', '["\\ud800"]', '{"\\ud800": 1}')
+
+
+def _surrogate_cases(model: str) -> list[tuple[str, str, bytes]]:
+    """(case, path, raw JSON body) with a lone surrogate escape in every field of every job type
+    (each params field, `model`, `type`, a key) and the link request's `name`."""
+    from api.jobs.params import PARAMS
+
+    cases = []
+    for job_type, schema in PARAMS.items():
+        for value in SURROGATES:
+            for field in schema.model_fields:
+                cases.append((f"{job_type} params.{field}={value}", "/v1/jobs",
+                              f'{{"type": "{job_type}", "model": "{model}", "params": {{"{field}": {value}}}}}'))
+            cases.append((f"{job_type} model={value}", "/v1/jobs",
+                          f'{{"type": "{job_type}", "model": {value}, "params": {{}}}}'))
+            cases.append((f"{job_type} params key {value}", "/v1/jobs",
+                          f'{{"type": "{job_type}", "model": "{model}", "params": {{{value}: 1}}}}'
+                          if value.startswith('"') else f'{{"type": "{job_type}", "model": "{model}", "params": {value}}}'))
+    for value in SURROGATES:
+        cases.append((f"type={value}", "/v1/jobs", f'{{"type": {value}, "model": "{model}", "params": {{}}}}'))
+        cases.append((f"top-level key {value}", "/v1/jobs", f'{{"type": "evaluate", "model": "{model}", {value}: 1}}'
+                      if value.startswith('"') else f'{{"type": "evaluate", "model": {value}}}'))
+        cases.append((f"link name={value}", "LINKS", f'{{"name": {value}}}'))
+    return [(case, path, body.encode()) for case, path, body in cases]
+
+
+def test_a_lone_surrogate_anywhere_in_a_json_body_is_a_422_naming_the_field(server, keys):
+    """A JSON string escape that is half a UTF-16 pair is not text: wherever it is (every field of
+    every job type, a key, a link's name), the answer is a 422 naming where, never a 500."""
+    api, _ = server
+    h = keys["A"]
+    with httpx.Client(base_url=api.url, timeout=60) as c:
+        job = c.post("/v1/jobs", json={"type": "evaluate", "model": "tiny", "params": {}}, headers=h).json()["id"]
+        cases = _surrogate_cases("tiny")
+        cases.append(("utf-8 encoded surrogate", "/v1/jobs", b'{"type": "evaluate", "model": "\xed\xa0\x80"}'))
+        assert len(cases) > 250
+        out = {}
+        for case, path, raw in cases:
+            r = _post_raw(c, f"/v1/jobs/{job}/links" if path == "LINKS" else path, raw, h)
+            _check(r, case)
+            assert r.status_code == 422, (case, r.status_code, r.text[:300])
+            out[case] = r.json()["error"]
+        # The case of issue 41: a compress param holding a lone surrogate, reported like any bad value.
+        err = out['compress params.err="\\ud800"']
+        assert err["code"] == "invalid_params" and err["fields"][0]["field"] == "params.err", err
+        assert "surrogate" in err["message"] and err["fields"][0]["received"] == "\\ud800", err
+        assert out['evaluate model=["\\ud800"]']["fields"][0]["field"] == "model.0"
+        # A valid escaped pair is text (an emoji): no model of that name, a clean 404.
+        r = _post_raw(c, "/v1/jobs", b'{"type": "evaluate", "model": "\\ud83d\\ude00"}', h)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text[:300]
+    assert "Traceback" not in api.output()
+
+
+def test_names_too_long_for_a_folder_and_long_boundaries_are_4xx(server, keys, settings):
+    """A model name past the file system's 255-byte component limit (with WELORE_MODELS_DIR set),
+    and a multipart boundary past python-multipart's 256 bytes: refused, nothing left in .tmp."""
+    api, idle = server
+    h = keys["A"]
+    assert idle.models_dir is not None
+    with httpx.Client(base_url=api.url, timeout=60) as c:
+        for body in ({"type": "evaluate", "model": "m" * 300},
+                     {"type": "evaluate", "model": "a/" + "m" * 300 + "/b"},
+                     {"type": "finetune", "model": "tiny", "params": {"data": "boolq", "teacher": "t" * 200 + "é" * 60}}):
+            r = c.post("/v1/jobs", json=body, headers=h)
+            _check(r, body["model"][:20])
+            assert r.json()["error"]["code"] == "model_not_found", r.text[:300]
+        for n in (257, 300, 5000):
+            boundary = "b" * n
+            raw = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.txt\"\r\n\r\nhi\r\n"
+                   f"--{boundary}--\r\n").encode()
+            r = _post_raw(c, "/v1/files", raw, h, f"multipart/form-data; boundary={boundary}")
+            _check(r, f"boundary {n}")
+            assert r.json()["error"]["code"] == "invalid_upload" and "boundary" in r.json()["error"]["message"]
+    assert not list((idle.artifact_dir / ".tmp").glob("*.upload"))
+    assert "Traceback" not in api.output()
