@@ -64,6 +64,10 @@ class InvalidRequest(ServiceError):
     status, code = 422, "invalid_request"
 
 
+class InsufficientStorage(ServiceError):
+    status, code = 507, "disk_full"
+
+
 class ServiceUnavailable(ServiceError):
     status, code = 503, "unavailable"
 
@@ -107,6 +111,7 @@ _DESCRIPTIONS = {
     416: "range not satisfiable",
     422: "invalid parameters: names each field and its allowed range",
     503: "a service the request needs (database, broker) is unreachable",
+    507: "the artifact store is full: nothing of the request was kept",
 }
 
 
@@ -146,7 +151,7 @@ def validation_fields(errors: list[dict], schemas: dict[str, Any] | None = None)
             loc = loc[1:]
         else:
             schema = None
-        item = {"field": ".".join(loc) or "body", "message": err.get("msg", "invalid"),
+        item = {"field": _printable(".".join(loc)) or "body", "message": err.get("msg", "invalid"),
                 "type": err.get("type")}
         if schema is not None and len(loc) == 2 and loc[0] == "params":
             info = schema.model_fields.get(loc[1])
@@ -163,6 +168,11 @@ def validation_fields(errors: list[dict], schemas: dict[str, Any] | None = None)
     return out
 
 
+def _printable(text: str) -> str:
+    """`text` as UTF-8 can carry it: a lone surrogate becomes its escape, the six characters `\\ud800`."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _json_safe(value: Any) -> Any:
     """A received value as JSON can carry it: NaN/±inf and bytes as text, long strings cut."""
     if value is None or isinstance(value, bool) or (isinstance(value, int) and abs(value) < 2**63):
@@ -170,7 +180,7 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
     if isinstance(value, str):
-        return value if len(value) <= 200 else value[:200] + "…"
+        return _printable(value if len(value) <= 200 else value[:200] + "…")
     text = repr(value)
     return text if len(text) <= 200 else text[:200] + "…"
 

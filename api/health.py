@@ -9,8 +9,9 @@ from sqlalchemy import text
 
 from . import storage
 from .db import session_scope
+from .strictjson import StrictJsonRoute
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"], route_class=StrictJsonRoute)
 
 
 class Readiness(BaseModel):

@@ -9,13 +9,17 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import time
 
 from sqlalchemy.orm import Session
 
+from ..deps import ID_PATTERN
 from ..models import ApiKey
+from ..strictjson import lone_surrogate
 
 DEFAULT_TTL_S = 600
+_ID = re.compile(ID_PATTERN)
 
 
 def _b64(data: bytes) -> str:
@@ -37,14 +41,30 @@ def make_token(key: ApiKey, job_id: str, name: str, ttl_s: int = DEFAULT_TTL_S) 
     return f"{payload}.{_sign(key, payload)}", exp
 
 
+def _claims(payload: str) -> tuple[str, str, str, int] | None:
+    """(key id, job id, name, expiry) of a payload shaped as `make_token` writes it; else None.
+    Anyone can send a token: whatever it decodes to is checked, never trusted, and never raises."""
+    try:
+        data = json.loads(_unb64(payload))
+    except (ValueError, RecursionError):  # not base64, UTF-8 or JSON; an integer too long; nested too deep
+        return None
+    if not isinstance(data, dict):
+        return None
+    key_id, job_id, name, exp = (data.get(f) for f in "kjne")
+    if not all(isinstance(i, str) and _ID.fullmatch(i) for i in (key_id, job_id)):
+        return None
+    if not isinstance(name, str) or lone_surrogate(name) is not None or type(exp) is not int:
+        return None
+    return key_id, job_id, name, exp
+
+
 def verify_token(session: Session, token: str) -> tuple[ApiKey, str, str] | None:
     """→ (key, job id, artifact name) for a valid, unexpired token of an active key; else None."""
     payload, _, sig = token.partition(".")
-    try:
-        data = json.loads(_unb64(payload))
-        key_id, job_id, name, exp = str(data["k"]), str(data["j"]), str(data["n"]), int(data["e"])
-    except (ValueError, KeyError, TypeError):
+    claims = _claims(payload)
+    if claims is None or not sig.isascii():
         return None
+    key_id, job_id, name, exp = claims
     key = session.get(ApiKey, key_id)
     if key is None or key.revoked_at is not None or exp < time.time():
         return None

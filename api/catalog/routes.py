@@ -12,10 +12,11 @@ from ..deps import CurrentKey, DbDep, SettingsDep
 from ..errors import responses
 from ..files import service as files_service
 from ..jobs.service import BUILTIN, EXTRA_BUILTIN, PACKAGED
+from ..strictjson import StrictJsonRoute
 from . import service
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
-datasets_router = APIRouter(prefix="/v1/datasets", tags=["files"])
+router = APIRouter(prefix="/v1/models", tags=["models"], route_class=StrictJsonRoute)
+datasets_router = APIRouter(prefix="/v1/datasets", tags=["files"], route_class=StrictJsonRoute)
 
 
 class ModelList(BaseModel):

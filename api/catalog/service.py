@@ -27,11 +27,14 @@ def _models_dir_path(settings: Settings, spec: str) -> Path | None:
     if settings.models_dir is None:
         return None
     root = Path(settings.models_dir).resolve()
-    candidate = (root / spec).resolve()
-    if not candidate.is_relative_to(root) or candidate == root:
-        return None
-    if candidate.is_dir() and ((candidate / "config.json").is_file() or (candidate / "welore.json").is_file()):
-        return candidate
+    try:
+        candidate = (root / spec).resolve()
+        if not candidate.is_relative_to(root) or candidate == root:
+            return None
+        if candidate.is_dir() and ((candidate / "config.json").is_file() or (candidate / "welore.json").is_file()):
+            return candidate
+    except (OSError, ValueError):  # a name no folder can have (a part over 255 bytes, ...): not one of ours
+        pass
     return None
 
 

@@ -8,11 +8,12 @@ from starlette.concurrency import run_in_threadpool
 
 from ..deps import CurrentKey, DbDep, FileId, SettingsDep
 from ..errors import PayloadTooLarge, responses
+from ..strictjson import StrictJsonRoute
 from . import service
 from .receive import FIELD, receive
 from .schemas import FileList, FileOut
 
-router = APIRouter(prefix="/v1/files", tags=["files"])
+router = APIRouter(prefix="/v1/files", tags=["files"], route_class=StrictJsonRoute)
 
 UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": [FIELD],

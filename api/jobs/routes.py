@@ -19,10 +19,11 @@ from ..errors import InvalidRequest, responses
 from ..events import store
 from ..events.fanout import END
 from ..models import STATUSES, TERMINAL
+from ..strictjson import StrictJsonRoute
 from . import service
 from .schemas import Event, JobCreate, JobList, JobOut, MetricPoint, Metrics
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=StrictJsonRoute)
 
 IdempotencyKey = Annotated[Optional[str], Header(alias="Idempotency-Key", min_length=1, max_length=255,
                                                  pattern=r"^[\x21-\x7e]+$",

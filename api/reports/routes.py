@@ -10,9 +10,10 @@ from pydantic import BaseModel, Field
 from ..errors import responses
 from ..deps import CurrentKey, DbDep, JobId, SettingsDep
 from ..jobs import service as jobs_service
+from ..strictjson import StrictJsonRoute
 from . import service
 
-router = APIRouter(prefix="/v1/jobs", tags=["reports"])
+router = APIRouter(prefix="/v1/jobs", tags=["reports"], route_class=StrictJsonRoute)
 
 
 class MatrixOut(BaseModel):

@@ -162,10 +162,22 @@ def _b64(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
-def test_malformed_link_tokens_are_404_and_log_no_traceback(server):
+def test_malformed_link_tokens_are_404_and_log_no_traceback(server, keys, settings):
     """Unauthenticated: a token whose payload is not ours (an exponent that overflows, lists nested
-    3000 deep, a lone surrogate in a name, wrong types, not base64) is the link_invalid 404."""
+    3000 deep, a lone surrogate in a name, wrong types, not base64; a real key's payload with a
+    signature that is not ASCII) is the link_invalid 404."""
+    import json
+    import time
+
+    from sqlalchemy import select
+
+    from api.db import session_scope
+    from api.models import ApiKey
+
     api, _ = server
+    with session_scope(settings.db_url) as s:
+        key_id = s.scalars(select(ApiKey.id)).first()
+    real = _b64(json.dumps({"k": key_id, "j": "job_x", "n": "a", "e": int(time.time()) + 600}).encode())
     payloads = [b'{"k":"x","j":"y","n":"z","e":1e999}', b"[" * 3000 + b"]" * 3000,
                 b'{"k":"\\ud800","j":"y","n":"z","e":1}', b'{"k":"x","j":"\\udfff","n":"z","e":99999999999}',
                 b'{"k":"x","j":"y","n":"\\ud800","e":99999999999}', b'{"k":"x","j":"y","n":"z","e":"1"}',
@@ -173,7 +185,8 @@ def test_malformed_link_tokens_are_404_and_log_no_traceback(server):
                 b'{"k":"x","j":"y","n":"z","e":' + b"9" * 5000 + b"}", b'"just a string"', b"null", b"",
                 b'{"k":"\xed\xa0\x80","j":"y","n":"z","e":1}', b'{"k":{"a":' * 2000 + b"1" + b"}" * 2000 + b"}"]
     with httpx.Client(base_url=api.url, timeout=60) as c:
-        tokens = [f"{_b64(p)}.{_b64(b'sig')}" for p in payloads] + ["%%%.x", "....", "a" * 5000, "\x00"]
+        tokens = [f"{_b64(p)}.{_b64(b'sig')}" for p in payloads] + ["%%%.x", "....", "a" * 5000, "%00", "é.é",
+                                                                  f"{real}.{'é' * 43}", f"{real}.x"]
         for token in tokens:
             r = c.get(f"/v1/links/{token}")
             _check(r, token[:40])
@@ -244,7 +257,7 @@ def test_names_too_long_for_a_folder_and_long_boundaries_are_4xx(server, keys, s
     with httpx.Client(base_url=api.url, timeout=60) as c:
         for body in ({"type": "evaluate", "model": "m" * 300},
                      {"type": "evaluate", "model": "a/" + "m" * 300 + "/b"},
-                     {"type": "finetune", "model": "tiny", "params": {"data": "boolq", "teacher": "t" * 200 + "é" * 60}}):
+                     {"type": "finetune", "model": "tiny", "params": {"data": "boolq", "teacher": "t" * 140 + "é" * 60}}):
             r = c.post("/v1/jobs", json=body, headers=h)
             _check(r, body["model"][:20])
             assert r.json()["error"]["code"] == "model_not_found", r.text[:300]
