@@ -6,7 +6,8 @@ directory: any other path is refused with 404. `If-None-Match` compares weakly (
 a `Range` header that is not a valid byte range is ignored (200 with the whole file, as RFC 9110
 says); a valid one outside the file is 416. Every file is checked against the size and SHA-256
 recorded when the job finished before it is served; a damaged one is refused with 409
-`artifact_corrupt` naming it (never served as if it were fine).
+`artifact_corrupt` naming it (never served as if it were fine), and whatever is sent whole is
+hashed as it goes (verify.py): damage that kept the file's size and times cuts the transfer.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ from ..deps import CurrentKey, DbDep, JobId, SettingsDep
 from ..errors import Conflict, NotFound, RangeNotSatisfiable, responses
 from ..jobs import repository as repo
 from ..jobs import service as jobs_service
+from ..strictjson import StrictJsonRoute
 from .tarstream import stream_tar, tar_size
+from .verify import Check, VerifiedFileResponse, VerifiedStreamingResponse
 
-router = APIRouter(prefix="/v1/jobs", tags=["artifacts"])
-links_router = APIRouter(prefix="/v1/links", tags=["artifacts"])
+router = APIRouter(prefix="/v1/jobs", tags=["artifacts"], route_class=StrictJsonRoute)
+links_router = APIRouter(prefix="/v1/links", tags=["artifacts"], route_class=StrictJsonRoute)
 
 _RANGE = re.compile(r"^bytes=(\d{0,19})-(\d{0,19})$")
 
@@ -150,8 +153,9 @@ def _file_response(request: Request, db, settings, key, job_id: str, name: str):
     if if_none_match and _etag_matches(if_none_match, etag):
         return Response(status_code=304, headers=headers)
     _check_range(request, row.size)
-    return FileResponse(path, media_type="application/octet-stream", filename=name.rsplit("/", 1)[-1],
-                        headers=headers)
+    check = Check(settings, path, row.sha256, f"artifact {name!r} of job {job.id}")
+    return VerifiedFileResponse(path, check, media_type="application/octet-stream",
+                                filename=name.rsplit("/", 1)[-1], headers=headers)
 
 
 @router.get("/{job_id}/checkpoint.tar", summary="The whole checkpoint as one tar stream",
@@ -172,8 +176,9 @@ def download_checkpoint(job_id: JobId, key: CurrentKey, db: DbDep, settings: Set
         if path is None:
             raise NotFound(f"artifact {a.name!r} of job {job.id} is missing from the store", code="artifact_missing")
         _check_intact(settings, job.id, a, path)
-        members.append((f"{job.id}/{a.name}", path))
-    length = tar_size([(arc, p.stat().st_size) for arc, p in members])
-    return StreamingResponse(stream_tar(members), media_type="application/x-tar",
-                             headers={"Content-Length": str(length),
-                                      "Content-Disposition": f'attachment; filename="{job.id}.tar"'})
+        members.append((f"{job.id}/{a.name}", path, Check(settings, path, a.sha256,
+                                                          f"artifact {a.name!r} of job {job.id}")))
+    length = tar_size([(arc, check.st.st_size) for arc, _, check in members])
+    return VerifiedStreamingResponse(stream_tar(members), media_type="application/x-tar",
+                                     headers={"Content-Length": str(length),
+                                              "Content-Disposition": f'attachment; filename="{job.id}.tar"'})

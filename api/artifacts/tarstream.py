@@ -3,7 +3,7 @@ file in chunks (a multi-GB checkpoint never sits in memory).
 
 Each member is a GNU header (one 512-byte block for names under 100 bytes, which ours are),
 then its data padded to 512 bytes; two zero blocks end the archive, padded to 20 blocks like
-`tarfile` does, so any tar reader accepts it.
+`tarfile` does, so any tar reader accepts it. Every member is verified as it is read (verify.py).
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 import tarfile
 from pathlib import Path
 from typing import Iterator
+
+from .verify import Check
 
 BLOCK, RECORD = 512, 512 * 20
 
@@ -28,15 +30,16 @@ def tar_size(members: list[tuple[str, int]]) -> int:
     return -(-total // RECORD) * RECORD
 
 
-def stream_tar(members: list[tuple[str, Path]], chunk: int = 1 << 20) -> Iterator[bytes]:
-    """Yield the archive of [(arcname, path)]."""
+def stream_tar(members: list[tuple[str, Path, Check]], chunk: int = 1 << 20) -> Iterator[bytes]:
+    """Yield the archive of [(arcname, path, check)]: each member's bytes go through its `check`,
+    and its last block is yielded only once the check has passed (else ArtifactCorrupt is raised)."""
     written = 0
-    for arcname, path in members:
-        st = path.stat()
-        head = _header(arcname, st.st_size, int(st.st_mtime))
+    for arcname, path, check in members:
+        size = check.st.st_size
+        head = _header(arcname, size, int(check.st.st_mtime))
         yield head
         written += len(head)
-        left = st.st_size
+        left = size
         with open(path, "rb") as f:
             while left > 0:
                 block = f.read(min(chunk, left))
@@ -44,8 +47,13 @@ def stream_tar(members: list[tuple[str, Path]], chunk: int = 1 << 20) -> Iterato
                     raise OSError(f"{path} shrank while it was being sent")
                 left -= len(block)
                 written += len(block)
+                check.update(block)
+                if left == 0:
+                    check.verify()
                 yield block
-        pad = -st.st_size % BLOCK
+        if size == 0:
+            check.verify()
+        pad = -size % BLOCK
         if pad:
             yield b"\0" * pad
             written += pad

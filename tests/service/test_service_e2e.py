@@ -6,12 +6,16 @@ a queued and a running fine-tuning job with nothing left behind."""
 from __future__ import annotations
 
 import io
+import os
 import tarfile
+import time
 
+import httpx
 import pytest
 import torch
 
 from helpers import parse_sse, read_sse, sha256, wait_for
+from procs import ApiServer
 
 pytestmark = pytest.mark.service
 
@@ -149,6 +153,52 @@ def test_a_damaged_artifact_is_refused_not_served(client, keys, compressed, sett
     finally:
         stored.write_bytes(good)
     assert client.get(f"/v1/jobs/{job_id}/artifacts/model.safetensors", headers=h).status_code == 200
+
+
+def _damage_keeping_stat(path) -> None:
+    """Flip one byte in place and put the times back: same inode, size and mtime, other bytes."""
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(st.st_size // 2)
+        byte = f.read(1)[0]
+        f.seek(st.st_size // 2)
+        f.write(bytes([byte ^ 0xFF]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def test_damage_that_keeps_the_stat_is_never_served_as_intact(keys, compressed, settings, tmp_path):
+    """Bit rot (the stat unchanged, so the recorded check still looks current): a download of the
+    file, or of the tar, is cut before its last chunk rather than completed with bad bytes; from
+    then on the file is a 409 artifact_corrupt, byte ranges included. Served by uvicorn, as in
+    production, to see what a client sees."""
+    job_id, _ = compressed
+    h = keys["A"]
+    stored = settings.artifact_dir / "jobs" / job_id / "model.safetensors"
+    good = stored.read_bytes()
+    api = ApiServer(settings, tmp_path)
+    url = f"{api.url}/v1/jobs/{job_id}/artifacts/model.safetensors"
+    try:
+        with httpx.Client(timeout=60, headers=h) as c:
+            for n, (what, target) in enumerate((("download", url), ("tar", f"{api.url}/v1/jobs/{job_id}/checkpoint.tar"))):
+                aged = time.time() - 600 + n  # a new mtime: the next request re-hashes the restored file
+                stored.write_bytes(good)
+                os.utime(stored, (aged, aged))  # old enough for its check to be trusted
+                r = c.get(url)
+                assert r.status_code == 200 and r.content == good  # verified, and the check recorded
+                _damage_keeping_stat(stored)
+                with pytest.raises(httpx.RemoteProtocolError):  # fewer bytes than Content-Length, then EOF
+                    c.get(target)
+                r = c.get(url)
+                assert r.status_code == 409 and r.json()["error"]["code"] == "artifact_corrupt", (what, r.text[:200])
+                assert c.get(url, headers={"Range": "bytes=0-99"}).status_code == 409
+                assert c.head(url).status_code == 409
+        assert "artifact 'model.safetensors' of job" in api.output()
+        assert "Traceback" not in api.output()
+    finally:
+        api.stop()
+        stored.write_bytes(good)
 
 
 def test_other_keys_cannot_see_the_job(client, keys, compressed):
