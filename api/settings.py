@@ -46,6 +46,16 @@ class Settings(CoreSettings):
     """Hard limit of one job; the soft limit (a readable `time_limit` failure) is 60 s earlier."""
 
     upload_max_bytes: int = 200 * 1024 * 1024
+    upload_max_line_bytes: int = 8 * 1024 * 1024
+    """Longest line of an uploaded JSONL file (env WELORE_UPLOAD_MAX_LINE_BYTES): one record is read
+    whole to check it, so this bounds the memory an upload takes; a longer line is a 422."""
+    artifact_min_free_mb: int = 1024
+    """/readyz is not ready while the artifact store has less free space than this, in MiB (env
+    WELORE_ARTIFACT_MIN_FREE_MB)."""
+    artifact_verify_max_age_s: float = 24 * 3600
+    """A stored artifact's recorded SHA-256 check is trusted this long (env
+    WELORE_ARTIFACT_VERIFY_MAX_AGE_S); then the next request re-hashes the file first. Whole-file
+    downloads are hashed as they are sent in any case."""
     embedded_workers: int = 1
     """Threads running jobs in embedded mode (env WELORE_EMBEDDED_WORKERS)."""
 

@@ -10,14 +10,18 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from welore_core.hashing import file_sha256 as sha256_file
-from welore_core.hashing import stamped_sha256
+from welore_core.hashing import record_sha256, stamped_sha256
 
+from .errors import InsufficientStorage
 from .settings import Settings
 
 
@@ -68,13 +72,45 @@ def writable(settings: Settings) -> bool:
         return False
 
 
+def free_bytes(settings: Settings) -> int:
+    return shutil.disk_usage(tmp_dir(settings)).free
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextmanager
+def refuse_when_full(settings: Settings, what: str) -> Iterator[None]:
+    """A full disk (ENOSPC, EDQUOT) inside the block becomes a 507 `disk_full` saying `what` was lost."""
+    try:
+        yield
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        try:
+            free = f"{free_bytes(settings) / 2**20:.1f} MiB free"
+        except OSError:
+            free = "no space left"
+        raise InsufficientStorage(f"the artifact store (WELORE_ARTIFACT_DIR) is full ({free}): {what}; free space "
+                                  "there (outputs of jobs and uploads you no longer need) and retry") from exc
+
+
 def intact(settings: Settings, path: Path, size: int, sha256: str) -> bool:
     """Whether a stored artifact still has the size and SHA-256 recorded when its job finished
-    (re-hashed only when the file's stat changed since it was last verified)."""
+    (re-hashed when the file's stat changed since it was last verified, or that check is older
+    than WELORE_ARTIFACT_VERIFY_MAX_AGE_S)."""
     try:
-        return path.stat().st_size == size and stamped_sha256(path, Path(settings.cache_dir)) == sha256
+        return path.stat().st_size == size and stamped_sha256(path, Path(settings.cache_dir),
+                                                              settings.artifact_verify_max_age_s) == sha256
     except OSError:
         return False
+
+
+def record_check(settings: Settings, path: Path, digest: str, st: os.stat_result, started: float) -> None:
+    """Record what `path` (stat `st` when reading began at `started`) hashed to while it was served,
+    so that a mismatch found then is refused (409) by every later request."""
+    record_sha256(path, Path(settings.cache_dir), digest, st, started)
 
 
 def remove_work_dirs(settings: Settings, job_id: str) -> int:

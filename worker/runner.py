@@ -319,6 +319,8 @@ def run_job(job_id: str, settings: Settings, bus: EventBus, shutdown: Optional[t
             if type(exc).__name__ == "SoftTimeLimitExceeded":
                 code, message = "time_limit", (f"the job ran past its time limit of {settings.job_time_limit_s} s "
                                                "(WELORE_JOB_TIME_LIMIT_S)")
+            elif _disk_full(exc):
+                code, message = "disk_full", _disk_full_message(settings)
             else:
                 code, message = "internal_error", f"{type(exc).__name__}: {exc}"
                 log.error("job %s failed:\n%s", job_id, traceback.format_exc())
@@ -327,6 +329,30 @@ def run_job(job_id: str, settings: Settings, bus: EventBus, shutdown: Optional[t
     finally:
         heartbeat.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+_NO_SPACE = ("No space left on device", "Disk quota exceeded", "os error 28", "os error 122")
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT anywhere in the exception's chain, or in the text of one that wraps it (safetensors)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if storage.is_disk_full(exc) or any(s in str(exc) for s in _NO_SPACE):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _disk_full_message(settings: Settings) -> str:
+    try:
+        free = f" ({storage.free_bytes(settings) / 2**20:.1f} MiB free)"
+    except OSError:
+        free = ""
+    return (f"no space left on the disk: the artifact store (WELORE_ARTIFACT_DIR){free} or the cache "
+            "(WELORE_CACHE_DIR) is full; free space there (outputs of jobs and uploads you no longer need, cached "
+            "spectra) and submit the job again")
 
 
 def _end(settings, bus, pub: Publisher, job_id: str, status, *, code=None, message=None, result=None,

@@ -1,6 +1,7 @@
 """Receive a multipart upload straight from the request stream into the artifact store's .tmp,
 hashing and counting as it arrives: the size limit stops the upload as soon as it is passed
-(chunked bodies too), and nothing is spooled anywhere else first."""
+(chunked bodies too), and nothing is spooled anywhere else first. A full disk is a 507 and a
+refused upload leaves nothing behind."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import AsyncIterator
 
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
 
 from .. import storage
@@ -49,11 +51,10 @@ async def receive(settings, content_type: str | None, chunks: AsyncIterator[byte
                                    f"{(content_type or 'no content type')[:100]!r}")
     limit = settings.upload_max_bytes
     file_id = new_id("file")
-    tmp = storage.tmp_dir(settings) / f"{file_id}.upload"
     state = {"headers": {}, "field": b"", "value": b"", "in_file": False, "done": False, "filename": None,
              "size": 0}
     h = hashlib.sha256()
-    out = open(tmp, "wb")
+    out = None
 
     def on_header_field(data, start, end):
         state["field"] += data[start:end]
@@ -86,18 +87,28 @@ async def receive(settings, content_type: str | None, chunks: AsyncIterator[byte
         if state["in_file"]:
             state["done"], state["in_file"] = True, False
 
-    parser = MultipartParser(params[b"boundary"], {
-        "on_header_field": on_header_field, "on_header_value": on_header_value, "on_header_end": on_header_end,
-        "on_headers_finished": on_headers_finished, "on_part_data": on_part_data, "on_part_end": on_part_end})
     try:
-        try:
-            async for chunk in chunks:
-                parser.write(chunk)
-            parser.finalize()
-        except MultipartParseError as exc:
-            raise InvalidRequest(f"the multipart body is malformed ({str(exc)[:100]})", code="invalid_upload") from exc
-        finally:
-            out.close()
+        parser = MultipartParser(params[b"boundary"], {
+            "on_header_field": on_header_field, "on_header_value": on_header_value,
+            "on_header_end": on_header_end, "on_headers_finished": on_headers_finished,
+            "on_part_data": on_part_data, "on_part_end": on_part_end})
+    except FormParserError as exc:
+        raise InvalidRequest(f"the multipart boundary is not usable ({str(exc)[:100]}); a boundary is 1 to 70 "
+                             "characters (RFC 2046)", code="invalid_upload") from exc
+    with storage.refuse_when_full(settings, "the upload was not kept"):
+        tmp = storage.tmp_dir(settings) / f"{file_id}.upload"
+    try:
+        with storage.refuse_when_full(settings, "the upload was not kept"):
+            out = open(tmp, "wb")
+            try:
+                async for chunk in chunks:
+                    parser.write(chunk)
+                parser.finalize()
+            except MultipartParseError as exc:
+                raise InvalidRequest(f"the multipart body is malformed ({str(exc)[:100]})",
+                                     code="invalid_upload") from exc
+            finally:
+                out.close()
         if not state["done"]:
             raise InvalidRequest(f"no file in the upload: send it as the multipart field '{FIELD}' with a filename",
                                  code="invalid_upload")

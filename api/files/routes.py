@@ -22,7 +22,7 @@ UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-dat
 
 @router.post("", status_code=201, response_model=FileOut, openapi_extra=UPLOAD_BODY,
              summary="Upload a JSONL or TXT dataset (validated line by line)",
-             responses=responses(400, 401, 413, 415, 422))
+             responses=responses(400, 401, 413, 415, 422, 507))
 async def upload_file(request: Request, key: CurrentKey, db: DbDep, settings: SettingsDep) -> FileOut:
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > settings.upload_max_bytes + 64 * 1024:

@@ -15,7 +15,7 @@ from ..errors import InvalidRequest, NotFound
 from ..models import ApiKey, File
 from ..settings import Settings
 from .receive import Received
-from .validate import VALIDATORS
+from .validate import validate
 
 FORMATS = {".jsonl": "jsonl", ".txt": "txt"}
 
@@ -34,9 +34,10 @@ def store(db, settings: Settings, owner: ApiKey, got: Received) -> File:
         fmt = FORMATS.get(PurePath(got.filename).suffix.lower())
         if fmt is None:
             raise InvalidRequest(f"file {got.filename!r}: expected a .jsonl or .txt file", code="invalid_file_type")
-        records = VALIDATORS[fmt](got.path)
+        records = validate(fmt, got.path, settings.upload_max_line_bytes)
         final = storage.file_path(settings, got.file_id, fmt)
-        final.parent.mkdir(parents=True, exist_ok=True)
+        with storage.refuse_when_full(settings, "the upload was not kept"):
+            final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(got.path, final)
         row = File(id=got.file_id, owner_id=owner.id, filename=got.filename, format=fmt, size=got.size,
                    sha256=got.sha256, records=records)

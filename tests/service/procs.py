@@ -29,7 +29,9 @@ def env_for(settings) -> dict[str, str]:
     env = service_env(settings)
     env.update(WELORE_HEARTBEAT_TIMEOUT_S=str(settings.heartbeat_timeout_s),
                WELORE_MAX_ATTEMPTS=str(settings.max_attempts), WELORE_API_CONCURRENCY=str(settings.api_concurrency),
-               WELORE_UPLOAD_MAX_BYTES=str(settings.upload_max_bytes))
+               WELORE_UPLOAD_MAX_BYTES=str(settings.upload_max_bytes),
+               WELORE_UPLOAD_MAX_LINE_BYTES=str(settings.upload_max_line_bytes),
+               WELORE_ARTIFACT_MIN_FREE_MB=str(settings.artifact_min_free_mb))
     return env
 
 
