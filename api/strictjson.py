@@ -21,21 +21,30 @@ MESSAGE = ("a lone UTF-16 surrogate is not text; send UTF-8 (an escaped pair suc
 
 def lone_surrogate(value: Any) -> tuple[tuple, str] | None:
     """(location, string) of a string or key in decoded JSON that holds a lone surrogate; else None.
-    The decoder joins valid pairs, so any surrogate left is a lone one. Iterative: any depth."""
-    stack = [((), value)]
+    The decoder joins valid pairs, so any surrogate left is a lone one. Iterative, linear at any depth
+    (each entry keeps a link to its parent's location, not a copy of it)."""
+    stack: list[tuple[Any, Any]] = [(value, None)]  # (value, its location as (parent location, key))
     while stack:
-        loc, v = stack.pop()
+        v, where = stack.pop()
         if isinstance(v, str):
             if not v.isascii() and _SURROGATE.search(v):
-                return loc, v
+                return _path(where), v
         elif isinstance(v, dict):
             for k, item in v.items():
                 if isinstance(k, str) and not k.isascii() and _SURROGATE.search(k):
-                    return (*loc, k), k
-                stack.append(((*loc, k), item))
+                    return _path((where, k)), k
+                stack.append((item, (where, k)))
         elif isinstance(v, list):
-            stack.extend(((*loc, i), item) for i, item in enumerate(v))
+            stack.extend((item, (where, i)) for i, item in enumerate(v))
     return None
+
+
+def _path(where) -> tuple:
+    keys = []
+    while where is not None:
+        where, key = where
+        keys.append(key)
+    return tuple(reversed(keys))
 
 
 def _declares_json(request: Request) -> bool:

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -157,6 +158,27 @@ def test_stamped_hash_notices_a_rewrite(tmp_path):
     assert first == file_sha256(f) and stamped_sha256(f, tmp_path / "cache") == first
     f.write_bytes(b"b" * 1000)  # same size, new mtime
     assert stamped_sha256(f, tmp_path / "cache") == file_sha256(f) != first
+
+
+def test_stamped_hash_expires_and_takes_a_recorded_result(tmp_path):
+    """A change that keeps the stat is found once the check is older than max_age_s; a digest
+    recorded while the file was read elsewhere is what later checks return."""
+    from welore_core.hashing import file_sha256, record_sha256, stamped_sha256
+
+    f, cache = tmp_path / "w.bin", tmp_path / "cache"
+    f.write_bytes(b"a" * 1000)
+    os.utime(f, (1_000_000, 1_000_000))
+    first = stamped_sha256(f, cache, max_age_s=3600)
+    st = f.stat()
+    with open(f, "r+b") as fh:  # in place: same inode, size; times put back
+        fh.write(b"b")
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert stamped_sha256(f, cache, max_age_s=3600) == first  # trusted: the stat did not change
+    assert stamped_sha256(f, cache, max_age_s=0) == file_sha256(f) != first  # expired: hashed again
+    record_sha256(f, cache, "0" * 64, f.stat(), time.time() - 10)
+    assert stamped_sha256(f, cache, max_age_s=3600) == "0" * 64
+    os.utime(f, None)  # a fresh mtime: the record no longer matches the stat
+    assert stamped_sha256(f, cache, max_age_s=3600) == file_sha256(f)
 
 
 def welore(*args, check=True):
