@@ -95,10 +95,10 @@ async def receive(settings, content_type: str | None, chunks: AsyncIterator[byte
     except FormParserError as exc:
         raise InvalidRequest(f"the multipart boundary is not usable ({str(exc)[:100]}); a boundary is 1 to 70 "
                              "characters (RFC 2046)", code="invalid_upload") from exc
-    with storage.refuse_when_full(settings, "the upload was not kept"):
-        tmp = storage.tmp_dir(settings) / f"{file_id}.upload"
+    tmp = None
     try:
         with storage.refuse_when_full(settings, "the upload was not kept"):
+            tmp = storage.tmp_dir(settings) / f"{file_id}.upload"
             out = open(tmp, "wb")
             try:
                 async for chunk in chunks:
@@ -113,6 +113,7 @@ async def receive(settings, content_type: str | None, chunks: AsyncIterator[byte
             raise InvalidRequest(f"no file in the upload: send it as the multipart field '{FIELD}' with a filename",
                                  code="invalid_upload")
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
     return Received(file_id, state["filename"], tmp, state["size"], h.hexdigest())
