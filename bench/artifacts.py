@@ -147,7 +147,8 @@ def main() -> None:
             cases = [("whole file, verified while sent", servers["current"], {}, 200),
                      ("`Range: bytes=0-` (not verified)", servers["current"], {"Range": "bytes=0-"}, 206)]
             if args.baseline:
-                cases.append((f"whole file at {args.baseline[:10]} (before verification)", servers["baseline"], {}, 200))
+                cases.append((f"whole file at {args.baseline[:10]} (before verification)", servers["baseline"],
+                              {}, 200))
             with httpx.Client(timeout=600) as client:
                 for _, server, headers, expect in cases:  # warm: page cache, the first (recorded) check
                     server.download(client, headers, expect)

@@ -30,7 +30,8 @@ def test_health_and_ready(idle_client):
     assert idle_client.get("/healthz").json() == {"status": "ok"}
     r = idle_client.get("/readyz")
     assert r.status_code == 200, r.json()
-    assert r.json()["checks"] == {"database": "ok", "broker": "ok", "artifact_store": "ok", "artifact_store_space": "ok"}
+    assert r.json()["checks"] == {"database": "ok", "broker": "ok", "artifact_store": "ok",
+                                  "artifact_store_space": "ok"}
     assert r.json()["artifact_store_free_bytes"] > 0
     assert r.json()["mode"] == "distributed"
 

@@ -210,9 +210,9 @@ def _surrogate_cases(model: str) -> list[tuple[str, str, bytes]]:
                               f'{{"type": "{job_type}", "model": "{model}", "params": {{"{field}": {value}}}}}'))
             cases.append((f"{job_type} model={value}", "/v1/jobs",
                           f'{{"type": "{job_type}", "model": {value}, "params": {{}}}}'))
+            params = f"{{{value}: 1}}" if value.startswith('"') else value  # a key, else params itself
             cases.append((f"{job_type} params key {value}", "/v1/jobs",
-                          f'{{"type": "{job_type}", "model": "{model}", "params": {{{value}: 1}}}}'
-                          if value.startswith('"') else f'{{"type": "{job_type}", "model": "{model}", "params": {value}}}'))
+                          f'{{"type": "{job_type}", "model": "{model}", "params": {params}}}'))
     for value in SURROGATES:
         cases.append((f"type={value}", "/v1/jobs", f'{{"type": {value}, "model": "{model}", "params": {{}}}}'))
         cases.append((f"top-level key {value}", "/v1/jobs", f'{{"type": "evaluate", "model": "{model}", {value}: 1}}'
@@ -257,7 +257,8 @@ def test_names_too_long_for_a_folder_and_long_boundaries_are_4xx(server, keys, s
     with httpx.Client(base_url=api.url, timeout=60) as c:
         for body in ({"type": "evaluate", "model": "m" * 300},
                      {"type": "evaluate", "model": "a/" + "m" * 300 + "/b"},
-                     {"type": "finetune", "model": "tiny", "params": {"data": "boolq", "teacher": "t" * 140 + "é" * 60}}):
+                     {"type": "finetune", "model": "tiny",
+                      "params": {"data": "boolq", "teacher": "t" * 140 + "é" * 60}}):  # 200 characters, 260 bytes
             r = c.post("/v1/jobs", json=body, headers=h)
             _check(r, body["model"][:20])
             assert r.json()["error"]["code"] == "model_not_found", r.text[:300]

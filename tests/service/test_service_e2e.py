@@ -181,7 +181,8 @@ def test_damage_that_keeps_the_stat_is_never_served_as_intact(keys, compressed, 
     url = f"{api.url}/v1/jobs/{job_id}/artifacts/model.safetensors"
     try:
         with httpx.Client(timeout=60, headers=h) as c:
-            for n, (what, target) in enumerate((("download", url), ("tar", f"{api.url}/v1/jobs/{job_id}/checkpoint.tar"))):
+            tar = f"{api.url}/v1/jobs/{job_id}/checkpoint.tar"
+            for n, (what, target) in enumerate((("download", url), ("tar", tar))):
                 aged = time.time() - 600 + n  # a new mtime: the next request re-hashes the restored file
                 stored.write_bytes(good)
                 os.utime(stored, (aged, aged))  # old enough for its check to be trusted
