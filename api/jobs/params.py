@@ -3,12 +3,31 @@ values of the wrong type are refused, and every numeric field has a range that a
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, model_validator
 
 from welore_core.compression.config import OPTIONS, RECOVER_TEXT, CompressConfig, Option
 from welore_core.errors import InvalidArgument
+
+
+NAME_PART_BYTES = 255  # a file system's limit on one path component (a folder name under WELORE_MODELS_DIR)
+
+
+def _model_name(value: str) -> str:
+    """A model name is a registry name, a job id or a folder path: no part of it may exceed what a
+    folder name can hold, so such a name is malformed (422) rather than unknown."""
+    for part in value.split("/"):
+        if len(part.encode("utf-8", "surrogatepass")) > NAME_PART_BYTES:
+            raise ValueError(f"each '/'-separated part of a model name is at most {NAME_PART_BYTES} bytes (a folder "
+                             f"name); received a part of {len(part.encode('utf-8', 'surrogatepass'))} bytes")
+    return value
+
+
+def model_name_field(max_length: int, description: str):
+    """The type of a field naming a model (the job's `model`, a fine-tuning `teacher`)."""
+    return Annotated[str, Field(min_length=1, max_length=max_length, description=description),
+                     AfterValidator(_model_name)]
 
 
 class _Params(BaseModel):
@@ -90,9 +109,8 @@ class FinetuneParams(_Params):
     frozen_dtype: Optional[Literal["auto", "bf16", "fp32"]] = Field(
         None, description="dtype of the frozen weights while training (auto: bf16 on a GPU, fp32 on a CPU); "
                           "trainable factors keep fp32 master weights")
-    teacher: Optional[str] = Field(None, min_length=1, max_length=200,
-                                   description="distil from this model (named like `model`), e.g. the one the "
-                                               "checkpoint was compressed from")
+    teacher: Optional[model_name_field(500, "distil from this model (named like `model`), e.g. the one the "
+                                            "checkpoint was compressed from")] = None
     distill_weight: Optional[float] = Field(None, gt=0, le=1,
                                             description="with a teacher: share of the KL term in the loss")
     dtype: Optional[Literal["auto", "bf16", "fp16", "fp32"]] = Field(

@@ -7,11 +7,10 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .params import CompressParams, EvaluateParams, FinetuneParams
+from .params import CompressParams, EvaluateParams, FinetuneParams, model_name_field
 
-ModelSpec = Annotated[str, Field(min_length=1, max_length=500,
-                                 description="a registry name, the id of an earlier job's output, a "
-                                             "folder under the models directory, or a cached HF model id")]
+ModelSpec = model_name_field(500, "a registry name, the id of an earlier job's output, a folder under the models "
+                                  "directory, or a cached HF model id")
 
 
 class CompressJobCreate(BaseModel):
