@@ -115,7 +115,7 @@ def settings(pg_url, redis_url, queue_prefix, artifact_dir, models_dir, tmp_path
 
     return Settings(database_url=pg_url, redis_url=redis_url, artifact_dir=artifact_dir, models_dir=models_dir,
                     queue_prefix=queue_prefix, state_dir=tmp_path_factory.mktemp("state"), heartbeat_s=2.0,
-                    upload_max_bytes=256 * 1024)
+                    upload_max_bytes=256 * 1024, artifact_min_free_mb=64)  # CI disks may hold little
 
 
 @pytest.fixture(scope="session")
