@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from ..deps import BusDep, CurrentKey, DbDep, DispatcherDep, FanOutDep, JobId, SettingsDep
 from ..errors import InvalidRequest, responses
 from ..events import store
-from ..events.fanout import END
+from ..events.fanout import END, REVOKED
 from ..models import STATUSES, TERMINAL
 from . import service
 from .schemas import Event, JobCreate, JobList, JobOut, MetricPoint, Metrics
@@ -90,20 +90,24 @@ def _history(db, bus, job_id: str, after: int) -> list[dict]:
     return events
 
 
-async def _stream(db, bus, fanout, job_id: str, after: int):
-    """History (database, then the bus), then live events from the fan-out until the job ends."""
+async def _stream(db, bus, fanout, job_id: str, after: int, key_id: str):
+    """History (database, then the bus), then live events from the fan-out until the job ends (or
+    the caller's key is revoked)."""
     last = after
     for e in await run_in_threadpool(_history, db, bus, job_id, last):
         yield _sse(e)
         last = e["seq"]
         if _is_end(e):
             return
-    sub = fanout.subscribe(job_id, last)
+    sub = fanout.subscribe(job_id, last, key_id)
     try:
         batches = [await run_in_threadpool(_history, db, bus, job_id, last)]  # what came meanwhile
         while True:
             for batch in batches:
                 if batch is END:
+                    return
+                if batch is REVOKED:
+                    yield ": the API key was revoked\n\n"
                     return
                 for e in batch:
                     if e["seq"] <= last:
@@ -150,7 +154,7 @@ async def job_events(job_id: JobId, key: CurrentKey, db: DbDep, bus: BusDep, fan
     if format == "json":
         events = await run_in_threadpool(_history, db, bus, job_id, -1)
         return [Event.model_validate(e) for e in events]
-    return StreamingResponse(_stream(db, bus, fanout, job_id, after), media_type="text/event-stream",
+    return StreamingResponse(_stream(db, bus, fanout, job_id, after, key.id), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
