@@ -276,7 +276,14 @@ def run_job(job_id: str, settings: Settings, bus: EventBus, shutdown: Optional[t
     given back; `enqueue(job_id, queue)` then hands it to another worker (Celery), or nothing does
     and the next start runs it (embedded)."""
     runner = runner_id()
-    spec, seq, why = _claim(settings, bus, job_id, runner, shutdown)
+    try:
+        spec, seq, why = _claim(settings, bus, job_id, runner, shutdown)
+    except Exception:  # the database is unreachable: this delivery is spent, the job not claimed
+        try:
+            bus.unmark_sent(job_id)  # so that the reaper sends it again once the database is back
+        except Exception:
+            log.warning("could not remove the sent mark of %s", job_id, exc_info=True)
+        raise
     if spec is None:
         log.info("job %s: nothing to do (%s)", job_id, why)
         return why
@@ -375,7 +382,7 @@ def _hand_back(settings, bus, pub: Publisher, job_id: str, enqueue) -> str:
     _publish(bus, job_id, [*events, t.event])
     if enqueue is not None:
         try:
-            dispatch(settings.db_url, enqueue, job_id, t.job.queue)
+            dispatch(settings.db_url, bus, enqueue, job_id, t.job.queue)
         except Exception:
             log.warning("could not re-enqueue %s; the reaper will once WELORE_HEARTBEAT_TIMEOUT_S has passed",
                         job_id, exc_info=True)

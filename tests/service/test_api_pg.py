@@ -42,7 +42,7 @@ def test_migrations_match_the_models(pg_url):
     from api import migrate
     from api.models import Base
 
-    assert migrate.current(pg_url) == "0003"
+    assert migrate.current(pg_url) == "0004"
     engine = create_engine(pg_url)
     with engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
@@ -312,24 +312,34 @@ def test_a_job_is_enqueued_once_on_the_gpu_queue(idle_client, key, settings):
     r.close()
 
 
-def test_broker_down_is_not_ready_and_submit_fails_cleanly(settings, key):
-    """With the broker unreachable, /readyz says so and a submit answers 503 with the job failed
-    (never left queued forever)."""
+def test_broker_down_is_not_ready_and_a_submit_is_kept_for_the_reaper(settings, key):
+    """With the broker unreachable, /readyz says so, and a submit is accepted and kept queued with
+    its message unsent; its retries with the same Idempotency-Key replay it (one job, never a failed
+    one per attempt), and the reaper sends it once the broker is back."""
+    import datetime as dt
+
+    from api.db import session_scope
+    from api.jobs.reaper import reap_once
+    from api.models import Job, utcnow
+
     down = settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
+    body = {"type": "evaluate", "model": "tiny", "params": {}}
     with make_client(down) as c:
         r = c.get("/readyz")
         assert r.status_code == 503 and r.json()["checks"]["broker"].startswith("error")
         assert r.json()["checks"]["database"] == "ok"
-        body = {"type": "evaluate", "model": "tiny", "params": {}}
-        r = c.post("/v1/jobs", json=body, headers={**key, "Idempotency-Key": "retry-me"})
-        assert r.status_code == 503 and r.json()["error"]["code"] == "enqueue_failed"
-        failed = r.json()["error"]["job_id"]
-        job = c.get(f"/v1/jobs/{failed}", headers=key).json()
-        assert job["status"] == "failed" and job["error"]["code"] == "enqueue_failed"
-    # The broker is back: a retry with the same Idempotency-Key submits the job again.
+        first = c.post("/v1/jobs", json=body, headers={**key, "Idempotency-Key": "retry-me"})
+        assert first.status_code == 202 and first.json()["status"] == "queued", first.json()
+        retry = c.post("/v1/jobs", json=body, headers={**key, "Idempotency-Key": "retry-me"})
+        assert retry.json()["id"] == first.json()["id"] and retry.headers["idempotent-replayed"] == "true"
+        assert [j["id"] for j in c.get("/v1/jobs", headers=key).json()["data"]] == [first.json()["id"]]
     idle = settings.model_copy(update={"queue_prefix": settings.queue_prefix + "_idle"})
-    with make_client(idle) as c:
-        again = c.post("/v1/jobs", json=body, headers={**key, "Idempotency-Key": "retry-me"})
-        assert again.status_code == 202 and again.json()["id"] != failed and "idempotent-replayed" not in again.headers
-        replay = c.post("/v1/jobs", json=body, headers={**key, "Idempotency-Key": "retry-me"})
-        assert replay.json()["id"] == again.json()["id"] and replay.headers["idempotent-replayed"] == "true"
+    with session_scope(settings.db_url) as s:  # as if the heartbeat timeout had passed
+        job = s.get(Job, first.json()["id"])
+        assert job.undispatched_since is not None
+        job.undispatched_since, job.queue = utcnow() - dt.timedelta(seconds=settings.heartbeat_timeout_s + 1), \
+            idle.queue("gpu")
+    with make_client(idle) as c:  # the broker is back
+        reap_once(idle, c.app.state.bus, c.app.state.dispatcher.enqueue)
+    with session_scope(settings.db_url) as s:
+        assert s.get(Job, first.json()["id"]).undispatched_since is None
