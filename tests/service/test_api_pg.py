@@ -200,6 +200,24 @@ def test_cross_key_access_is_404(idle_client, key, keys):
     assert job["id"] not in [j["id"] for j in idle_client.get("/v1/jobs", headers=other).json()["data"]]
 
 
+def test_metric_series_are_downsampled_to_a_bound(idle_client, key, settings):
+    """A long job's thousands of metric events: each series at most `max_points` (1000 by default),
+    evenly spaced, its first and last points kept."""
+    from api.db import session_scope
+    from api.events import store
+
+    job_id = _eval(idle_client, key).json()["id"]
+    with session_scope(settings.db_url) as s:
+        store.add_events(s, job_id, [store.make_event(seq, "metric", {"stage": "train", "step": seq,
+                                                                       "values": {"loss": 1 / seq, "lr": 0.1}})
+                                     for seq in range(1, 3001)])
+    series = idle_client.get(f"/v1/jobs/{job_id}/metrics", headers=key).json()["series"]
+    assert {k: len(v) for k, v in series.items()} == {"loss": 1000, "lr": 1000}
+    few = idle_client.get(f"/v1/jobs/{job_id}/metrics", params={"max_points": 4}, headers=key).json()["series"]
+    assert [p["step"] for p in few["loss"]] == [1, 1001, 2000, 3000] and few["loss"][-1]["value"] == 1 / 3000
+    assert idle_client.get(f"/v1/jobs/{job_id}/metrics", params={"max_points": 1}, headers=key).status_code == 422
+
+
 def test_artifact_paths_outside_the_job_are_refused(idle_client, key):
     job = _eval(idle_client, key).json()
     for name in ("../../../etc/passwd", "..%2F..%2Fetc%2Fpasswd", "config.json", "/etc/passwd"):
