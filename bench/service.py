@@ -77,7 +77,8 @@ class Stack:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("WELORE_")}
         self.env.update(HOME=str(work / f"home-{mode}-{secrets.token_hex(3)}"), WELORE_MODELS_DIR=str(models), HF_HUB_OFFLINE="1",
                         PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(code),
-                        WELORE_CACHE_DIR=os.environ.get("WELORE_CACHE_DIR", str(Path.home() / ".cache" / "welore")))
+                        WELORE_CACHE_DIR=os.environ.get("WELORE_CACHE_DIR", str(Path.home() / ".cache" / "welore")),
+                        WELORE_DATA_DIR=os.environ.get("WELORE_DATA_DIR", str(ROOT.parent / "shared" / "data")))
         if mode == "production":
             self._production()
         self.port = _free_port()
@@ -294,6 +295,9 @@ async def _mixed(stack: Stack, pollers: int, followers: int, submitters: int, se
             _loops(stack, submitters, stop, "POST", "/v1/jobs", SUBMIT, lat=submits))
         wall = time.perf_counter() - t0
         server_cpu, client_cpu = (_cpu_s(server) - cpu0) / wall, (time.process_time() - client0) / wall
+        followed = (await c.get(f"/v1/jobs/{job['id']}", headers=stack.h)).json()
+        if followed["status"] != "running":
+            raise RuntimeError(f"the followed job {job['id']} stopped during the load: {followed}")
         await c.post(f"/v1/jobs/{job['id']}/cancel", headers=stack.h)
         _, pending = await asyncio.wait(follow, timeout=60)
         for t in pending:
