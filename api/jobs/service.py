@@ -3,8 +3,8 @@
 A job is enqueued only after its row is committed. A failed enqueue (the broker is down) leaves
 the job queued and marked unsent: the reaper sends it once the broker is back, so a submit
 during a broker outage is accepted once, and its retries (same Idempotency-Key) replay it.
-Status changes go through states.py. Functions that
-take `db` open their own short sessions (`with db() as s:`); the others use the caller's.
+Status changes go through states.py. Functions that take `db` open their own short sessions
+(`with db() as s:`); the others use the caller's.
 """
 
 from __future__ import annotations
