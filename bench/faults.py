@@ -62,7 +62,7 @@ class Poller(threading.Thread):
         super().__init__(daemon=True)
         self.url, self.headers, self.ids = url, headers, []
         self.codes: dict[str, int] = {"2xx": 0, "503": 0, "5xx": 0, "other": 0, "no answer": 0}
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def count(self, status: int) -> None:
         key = "2xx" if status < 300 else "503" if status == 503 else "5xx" if status >= 500 else "other"
@@ -70,7 +70,7 @@ class Poller(threading.Thread):
 
     def run(self) -> None:
         with httpx.Client(base_url=self.url, headers=self.headers, timeout=30) as c:
-            while not self._stop.wait(0.5):
+            while not self._halt.wait(0.5):
                 for job_id in list(self.ids):
                     try:
                         self.count(c.get(f"/v1/jobs/{job_id}").status_code)
@@ -78,7 +78,7 @@ class Poller(threading.Thread):
                         self.codes["no answer"] += 1
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join(timeout=30)
 
 
@@ -113,15 +113,15 @@ class Matrix:
         self.row_ids: list[str] = []
 
     def close(self) -> None:
-        self.poller.stop()
-        self.http.close()
         for w in self.workers:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(OSError):
                 os.killpg(w.pid, signal.SIGCONT)
-            w.stop()
-        self.api.stop()
-        self.proxy.close()
-        self.redis.close()
+        for step in (self.poller.stop, self.http.close, *(w.stop for w in self.workers), self.api.stop,
+                     self.proxy.close, self.redis.close):
+            try:
+                step()
+            except Exception as exc:  # the rest must go all the same
+                print(f"could not {step.__qualname__}: {exc!r}", file=sys.stderr)
 
     # -- helpers --------------------------------------------------------------------------
     def row_of(self, job_id: str):
@@ -167,6 +167,22 @@ class Matrix:
         self.watch(job.id)
         return job.id
 
+    def probe(self, method: str, path: str, **kw) -> str:
+        """One request on a connection of its own; → its status and error code (or detail), counted."""
+        try:
+            with httpx.Client(base_url=self.api.url, headers=self.h, timeout=60) as c:
+                r = c.request(method, path, **kw)
+        except httpx.HTTPError as exc:
+            self.poller.codes["no answer"] += 1
+            return f"no answer ({type(exc).__name__})"
+        self.poller.count(r.status_code)
+        try:
+            body = r.json()
+            detail = body["error"]["code"] if "error" in body else body.get("checks", {}).get("artifact_store", "")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            detail = ""
+        return f"{r.status_code} {detail}".rstrip()
+
     def until(self, cond, what: str, timeout: float = 300):
         deadline = time.monotonic() + timeout
         while not (got := cond()):
@@ -186,11 +202,12 @@ class Matrix:
         before = dict(self.poller.codes)
         self.row_ids = []
         train = [self.submit(TRAIN) for _ in range(2)]
-        quick = [self.submit(QUICK) for _ in range(2)]
+        for _ in range(2):
+            self.submit(QUICK)
         self.until(lambda: all(self.training(j) for j in train), "training")
         notes: list[str] = []
         t0 = time.monotonic()
-        lost_held, expected_failures = fault(self, train, notes)
+        lost_held, expected = fault(self, train, notes)
         fault_s = time.monotonic() - t0
         ids = list(self.row_ids)
         deadline = time.monotonic() + STUCK_AFTER_S
@@ -199,12 +216,10 @@ class Matrix:
         drained_s = time.monotonic() - t0 - fault_s
         rows = [self.row_of(j) for j in ids]
         stuck = sum(r.status not in TERMINAL for r in rows)
-        lost = sum(r.status in TERMINAL and r.status != "succeeded" and r.id not in expected_failures for r in rows)
+        lost = sum(r.status in TERMINAL and r.status != "succeeded" and r.error_code not in expected for r in rows)
         for r in rows:
-            if r.id in expected_failures:
-                notes.append(f"job during it: {r.status} {r.error_code or ''}".rstrip())
-            elif r.status in ("failed", "cancelled"):
-                notes.append(f"{r.type} {r.status} {r.error_code}: {(r.error_message or '')[:80]}")
+            if r.status in ("failed", "cancelled"):
+                notes.append(f"{r.type} {r.status} {r.error_code}: {(r.error_message or '')[:60]}")
         extra = sum(max(0, r.attempts - 1) for r in rows) - lost_held
         codes = {k: self.poller.codes[k] - before[k] for k in before}
         print(f"{name}: {len(rows)} jobs, lost {lost}, stuck {stuck}, extra attempts {extra}, answers {codes}; "
@@ -213,11 +228,12 @@ class Matrix:
                 codes["503"], codes["no answer"], round(fault_s), round(drained_s), "; ".join(notes) or "-"]
 
 
-# -- the faults: (matrix, the fine-tuning job ids, notes) → (attempts a lost worker spent, ids expected to fail) --
+# -- the faults: (matrix, the fine-tuning job ids, notes) → (attempts a lost worker spent, the error codes of
+# -- the failures it may rightly cause) ------------------------------------------------------------------
 def redis_flushed(m: Matrix, train, notes):
     m.redis.flush()  # the two evaluations' task messages (and every sent mark) are gone
     m.submit_retrying(QUICK, notes)
-    return 0, set()
+    return 0, ()
 
 
 def redis_down_30s(m: Matrix, train, notes):
@@ -226,7 +242,7 @@ def redis_down_30s(m: Matrix, train, notes):
     m.submit_retrying(QUICK, notes)  # accepted, kept queued until the broker is back
     time.sleep(max(0.0, 30 - (time.monotonic() - t0)))
     m.redis.start()
-    return 0, set()
+    return 0, ()
 
 
 def postgres_down_60s(m: Matrix, train, notes):
@@ -235,7 +251,7 @@ def postgres_down_60s(m: Matrix, train, notes):
     m.submit_retrying(QUICK, notes)  # refused with 503 (nothing accepted), after the client's retries
     time.sleep(max(0.0, 60 - (time.monotonic() - t0)))
     m.proxy.restore()
-    return 0, set()
+    return 0, ()
 
 
 def worker_kill_9(m: Matrix, train, notes):
@@ -243,7 +259,7 @@ def worker_kill_9(m: Matrix, train, notes):
     worker.kill()
     m.submit_retrying(QUICK, notes)
     m.replace(worker)
-    return 1, set()
+    return 1, ()
 
 
 def worker_sigterm(m: Matrix, train, notes):
@@ -251,7 +267,7 @@ def worker_sigterm(m: Matrix, train, notes):
     worker.stop(signal.SIGTERM)
     m.submit_retrying(QUICK, notes)
     m.replace(worker)
-    return 0, set()  # a graceful shutdown gives the attempt back
+    return 0, ()  # a graceful shutdown gives the attempt back
 
 
 def worker_sigstop_60s(m: Matrix, train, notes):
@@ -261,35 +277,27 @@ def worker_sigstop_60s(m: Matrix, train, notes):
     m.submit_retrying(QUICK, notes)
     time.sleep(max(0.0, 60 - (time.monotonic() - t0)))
     os.killpg(worker.pid, signal.SIGCONT)  # it finds its job taken over and leaves it
-    return 1, set()
+    return 1, ()
 
 
 def disk_full(m: Matrix, train, notes):
+    """The artifact store full while jobs run: an upload and a compression need space; a job that
+    hits ENOSPC may fail `disk_full` (nothing else), and everything works again once space is freed."""
     fill = m.settings.artifact_dir / "fill.bin"
     with open(fill, "wb") as f, contextlib.suppress(OSError):
         while True:
             f.write(b"\0" * 2**20)
             f.flush()
     try:
-        r = m.http.post("/v1/files", files={"file": ("a.jsonl", b'{"text": "a line of text"}\n' * 64)})
-        m.poller.count(r.status_code)
-        notes.append(f"upload {r.status_code} {_code(r)}")
-        ready = m.http.get("/readyz")
-        notes.append(f"readyz {ready.status_code} {ready.json().get('checks', {}).get('artifact_store', '')}")
+        upload = {"file": ("a.jsonl", b'{"text": "a line of text"}\n' * 64)}
+        notes.append(f"upload {m.probe('POST', '/v1/files', files=upload)}")
+        notes.append(f"readyz {m.probe('GET', '/readyz')}")
         job = m.submit(COMPRESS)  # writes its checkpoint into the full store
         m.until(lambda: m.row_of(job).status in TERMINAL, "finished", timeout=300)
     finally:
         fill.unlink()
-    after = m.http.get("/readyz")
-    notes.append(f"readyz after {after.status_code}")
-    return 0, {job}
-
-
-def _code(r: httpx.Response) -> str:
-    try:
-        return r.json()["error"]["code"]
-    except (ValueError, KeyError, TypeError):
-        return ""
+    notes.append(f"readyz after {m.probe('GET', '/readyz')}")
+    return 0, ("disk_full",)
 
 
 FAULTS = {"Redis flushed": redis_flushed, "Redis down 30 s": redis_down_30s, "Postgres down 60 s": postgres_down_60s,
@@ -319,7 +327,7 @@ def report(rows: list, skipped: list[str]) -> str:
              f"{TMPFS_BYTES // 2**20} MiB tmpfs. Per row: two fine-tunings (one per worker) and two evaluations "
              "queued behind them, then the fault once both train, and a third evaluation submitted during it "
              "with an Idempotency-Key (through `welore_client`, which retries); a poller reads every job's status "
-             "twice a second. `lost`: accepted, then not run to success (expected failures aside: see notes); "
+             "twice a second. `lost`: accepted, then not run to success (in the disk-full row, failures `disk_full` aside); "
              f"`stuck`: not finished {STUCK_AFTER_S // 60} min after the fault; `extra attempts`: attempts beyond "
              "one per job, less those of the job a lost worker held; `5xx`: answers ≥ 500 other than 503; "
              "`503`: answers while a dependency was down (with Retry-After).", "",
@@ -337,6 +345,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", nargs="+", choices=list(FAULTS), help="these rows only")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep the logs (the work directory)")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped: the stack, database and tmpfs go too
     work = Path(tempfile.mkdtemp(prefix="welore-bench-faults-"))
@@ -356,7 +365,10 @@ def main() -> int:
             finally:
                 matrix.close()
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            print(f"logs kept in {work / 'logs'}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     body = report(rows, skipped)
     print(body)
     if not args.no_write and not args.only:
