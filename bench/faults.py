@@ -98,7 +98,8 @@ class Matrix:
         self.settings = Settings(database_url=through(db_url, pg_port, self.proxy), redis_url=self.redis.url,
                                  artifact_dir=artifacts, models_dir=work / "models", state_dir=work / "state",
                                  queue_prefix=f"welore_faults_{secrets.token_hex(3)}", heartbeat_s=1.0,
-                                 heartbeat_timeout_s=10.0, max_attempts=3)
+                                 heartbeat_timeout_s=10.0, max_attempts=3,
+                                 artifact_min_free_mb=64)  # readiness below the tmpfs size (where the setting exists)
         with session_scope(db_url) as s:
             self.key = create_key(s, "faults")[1]
         self.h = {"Authorization": f"Bearer {self.key}"}
