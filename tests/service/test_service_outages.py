@@ -82,6 +82,8 @@ def _statuses(http, key, job_id) -> list[str]:
 
 
 def test_an_idempotent_submit_during_a_broker_outage_leaves_one_job(api, broker, on_private_redis, key):
+    import redis
+
     from welore_client import Client
 
     broker.stop()
@@ -95,8 +97,6 @@ def test_an_idempotent_submit_during_a_broker_outage_leaves_one_job(api, broker,
     assert first.status == "queued" and again.id == first.id and [j.id for j in jobs] == [first.id]
     assert _row(on_private_redis, first.id).undispatched_since is not None  # its message is not sent yet
     _until(lambda: _row(on_private_redis, first.id).undispatched_since is None, "sent by the reaper")
-    import redis
-
     r = redis.Redis.from_url(broker.url)
     queued = r.lrange(on_private_redis.queue("gpu"), 0, -1)
     r.close()
