@@ -7,11 +7,13 @@ timeout (4 s):
 - the broker restarts empty (no persistence) after jobs were sent: their task messages are lost,
   and the reaper sends them again (their sent marks went with them), so they all run;
 - the database is unreachable for three heartbeat timeouts under a running job: the job is not
-  reaped for it (no attempt spent, no second run) and goes on once the database is back.
+  reaped for it (no attempt spent, no second run) and goes on once the database is back;
+- a job ends while the database is unreachable: its outcome is written once it is back.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 
 import httpx
@@ -167,3 +169,41 @@ def test_a_database_outage_longer_than_the_heartbeat_timeout_costs_no_attempt(se
             api.stop()
             api_proxy.close()
             worker_proxy.close()
+
+
+def test_a_job_that_ends_during_a_database_outage_keeps_its_outcome(settings):
+    """The worker's final write (succeeded, its result) waits for the database to come back."""
+    from api.auth.keys import create_key
+    from api.db import session_scope
+    from api.events.bus import LocalEventBus
+    from api.jobs import states
+    from api.models import Job, new_id, utcnow
+    from conftest import PG_ADMIN_URL
+    from worker.publisher import Publisher
+    from worker.runner import _end
+
+    with private_database(PG_ADMIN_URL) as (direct, port):
+        proxy = SwitchProxy(port)
+        cut_off = settings.model_copy(update={"database_url": through(direct, port, proxy), "heartbeat_s": 0.5})
+        job_id = new_id("job")
+        with session_scope(direct) as s:
+            key = create_key(s, "outage")[0]
+            s.flush()
+            states.submit(s, Job(id=job_id, owner_id=key.id, type="evaluate", model="tiny", model_ref={}, params={},
+                                 queue="nowhere", progress=0.0, cancel_requested=False, attempts=0,
+                                 created_at=utcnow()))
+        with session_scope(direct) as s:
+            assert states.claim(s, None, job_id, "the-runner", 3)[1] == ""
+        bus = LocalEventBus()
+        publisher = Publisher(cut_off, bus, job_id, "the-runner", "evaluate", 2, {})
+        proxy.cut()
+        back = threading.Timer(3 * cut_off.heartbeat_s * 2, proxy.restore)
+        back.start()
+        try:
+            assert _end(cut_off, bus, publisher, job_id, states.SUCCEEDED, result={"ppl": 1.5}) == "succeeded"
+        finally:
+            back.join()
+            proxy.close()
+        with session_scope(direct) as s:
+            row = s.get(Job, job_id)
+            assert (row.status, row.result, row.attempts) == ("succeeded", {"ppl": 1.5}, 1)
