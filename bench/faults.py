@@ -11,8 +11,8 @@ only; without root the disk-full row is skipped). The shared servers are never t
 Each row: two fine-tuning jobs (one per worker) and two evaluations queued behind them; once both
 fine-tunings train, the fault; a third evaluation is submitted during it with an Idempotency-Key
 through `welore_client` (which retries); a poller reads every job's status twice a second all along.
-503 while a dependency is down is the expected answer (with Retry-After) and counted apart; any
-other 5xx is a failure. Short heartbeat timeout (10 s, heartbeat 1 s), so that every outage below
+503 while a dependency is down (with Retry-After) and 507 `disk_full` while the store is full are
+the expected answers, counted apart; any other 5xx is a failure. Short heartbeat timeout (10 s, heartbeat 1 s), so that every outage below
 lasts several timeouts.
 
 Usage: python -m bench.faults [--only NAME ...] [--no-write]
@@ -61,11 +61,11 @@ class Poller(threading.Thread):
     def __init__(self, url: str, headers: dict):
         super().__init__(daemon=True)
         self.url, self.headers, self.ids = url, headers, []
-        self.codes: dict[str, int] = {"2xx": 0, "503": 0, "5xx": 0, "other": 0, "no answer": 0}
+        self.codes: dict[str, int] = {"2xx": 0, "503/507": 0, "5xx": 0, "other": 0, "no answer": 0}
         self._halt = threading.Event()
 
     def count(self, status: int) -> None:
-        key = "2xx" if status < 300 else "503" if status == 503 else "5xx" if status >= 500 else "other"
+        key = "2xx" if status < 300 else "503/507" if status in (503, 507) else "5xx" if status >= 500 else "other"
         self.codes[key] += 1
 
     def run(self) -> None:
@@ -226,7 +226,7 @@ class Matrix:
         print(f"{name}: {len(rows)} jobs, lost {lost}, stuck {stuck}, extra attempts {extra}, answers {codes}; "
               f"{'; '.join(notes)}", flush=True)
         return [name, len(rows), sum(r.status == "succeeded" for r in rows), lost, stuck, extra, codes["5xx"],
-                codes["503"], codes["no answer"], round(fault_s), round(drained_s), "; ".join(notes) or "-"]
+                codes["503/507"], codes["no answer"], round(fault_s), round(drained_s), "; ".join(notes) or "-"]
 
 
 # -- the faults: (matrix, the fine-tuning job ids, notes) → (attempts a lost worker spent, the error codes of
@@ -330,9 +330,10 @@ def report(rows: list, skipped: list[str]) -> str:
              "with an Idempotency-Key (through `welore_client`, which retries); a poller reads every job's status "
              "twice a second. `lost`: accepted, then not run to success (in the disk-full row, failures `disk_full` aside); "
              f"`stuck`: not finished {STUCK_AFTER_S // 60} min after the fault; `extra attempts`: attempts beyond "
-             "one per job, less those of the job a lost worker held; `5xx`: answers ≥ 500 other than 503; "
-             "`503`: answers while a dependency was down (with Retry-After).", "",
-             table(["fault", "jobs", "succeeded", "lost", "stuck", "extra attempts", "5xx", "503", "no answer",
+             "one per job, less those of the job a lost worker held; `5xx`: answers ≥ 500 other than 503 and 507; "
+             "`503/507`: answers while a dependency was down (503, with Retry-After) or the store full (507 "
+             "`disk_full`).", "",
+             table(["fault", "jobs", "succeeded", "lost", "stuck", "extra attempts", "5xx", "503/507", "no answer",
                     "fault s", "drained in s", "notes"], rows), ""]
     if skipped:
         lines += [f"Not run: {', '.join(skipped)} (the tmpfs needs root).", ""]
