@@ -23,8 +23,8 @@ from procs import free_port
 
 @contextlib.contextmanager
 def private_database(admin_url: str, name: str = "welore_outage"):
-    """A new database on the server of `admin_url`, migrated to head; → (its port, its name), and
-    dropped at the end. Its URL is postgresql+psycopg://<user>@127.0.0.1:<port>/<name>."""
+    """A new database on the server of `admin_url`, migrated to head, dropped at the end; → (its URL,
+    postgresql+psycopg://<user>@127.0.0.1:<port>/<name>, and the server's port)."""
     import psycopg
 
     from api import migrate
