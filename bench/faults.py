@@ -12,8 +12,8 @@ Each row: two fine-tuning jobs (one per worker) and two evaluations queued behin
 fine-tunings train, the fault; a third evaluation is submitted during it with an Idempotency-Key
 through `welore_client` (which retries); a poller reads every job's status twice a second all along.
 503 while a dependency is down (with Retry-After) and 507 `disk_full` while the store is full are
-the expected answers, counted apart; any other 5xx is a failure. Short heartbeat timeout (10 s, heartbeat 1 s), so that every outage below
-lasts several timeouts.
+the expected answers, counted apart; any other 5xx is a failure. Short heartbeat timeout (10 s,
+heartbeat 1 s), so that every outage below lasts several timeouts.
 
 Usage: python -m bench.faults [--only NAME ...] [--no-write]
 """
@@ -328,11 +328,11 @@ def report(rows: list, skipped: list[str]) -> str:
              f"{TMPFS_BYTES // 2**20} MiB tmpfs. Per row: two fine-tunings (one per worker) and two evaluations "
              "queued behind them, then the fault once both train, and a third evaluation submitted during it "
              "with an Idempotency-Key (through `welore_client`, which retries); a poller reads every job's status "
-             "twice a second. `lost`: accepted, then not run to success (in the disk-full row, failures `disk_full` aside); "
-             f"`stuck`: not finished {STUCK_AFTER_S // 60} min after the fault; `extra attempts`: attempts beyond "
-             "one per job, less those of the job a lost worker held; `5xx`: answers ≥ 500 other than 503 and 507; "
-             "`503/507`: answers while a dependency was down (503, with Retry-After) or the store full (507 "
-             "`disk_full`).", "",
+             "twice a second. `lost`: accepted, then not run to success (in the disk-full row, failures "
+             f"`disk_full` aside); `stuck`: not finished {STUCK_AFTER_S // 60} min after the fault; `extra "
+             "attempts`: attempts beyond one per job, less those of the job a lost worker held; `5xx`: answers "
+             "≥ 500 other than 503 and 507; `503/507`: answers while a dependency was down (503, with "
+             "Retry-After) or the store full (507 `disk_full`).", "",
              table(["fault", "jobs", "succeeded", "lost", "stuck", "extra attempts", "5xx", "503/507", "no answer",
                     "fault s", "drained in s", "notes"], rows), ""]
     if skipped:

@@ -142,7 +142,8 @@ class Publisher:
             self.metrics.update(engine)
             last = bool(event.total) and event.done >= event.total
             published = False
-            if (new_stage or last or now - self._last_progress >= PROGRESS_EVERY_S) and self._budget(now, new_stage or last):
+            due = new_stage or last or now - self._last_progress >= PROGRESS_EVERY_S
+            if due and self._budget(now, new_stage or last):
                 self._last_progress, published = now, True
                 data = {"stage": event.stage, "done": event.done, "total": event.total,
                         "fraction": round(event.fraction, 6), "progress": round(self.progress, 6),

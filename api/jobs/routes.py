@@ -185,7 +185,8 @@ def job_metrics(job_id: JobId, key: CurrentKey, db: DbDep, bus: BusDep,
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 raw.setdefault(name, []).append((e, float(value)))
     series = {name: [MetricPoint(seq=e["seq"], time=e["time"], stage=e["data"].get("stage"),
-                                 step=e["data"].get("step"), value=value) for e, value in _downsample(points, max_points)]
+                                 step=e["data"].get("step"), value=value)
+                     for e, value in _downsample(points, max_points)]
               for name, points in raw.items()}
     out = service.to_out(job, bus)
     return Metrics(series=series, final=job.metrics if job.finished else None, latest=out.metrics)
