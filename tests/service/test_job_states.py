@@ -281,10 +281,8 @@ def test_a_gap_in_the_reapers_watch_is_not_a_lost_heartbeat(app, key, fast):
     outage), a running job whose heartbeat is old is left alone until a full timeout has been watched."""
     from api.db import session_scope
     from api.jobs.reaper import reap_once
-    from api.models import ReaperWatch, utcnow
+    from api.models import Job, ReaperWatch, utcnow
     from worker.runner import bus_for
-
-    from api.models import Job
 
     job_id = _job(app, key)
     _claim(fast, job_id, "alive-but-cut-off")
