@@ -56,7 +56,7 @@ def recover_embedded(settings: Settings, bus, dispatcher) -> list[str]:
         queued = [(j.id, j.queue) for j in s.scalars(select(Job).where(Job.status == JobStatus.QUEUED.value)
                                                      .order_by(Job.created_at))]
     for job_id, queue in queued:
-        dispatch(settings.db_url, dispatcher.enqueue, job_id, queue)
+        dispatch(settings.db_url, bus, dispatcher.enqueue, job_id, queue)
     return [i for i, _ in queued]
 
 

@@ -13,14 +13,19 @@ RUN_JOB = "welore.run_job"
 REAP = "welore.reap"
 
 
-def dispatch(db_url: str, enqueue, job_id: str, queue: str) -> None:
+def dispatch(db_url: str, bus, enqueue, job_id: str, queue: str) -> None:
     """Send a committed, queued job to its workers (`enqueue(job_id, queue)`, which raises when the
-    broker is unreachable), then mark it sent; a job never marked is sent again by the reaper. A
-    message sent twice is harmless: only one delivery can claim the job."""
+    broker is unreachable), leave the bus's sent mark next to the message, then mark the row sent.
+    A job never marked sent in its row, or whose bus mark is gone (the broker lost the message), is
+    sent again by the reaper. A message sent twice is harmless: only one delivery can claim the job."""
     from .db import session_scope
     from .jobs import states
 
     enqueue(job_id, queue)
+    try:
+        bus.mark_sent(job_id)
+    except Exception:  # sent all the same; at worst the reaper sends it once more
+        log.warning("could not leave the sent mark of %s on the bus", job_id, exc_info=True)
     try:
         with session_scope(db_url) as s:
             states.dispatched(s, job_id)

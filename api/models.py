@@ -136,3 +136,14 @@ class Artifact(Base):
     name: Mapped[str] = mapped_column(String(255))
     size: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
+
+
+class ReaperWatch(Base):
+    """One row: when a reaper last read the database, and since when the reapers have read it with
+    no gap longer than half the heartbeat timeout. A running job's silence counts only while they
+    were watching, so a database outage is not mistaken for lost workers (api/jobs/reaper.py)."""
+
+    __tablename__ = "reaper_watch"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    last_pass_at: Mapped[dt.datetime] = mapped_column()
+    watching_since: Mapped[dt.datetime] = mapped_column()

@@ -1,9 +1,13 @@
 """Forwarding a running job's progress to the event bus (at once) and the database (in batches).
 
-`Publisher.on_progress` is the `ProgressFn` given to welore_core. Progress events are thinned
-to a few a second per stage (the first, the last and every metric-carrying event are kept);
-each comes with a metric event holding memory (RSS, GPU), throughput and the engine's own
-metrics (loss, lr, tokens/s, ppl). `flush()` writes pending events, stage, progress, latest
+`Publisher.on_progress` is the `ProgressFn` given to welore_core. Progress events come at a stage's
+first and last step and every PROGRESS_EVERY_S between; metric events (memory, RSS and GPU,
+throughput and the engine's own metrics: loss, lr, tokens/s, ppl) with each engine report and
+every METRIC_EVERY_S. All of them draw on one budget per job (`RATE` a second, `BURST` at once), so
+a job reporting every step (fine-tuning: 2 events a step unthinned) publishes at a bounded rate
+however fast it steps: a short job keeps every event, a long one a sample, and a metric held back
+goes out with the next metric event (its latest value). A stage's first and last events may borrow
+up to BURST ahead. `flush()` writes pending events, stage, progress, latest
 metrics and a heartbeat to the job row (`states.progress`, conditional on the worker's claim); a
 heartbeat thread calls it while the job runs. A flush that finds the claim gone (the job was
 reaped as lost, or finished) sets `lost`: the job is no longer this worker's to run.
@@ -36,6 +40,7 @@ STAGE_SPANS: dict[str, dict[str, tuple[float, float]]] = {
 }
 PROGRESS_EVERY_S = 0.5
 METRIC_EVERY_S = 1.0
+RATE, BURST = 4.0, 20  # events a second per job, sustained / at once
 FLUSH_EVERY_S = 2.0
 
 
@@ -82,6 +87,8 @@ class Publisher:
         self._stage_done0 = 0
         self._last_progress = 0.0
         self._last_metric = 0.0
+        self._unsent: dict[str, float] = {}  # engine metrics not in a metric event yet (their latest values)
+        self._tokens, self._refilled = float(BURST), time.monotonic()
         self.t0 = time.monotonic()
 
     # -- events ---------------------------------------------------------------------------
@@ -110,6 +117,15 @@ class Publisher:
         lo, hi = span
         return lo + (hi - lo) * min(max(fraction, 0.0), 1.0)
 
+    def _budget(self, now: float, urgent: bool) -> bool:
+        """Take one event from the job's budget; an urgent one (a stage's first or last) may borrow."""
+        self._tokens = min(BURST, self._tokens + (now - self._refilled) * RATE)
+        self._refilled = now
+        if self._tokens >= 1 or (urgent and self._tokens > -BURST):
+            self._tokens -= 1
+            return True
+        return False
+
     def on_progress(self, event) -> None:
         """The ProgressFn handed to welore_core."""
         now = time.monotonic()
@@ -122,9 +138,13 @@ class Publisher:
             if overall is not None:
                 self.progress = max(self.progress, overall)
             engine = _numeric(event.metrics or {})
-            last = event.total and event.done >= event.total
-            if new_stage or last or engine or now - self._last_progress >= PROGRESS_EVERY_S:
-                self._last_progress = now
+            self._unsent.update(engine)
+            self.metrics.update(engine)
+            last = bool(event.total) and event.done >= event.total
+            published = False
+            due = new_stage or last or now - self._last_progress >= PROGRESS_EVERY_S
+            if due and self._budget(now, new_stage or last):
+                self._last_progress, published = now, True
                 data = {"stage": event.stage, "done": event.done, "total": event.total,
                         "fraction": round(event.fraction, 6), "progress": round(self.progress, 6),
                         "message": redact(event.message, self.settings)}
@@ -132,9 +152,10 @@ class Publisher:
                     data["metrics"] = {k: v for k, v in (event.metrics or {}).items()  # JSON-safe values only
                                        if isinstance(v, (str, bool)) or k in engine or v is None}
                 self.emit("progress", data)
-            if engine or last or now - self._last_metric >= METRIC_EVERY_S:
-                self._last_metric = now
-                values = {**resource_sample(), **engine}
+            if (engine or last or now - self._last_metric >= METRIC_EVERY_S) and self._budget(now, last):
+                self._last_metric, published = now, True
+                values = {**resource_sample(), **self._unsent}
+                self._unsent = {}
                 elapsed = now - self._stage_t0
                 if elapsed > 0 and event.done > self._stage_done0:
                     values.setdefault("items_per_s", (event.done - self._stage_done0) / elapsed)
@@ -146,11 +167,12 @@ class Publisher:
                     if k in values:
                         self.peaks[k] = max(self.peaks.get(k, 0.0), values[k])
                 self.emit("metric", {"stage": event.stage, "step": event.done, "values": values})
-            try:
-                self.bus.set_latest(self.job_id, {"stage": self.stage, "progress": self.progress,
-                                                  "metrics": self.metrics})
-            except Exception:
-                pass
+            if published:
+                try:
+                    self.bus.set_latest(self.job_id, {"stage": self.stage, "progress": self.progress,
+                                                      "metrics": self.metrics})
+                except Exception:
+                    pass
         if now - self._last_flush >= FLUSH_EVERY_S:
             self.flush()
 

@@ -276,7 +276,14 @@ def run_job(job_id: str, settings: Settings, bus: EventBus, shutdown: Optional[t
     given back; `enqueue(job_id, queue)` then hands it to another worker (Celery), or nothing does
     and the next start runs it (embedded)."""
     runner = runner_id()
-    spec, seq, why = _claim(settings, bus, job_id, runner, shutdown)
+    try:
+        spec, seq, why = _claim(settings, bus, job_id, runner, shutdown)
+    except Exception:  # the database is unreachable: this delivery is spent, the job not claimed
+        try:
+            bus.unmark_sent(job_id)  # so that the reaper sends it again once the database is back
+        except Exception:
+            log.warning("could not remove the sent mark of %s", job_id, exc_info=True)
+        raise
     if spec is None:
         log.info("job %s: nothing to do (%s)", job_id, why)
         return why
@@ -355,30 +362,60 @@ def _disk_full_message(settings: Settings) -> str:
             "spectra) and submit the job again")
 
 
+FINAL_WRITE_PATIENCE_S = 600.0
+
+
+def _write_patiently(settings, job_id: str, write: Callable):
+    """`write(session)` in one transaction, tried again while the database is unreachable, for up to
+    FINAL_WRITE_PATIENCE_S: a job that ends during an outage keeps its outcome. The reaper leaves it
+    alone meanwhile (it cannot read the database either, and after an outage it waits a heartbeat
+    timeout), and the retries come at least every heartbeat interval."""
+    from sqlalchemy.exc import OperationalError
+
+    deadline, delay = time.monotonic() + FINAL_WRITE_PATIENCE_S, 0.5
+    while True:
+        try:
+            with session_scope(settings.db_url) as s:
+                return write(s)
+        except OperationalError:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("job %s: the database is unreachable; writing its final state again in %.1f s", job_id, delay)
+            time.sleep(delay)
+            delay = min(2 * delay, settings.heartbeat_s)
+
+
 def _end(settings, bus, pub: Publisher, job_id: str, status, *, code=None, message=None, result=None,
          files=()) -> str:
     """The job's final state, if this runner still holds its claim; the output is kept only on success."""
     final_dir = storage.job_dir(settings, job_id)
     if status is not states.SUCCEEDED:
         shutil.rmtree(final_dir, ignore_errors=True)
-    try:
-        with session_scope(settings.db_url) as s:
-            events, seq = pub.take_pending()
-            if status is states.FAILED:
-                t = states.fail(s, job_id, pub.runner, code, message, seq, metrics=pub.final_metrics(),
-                                stage=pub.stage, events=events)
-            else:
-                t = states.finish(s, job_id, pub.runner, status, seq, result=result, metrics=pub.final_metrics(),
-                                  stage=pub.stage, events=events)
-            if t is None:  # reaped (presumed dead) meanwhile: the job is someone else's now
-                shutil.rmtree(final_dir, ignore_errors=True)
-                return "lost"
+    events, seq = pub.take_pending()
+
+    def write(s):
+        if status is states.FAILED:
+            t = states.fail(s, job_id, pub.runner, code, message, seq, metrics=pub.final_metrics(), stage=pub.stage,
+                            events=events)
+        else:
+            t = states.finish(s, job_id, pub.runner, status, seq, result=result, metrics=pub.final_metrics(),
+                              stage=pub.stage, events=events)
+        if t is not None:
             for name, size, sha in files:
                 s.add(Artifact(job_id=job_id, name=name, size=size, sha256=sha))
+            return t
+        job = s.get(Job, job_id)  # an earlier try may have committed, its answer lost with the connection
+        return "written" if job is not None and (job.runner, job.status) == (pub.runner, status.value) else None
+
+    try:
+        t = _write_patiently(settings, job_id, write)
     except BaseException:
         shutil.rmtree(final_dir, ignore_errors=True)
         raise
-    _publish(bus, job_id, [*events, t.event])
+    if t is None:  # reaped (presumed dead) meanwhile: the job is someone else's now
+        shutil.rmtree(final_dir, ignore_errors=True)
+        return "lost"
+    _publish(bus, job_id, events if t == "written" else [*events, t.event])
     try:
         bus.set_latest(job_id, {"stage": pub.stage, "progress": 1.0 if status is states.SUCCEEDED else pub.progress,
                                 "metrics": pub.final_metrics()})
@@ -401,7 +438,7 @@ def _hand_back(settings, bus, pub: Publisher, job_id: str, enqueue) -> str:
     _publish(bus, job_id, [*events, t.event])
     if enqueue is not None:
         try:
-            dispatch(settings.db_url, enqueue, job_id, t.job.queue)
+            dispatch(settings.db_url, bus, enqueue, job_id, t.job.queue)
         except Exception:
             log.warning("could not re-enqueue %s; the reaper will once WELORE_HEARTBEAT_TIMEOUT_S has passed",
                         job_id, exc_info=True)

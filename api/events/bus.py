@@ -6,6 +6,13 @@ An event is `{"seq": int, "type": "status"|"progress"|"metric"|"log", "time": is
 flag; `LocalEventBus` does the same in memory for the embedded server. The database holds the
 durable copy (api/events/store.py): nothing depends on Redis keeping events. `read_many` serves
 the API's fan-out (api/events/fanout.py): one reader for every followed job.
+
+The bus also keeps a *sent mark* per job whose task message went to the broker (api/dispatch.py).
+The broker is the same Redis, so a mark shares its message's fate: a restart without
+persistence, a FLUSH or a failover that lost the message lost the mark too (Redis applies and
+replicates writes in order, and the mark is written after the message). A queued job whose mark
+is gone is sent again by the reaper; a job still marked is not, however long it waits. A worker
+that took a message but could not claim its job (the database was down) removes the mark.
 """
 
 from __future__ import annotations
@@ -27,6 +34,9 @@ class EventBus(Protocol):
     def request_cancel(self, job_id: str) -> None: ...
     def cancel_requested(self, job_id: str) -> bool: ...
     def finish(self, job_id: str) -> None: ...
+    def mark_sent(self, job_id: str) -> None: ...
+    def unmark_sent(self, job_id: str) -> None: ...
+    def sent(self, job_ids: list[str]) -> set[str]: ...
     def ping(self) -> bool: ...
 
 
@@ -38,6 +48,7 @@ class LocalEventBus:
         self._events: dict[str, list[dict]] = defaultdict(list)
         self._latest: dict[str, dict] = {}
         self._cancel: set[str] = set()
+        self._sent: set[str] = set()
         self._finished: list[str] = []
         self._keep = keep_jobs
 
@@ -98,11 +109,24 @@ class LocalEventBus:
         """Forget old finished jobs (the database has their events)."""
         with self._cond:
             self._cancel.discard(job_id)
+            self._sent.discard(job_id)
             self._finished.append(job_id)
             while len(self._finished) > self._keep:
                 old = self._finished.pop(0)
                 self._events.pop(old, None)
                 self._latest.pop(old, None)
+
+    def mark_sent(self, job_id: str) -> None:
+        with self._cond:
+            self._sent.add(job_id)
+
+    def unmark_sent(self, job_id: str) -> None:
+        with self._cond:
+            self._sent.discard(job_id)
+
+    def sent(self, job_ids: list[str]) -> set[str]:
+        with self._cond:
+            return self._sent.intersection(job_ids)
 
     def ping(self) -> bool:
         return True
@@ -172,7 +196,20 @@ class RedisEventBus:
     def finish(self, job_id: str) -> None:
         for what in ("events", "latest"):
             self._redis.expire(self._key(job_id, what), self._ttl)
-        self._redis.delete(self._key(job_id, "cancel"))
+        self._redis.delete(self._key(job_id, "cancel"), self._key(job_id, "sent"))
+
+    def mark_sent(self, job_id: str) -> None:
+        self._redis.set(self._key(job_id, "sent"), "1", ex=self._ttl)
+
+    def unmark_sent(self, job_id: str) -> None:
+        self._redis.delete(self._key(job_id, "sent"))
+
+    def sent(self, job_ids: list[str]) -> set[str]:
+        """Those of `job_ids` whose sent mark is still there (one round trip)."""
+        pipe = self._redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.exists(self._key(job_id, "sent"))
+        return {job_id for job_id, there in zip(job_ids, pipe.execute()) if there}
 
     def ping(self) -> bool:
         try:

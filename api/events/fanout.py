@@ -5,7 +5,9 @@ Followers (async generators in the request's event loop) `subscribe` to a job an
 asyncio queue. The fan-out thread reads the bus for all followed jobs at once
 (`bus.read_many`) and hands each batch to the followers' queues. When the bus has been silent
 for a job for `db_poll_s`, it reads the job's events from the database instead (the record, in
-case the bus lost some) and, once the job has finished there, tells its followers `END`.
+case the bus lost some) and, once the job has finished there, tells its followers `END`. Every
+`key_check_s` it also reads which of the followers' API keys were revoked meanwhile and tells
+their followers `REVOKED`: a revoked key's streams end within seconds, as its requests do.
 """
 
 from __future__ import annotations
@@ -16,26 +18,31 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from sqlalchemy import select
+
 from ..db import session_scope
-from ..models import Job
+from ..models import ApiKey, Job
 from . import store
 
 log = logging.getLogger("welore.events")
 
 END = object()  # the job finished and nothing more will come
+REVOKED = object()  # the follower's API key was revoked: its stream ends
 
 
 @dataclass(eq=False)
 class Subscription:
     job_id: str
+    key_id: str
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
 
 
 class FanOut:
-    def __init__(self, settings, bus, db_poll_s: float = 2.0, read_timeout_s: float = 1.0):
+    def __init__(self, settings, bus, db_poll_s: float = 2.0, read_timeout_s: float = 1.0, key_check_s: float = 2.0):
         self.settings, self.bus = settings, bus
-        self.db_poll_s, self.read_timeout_s = db_poll_s, read_timeout_s
+        self.db_poll_s, self.read_timeout_s, self.key_check_s = db_poll_s, read_timeout_s, key_check_s
+        self._keys_checked = time.monotonic()
         self._lock = threading.Lock()
         self._subs: dict[str, set[Subscription]] = {}
         self._cursor: dict[str, int] = {}  # per job: the last seq handed out
@@ -60,9 +67,10 @@ class FanOut:
         with self._lock:
             return sum(len(g) for g in self._subs.values())
 
-    def subscribe(self, job_id: str, after_seq: int) -> Subscription:
-        """Live events of `job_id` with seq > `after_seq` (and possibly some before: skip those)."""
-        sub = Subscription(job_id, asyncio.get_running_loop())
+    def subscribe(self, job_id: str, after_seq: int, key_id: str) -> Subscription:
+        """Live events of `job_id` with seq > `after_seq` (and possibly some before: skip those), for
+        a follower authenticated with API key `key_id`."""
+        sub = Subscription(job_id, key_id, asyncio.get_running_loop())
         with self._lock:
             if job_id not in self._subs:
                 self._subs[job_id] = set()
@@ -107,6 +115,19 @@ class FanOut:
         for sub in subs:
             self._put(sub, END)
 
+    def _check_keys(self) -> None:
+        """End the streams of followers whose API key was revoked (one query for all keys)."""
+        with self._lock:
+            subs = [sub for group in self._subs.values() for sub in group]
+        if not subs:
+            return
+        with session_scope(self.settings.db_url) as s:
+            revoked = set(s.scalars(select(ApiKey.id).where(ApiKey.id.in_({sub.key_id for sub in subs}),
+                                                            ApiKey.revoked_at.is_not(None))))
+        for sub in subs:
+            if sub.key_id in revoked:
+                self._put(sub, REVOKED)
+
     def _from_database(self, job_id: str, after: int) -> None:
         with session_scope(self.settings.db_url) as s:
             events = store.events_after(s, job_id, after)
@@ -144,3 +165,9 @@ class FanOut:
                     self._from_database(job_id, cursors[job_id])
                 except Exception:
                     log.warning("could not read the events of %s from the database", job_id, exc_info=True)
+            if time.monotonic() - self._keys_checked >= self.key_check_s:
+                self._keys_checked = time.monotonic()
+                try:
+                    self._check_keys()
+                except Exception:
+                    log.warning("could not check the followers' API keys", exc_info=True)

@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from ..deps import BusDep, CurrentKey, DbDep, DispatcherDep, FanOutDep, JobId, SettingsDep
 from ..errors import InvalidRequest, responses
 from ..events import store
-from ..events.fanout import END
+from ..events.fanout import END, REVOKED
 from ..models import STATUSES, TERMINAL
 from ..strictjson import StrictJsonRoute
 from . import service
@@ -80,31 +80,36 @@ def _is_end(event: dict) -> bool:
     return event["type"] == "status" and event["data"].get("status") in TERMINAL
 
 
-def _history(db, bus, job_id: str, after: int) -> list[dict]:
+def _history(db, bus, job_id: str, after: int, types: tuple[str, ...] = ()) -> list[dict]:
+    """The job's events after seq `after` (of `types` only, when given): the database's, then the bus's."""
     with db() as s:
-        events = store.events_after(s, job_id, after)
+        events = store.events_after(s, job_id, after, types)
     last = events[-1]["seq"] if events else after
-    try:
-        events += bus.read(job_id, last, 0.0)  # newer ones the worker has not flushed yet
+    try:  # newer ones the worker has not flushed yet
+        events += [e for e in bus.read(job_id, last, 0.0) if not types or e["type"] in types]
     except Exception:  # the bus is an accelerator; the database is the record
         pass
     return events
 
 
-async def _stream(db, bus, fanout, job_id: str, after: int):
-    """History (database, then the bus), then live events from the fan-out until the job ends."""
+async def _stream(db, bus, fanout, job_id: str, after: int, key_id: str):
+    """History (database, then the bus), then live events from the fan-out until the job ends (or
+    the caller's key is revoked)."""
     last = after
     for e in await run_in_threadpool(_history, db, bus, job_id, last):
         yield _sse(e)
         last = e["seq"]
         if _is_end(e):
             return
-    sub = fanout.subscribe(job_id, last)
+    sub = fanout.subscribe(job_id, last, key_id)
     try:
         batches = [await run_in_threadpool(_history, db, bus, job_id, last)]  # what came meanwhile
         while True:
             for batch in batches:
                 if batch is END:
+                    return
+                if batch is REVOKED:
+                    yield ": the API key was revoked\n\n"
                     return
                 for e in batch:
                     if e["seq"] <= last:
@@ -151,24 +156,38 @@ async def job_events(job_id: JobId, key: CurrentKey, db: DbDep, bus: BusDep, fan
     if format == "json":
         events = await run_in_threadpool(_history, db, bus, job_id, -1)
         return [Event.model_validate(e) for e in events]
-    return StreamingResponse(_stream(db, bus, fanout, job_id, after), media_type="text/event-stream",
+    return StreamingResponse(_stream(db, bus, fanout, job_id, after, key.id), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+MAX_POINTS = 1000
+
+
+def _downsample(points: list, n: int) -> list:
+    """At most `n` of `points`, evenly spaced, the first and the last always among them."""
+    if len(points) <= n:
+        return points
+    return [points[round(i * (len(points) - 1) / (n - 1))] for i in range(n)]
 
 
 @router.get("/{job_id}/metrics", response_model=Metrics,
             summary="Metric series (memory, throughput, loss, ...) and the final metrics",
+            description=f"Each series has at most `max_points` points (default {MAX_POINTS}), evenly spaced over "
+                        "the job's metric events, the first and the last always kept; the full record is in "
+                        "GET /v1/jobs/{job_id}/events?format=json.",
             responses=responses(401, 404, 422))
-def job_metrics(job_id: JobId, key: CurrentKey, db: DbDep, bus: BusDep) -> Metrics:
+def job_metrics(job_id: JobId, key: CurrentKey, db: DbDep, bus: BusDep,
+                max_points: Annotated[int, Query(ge=2, le=10_000)] = MAX_POINTS) -> Metrics:
     with db() as s:
         job = service.get(s, job_id, key)
-    series: dict[str, list[MetricPoint]] = {}
-    for e in _history(db, bus, job_id, -1):
-        if e["type"] != "metric":
-            continue
-        d = e["data"]
-        for name, value in (d.get("values") or {}).items():
+    raw: dict[str, list[tuple[dict, float]]] = {}
+    for e in _history(db, bus, job_id, -1, ("metric",)):
+        for name, value in (e["data"].get("values") or {}).items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                series.setdefault(name, []).append(MetricPoint(seq=e["seq"], time=e["time"], stage=d.get("stage"),
-                                                               step=d.get("step"), value=float(value)))
+                raw.setdefault(name, []).append((e, float(value)))
+    series = {name: [MetricPoint(seq=e["seq"], time=e["time"], stage=e["data"].get("stage"),
+                                 step=e["data"].get("step"), value=value)
+                     for e, value in _downsample(points, max_points)]
+              for name, points in raw.items()}
     out = service.to_out(job, bus)
     return Metrics(series=series, final=job.metrics if job.finished else None, latest=out.metrics)

@@ -1,8 +1,10 @@
 """Jobs business logic: submit (validate, persist, commit, then enqueue), read, list, cancel.
 
-A job is enqueued only after its row is committed; a failed enqueue marks the job failed at
-once rather than leaving it queued forever. Status changes go through states.py. Functions that
-take `db` open their own short sessions (`with db() as s:`); the others use the caller's.
+A job is enqueued only after its row is committed. A failed enqueue (the broker is down) leaves
+the job queued and marked unsent: the reaper sends it once the broker is back, so a submit
+during a broker outage is accepted once, and its retries (same Idempotency-Key) replay it.
+Status changes go through states.py. Functions that take `db` open their own short sessions
+(`with db() as s:`); the others use the caller's.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from welore_core.corpus import BUILTIN, PACKAGED
 from ..catalog.service import resolve_model
 from ..deps import ID_PATTERN
 from ..dispatch import dispatch
-from ..errors import Conflict, InvalidRequest, NotFound, ServiceUnavailable
+from ..errors import Conflict, InvalidRequest, NotFound
 from ..files import service as files_service
 from ..models import ApiKey, Job, new_id, utcnow
 from ..settings import Settings
@@ -100,8 +102,7 @@ def _replay(existing: Job, digest: str) -> Job:
 def submit(db, settings: Settings, dispatcher, bus, owner: ApiKey, body: dict,
            idempotency_key: Optional[str]) -> tuple[Job, bool]:
     """→ (job, created). `body` is the validated request as JSON-able data. The job is committed,
-    then enqueued; if the enqueue fails the job is failed `enqueue_failed` and its
-    Idempotency-Key released, so a retry with the same key submits again."""
+    then enqueued; if the enqueue fails it stays queued for the reaper to send (see above)."""
     _refuse_control_characters(body)
     digest = request_hash(body)
     with db() as session:
@@ -135,21 +136,10 @@ def submit(db, settings: Settings, dispatcher, bus, owner: ApiKey, body: dict,
     except Exception:
         log.warning("could not publish the queued event of %s", job.id, exc_info=True)
     try:
-        dispatch(settings.db_url, dispatcher.enqueue, job.id, job.queue)
+        dispatch(settings.db_url, bus, dispatcher.enqueue, job.id, job.queue)
     except Exception as exc:
-        log.exception("enqueue of %s failed", job.id)
-        message = f"the job could not be queued: {type(exc).__name__}"
-        with db() as session:
-            t = states.fail_queued(session, bus, job.id, "enqueue_failed", message)
-        if t is None:  # the reaper sent it meanwhile: it runs after all
-            return job, True
-        try:
-            bus.publish(job.id, t.event)
-        except Exception:
-            pass
-        raise ServiceUnavailable(f"the job {job.id} could not be queued (is the broker reachable?); it is failed, "
-                                 "and a retry with the same Idempotency-Key submits it again",
-                                 code="enqueue_failed", job_id=job.id) from exc
+        log.warning("could not send %s to a worker (%s: %s); it stays queued and the reaper sends it once "
+                    "the broker is reachable", job.id, type(exc).__name__, exc)
     return job, True
 
 

@@ -5,14 +5,16 @@ claim) can never both win.
 
     queued  ──claim──▶ running ──finish──▶ succeeded | cancelled
     queued  ──cancel─▶ cancelled           running ──fail────▶ failed
-    queued  ──fail───▶ failed (enqueue)    running ──requeue─▶ queued  (shutdown: attempt given back)
+                                           running ──requeue─▶ queued  (shutdown: attempt given back)
     running ──reap───▶ queued (attempts left) | failed `worker_lost` | cancelled (cancel requested)
     running ──heartbeat / progress──▶ running, while the claim (`runner`) is still the caller's
     queued  ──dispatched──▶ queued, its task message sent (`undispatched_since` cleared)
 
 Whatever makes a job `queued` also sets `undispatched_since`; `dispatched` clears it once the
 task message reached the broker (api/dispatch.py `dispatch`). A job left queued and undispatched
-(the broker was down when it was submitted back) is sent again by the reaper (`undispatched`).
+(the broker was down when it was submitted or sent back) is sent again by the reaper
+(`undispatched`), and so is a dispatched one whose message the broker lost (`sent_queued`, checked
+against the bus's sent marks).
 
 A worker's claim is the `runner` token it wrote at `claim`; its heartbeats, its end and its
 requeue only match while it holds that claim, so a worker that was reaped (presumed dead) finds
@@ -87,18 +89,6 @@ def cancel(session: Session, bus, job_id: str, owner_id: str) -> Optional[Transi
                                              {"reason": "cancelled before it started"}))
     job = _update(session, job_id, [RUNNING], (Job.owner_id == owner_id,), cancel_requested=True)
     return Transition(job, None) if job is not None else None
-
-
-def fail_queued(session: Session, bus, job_id: str, code: str, message: str) -> Optional[Transition]:
-    """A queued job that cannot run (its enqueue failed): failed, with its Idempotency-Key released
-    so that a retry with the same key submits it again. None: unknown, no longer queued, or sent
-    meanwhile by another actor (the reaper), so it will run after all."""
-    job = _update(session, job_id, [QUEUED], (Job.undispatched_since.is_not(None),), status=FAILED.value,
-                  finished_at=utcnow(), error_code=code, error_message=message, idempotency_key=None)
-    if job is None:
-        return None
-    return Transition(job, _status_event(session, job, next_seq(session, bus, job_id),
-                                         {"error": {"code": code, "message": message}}))
 
 
 def dispatched(session: Session, job_id: str) -> Optional[Job]:
@@ -199,6 +189,13 @@ def undispatched(session: Session, older_than_s: float) -> list[tuple[str, str]]
     cutoff = utcnow() - dt.timedelta(seconds=older_than_s)
     return list(session.execute(select(Job.id, Job.queue).where(Job.status == QUEUED.value,
                                                                 Job.undispatched_since < cutoff)).tuples())
+
+
+def sent_queued(session: Session) -> list[tuple[str, str]]:
+    """(id, queue) of queued jobs whose task message was sent (the reaper checks that the broker
+    still holds it: api/events/bus.py, sent marks)."""
+    return list(session.execute(select(Job.id, Job.queue).where(Job.status == QUEUED.value,
+                                                                Job.undispatched_since.is_(None))).tuples())
 
 
 def reap(session: Session, bus, job_id: str, timeout_s: float, max_attempts: int) -> Optional[Transition]:

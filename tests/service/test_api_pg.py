@@ -44,7 +44,7 @@ def test_migrations_match_the_models(pg_url):
     from api import migrate
     from api.models import Base
 
-    assert migrate.current(pg_url) == "0003"
+    assert migrate.current(pg_url) == "0004"
     engine = create_engine(pg_url)
     with engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
@@ -202,6 +202,24 @@ def test_cross_key_access_is_404(idle_client, key, keys):
     assert job["id"] not in [j["id"] for j in idle_client.get("/v1/jobs", headers=other).json()["data"]]
 
 
+def test_metric_series_are_downsampled_to_a_bound(idle_client, key, settings):
+    """A long job's thousands of metric events: each series at most `max_points` (1000 by default),
+    evenly spaced, its first and last points kept."""
+    from api.db import session_scope
+    from api.events import store
+
+    job_id = _eval(idle_client, key).json()["id"]
+    with session_scope(settings.db_url) as s:
+        store.add_events(s, job_id, [store.make_event(seq, "metric", {"stage": "train", "step": seq,
+                                                                       "values": {"loss": 1 / seq, "lr": 0.1}})
+                                     for seq in range(1, 3001)])
+    series = idle_client.get(f"/v1/jobs/{job_id}/metrics", headers=key).json()["series"]
+    assert {k: len(v) for k, v in series.items()} == {"loss": 1000, "lr": 1000}
+    few = idle_client.get(f"/v1/jobs/{job_id}/metrics", params={"max_points": 4}, headers=key).json()["series"]
+    assert [p["step"] for p in few["loss"]] == [1, 1001, 2000, 3000] and few["loss"][-1]["value"] == 1 / 3000
+    assert idle_client.get(f"/v1/jobs/{job_id}/metrics", params={"max_points": 1}, headers=key).status_code == 422
+
+
 def test_artifact_paths_outside_the_job_are_refused(idle_client, key):
     job = _eval(idle_client, key).json()
     for name in ("../../../etc/passwd", "..%2F..%2Fetc%2Fpasswd", "config.json", "/etc/passwd"):
@@ -314,24 +332,34 @@ def test_a_job_is_enqueued_once_on_the_gpu_queue(idle_client, key, settings):
     r.close()
 
 
-def test_broker_down_is_not_ready_and_submit_fails_cleanly(settings, key):
-    """With the broker unreachable, /readyz says so and a submit answers 503 with the job failed
-    (never left queued forever)."""
+def test_broker_down_is_not_ready_and_a_submit_is_kept_for_the_reaper(settings, key):
+    """With the broker unreachable, /readyz says so, and a submit is accepted and kept queued with
+    its message unsent; its retries with the same Idempotency-Key replay it (one job, never a failed
+    one per attempt), and the reaper sends it once the broker is back."""
+    import datetime as dt
+
+    from api.db import session_scope
+    from api.jobs.reaper import reap_once
+    from api.models import Job, utcnow
+
     down = settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
+    body = {"type": "evaluate", "model": "tiny", "params": {}}
     with make_client(down) as c:
         r = c.get("/readyz")
         assert r.status_code == 503 and r.json()["checks"]["broker"].startswith("error")
         assert r.json()["checks"]["database"] == "ok"
-        body = {"type": "evaluate", "model": "tiny", "params": {}}
-        r = c.post("/v1/jobs", json=body, headers={**key, "Idempotency-Key": "retry-me"})
-        assert r.status_code == 503 and r.json()["error"]["code"] == "enqueue_failed"
-        failed = r.json()["error"]["job_id"]
-        job = c.get(f"/v1/jobs/{failed}", headers=key).json()
-        assert job["status"] == "failed" and job["error"]["code"] == "enqueue_failed"
-    # The broker is back: a retry with the same Idempotency-Key submits the job again.
+        first = c.post("/v1/jobs", json=body, headers={**key, "Idempotency-Key": "retry-me"})
+        assert first.status_code == 202 and first.json()["status"] == "queued", first.json()
+        retry = c.post("/v1/jobs", json=body, headers={**key, "Idempotency-Key": "retry-me"})
+        assert retry.json()["id"] == first.json()["id"] and retry.headers["idempotent-replayed"] == "true"
+        assert [j["id"] for j in c.get("/v1/jobs", headers=key).json()["data"]] == [first.json()["id"]]
     idle = settings.model_copy(update={"queue_prefix": settings.queue_prefix + "_idle"})
-    with make_client(idle) as c:
-        again = c.post("/v1/jobs", json=body, headers={**key, "Idempotency-Key": "retry-me"})
-        assert again.status_code == 202 and again.json()["id"] != failed and "idempotent-replayed" not in again.headers
-        replay = c.post("/v1/jobs", json=body, headers={**key, "Idempotency-Key": "retry-me"})
-        assert replay.json()["id"] == again.json()["id"] and replay.headers["idempotent-replayed"] == "true"
+    with session_scope(settings.db_url) as s:  # as if the heartbeat timeout had passed
+        job = s.get(Job, first.json()["id"])
+        assert job.undispatched_since is not None
+        job.undispatched_since, job.queue = utcnow() - dt.timedelta(seconds=settings.heartbeat_timeout_s + 1), \
+            idle.queue("gpu")
+    with make_client(idle) as c:  # the broker is back
+        reap_once(idle, c.app.state.bus, c.app.state.dispatcher.enqueue)
+    with session_scope(settings.db_url) as s:
+        assert s.get(Job, first.json()["id"]).undispatched_since is None

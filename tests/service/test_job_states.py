@@ -55,10 +55,12 @@ def _claim(settings, job_id, runner):
 
 def _age(settings, job_id, seconds):
     from api.db import session_scope
-    from api.models import Job, utcnow
+    from api.models import Job, ReaperWatch, utcnow
 
     with session_scope(settings.db_url) as s:
         s.get(Job, job_id).heartbeat_at = utcnow() - dt.timedelta(seconds=seconds)
+        watch = s.get(ReaperWatch, 1)  # and the reapers have watched the heartbeats as long
+        watch.watching_since, watch.last_pass_at = utcnow() - dt.timedelta(seconds=seconds), utcnow()
 
 
 def test_two_claimers_one_winner(app, key, fast):
@@ -227,7 +229,7 @@ def test_a_job_handed_back_while_the_broker_was_down_is_sent_by_the_reaper(app, 
         raise ConnectionError("broker down")
 
     with pytest.raises(ConnectionError):
-        dispatch(fast.db_url, broker_down, job_id, "q")
+        dispatch(fast.db_url, bus_for(fast), broker_down, job_id, "q")
     assert _row(fast, job_id).status == "queued" and _row(fast, job_id).undispatched_since is not None
     r = redis.Redis.from_url(fast.redis_url)
     queue = fast.queue("gpu")
@@ -240,3 +242,54 @@ def test_a_job_handed_back_while_the_broker_was_down_is_sent_by_the_reaper(app, 
     assert any(job_id in m["headers"]["argsrepr"] for m in messages)
     row = _row(fast, job_id)
     assert row.status == "queued" and row.undispatched_since is None
+
+
+def _messages(fast, job_id) -> int:
+    import json
+
+    import redis
+
+    r = redis.Redis.from_url(fast.redis_url)
+    try:
+        return sum(job_id in json.loads(m)["headers"]["argsrepr"] for m in r.lrange(fast.queue("gpu"), 0, -1))
+    finally:
+        r.close()
+
+
+def test_the_reaper_re_sends_a_queued_job_whose_message_the_broker_lost(app, key, fast):
+    """A dispatched job's sent mark lives in the broker's Redis: a job whose mark is gone (the broker
+    lost its message) is sent again, one whose mark is there is not, however long it waits."""
+    import redis
+
+    from api.jobs.reaper import reap_once
+    from worker.runner import bus_for
+
+    lost, waiting = _job(app, key), _job(app, key)
+    assert _messages(fast, lost) == _messages(fast, waiting) == 1
+    r = redis.Redis.from_url(fast.redis_url)
+    r.delete(fast.queue("gpu"), f"{fast.queue_prefix}:job:{lost}:sent")  # what a FLUSH does to this job
+    r.close()
+    reap_once(fast, bus_for(fast), app.app.state.dispatcher.enqueue)
+    reap_once(fast, bus_for(fast), app.app.state.dispatcher.enqueue)  # sent once, not once per pass
+    assert (_messages(fast, lost), _messages(fast, waiting)) == (1, 0)
+    assert bus_for(fast).sent([lost, waiting]) == {lost, waiting}
+    assert _row(fast, lost).status == "queued" and _row(fast, lost).undispatched_since is None
+
+
+def test_a_gap_in_the_reapers_watch_is_not_a_lost_heartbeat(app, key, fast):
+    """After the reapers could not read the database for longer than half the heartbeat timeout (an
+    outage), a running job whose heartbeat is old is left alone until a full timeout has been watched."""
+    from api.db import session_scope
+    from api.jobs.reaper import reap_once
+    from api.models import Job, ReaperWatch, utcnow
+    from worker.runner import bus_for
+
+    job_id = _job(app, key)
+    _claim(fast, job_id, "alive-but-cut-off")
+    with session_scope(fast.db_url) as s:  # no heartbeat and no reaper pass for 10 s: the database was down
+        s.get(Job, job_id).heartbeat_at = s.get(ReaperWatch, 1).last_pass_at = utcnow() - dt.timedelta(seconds=10)
+    assert reap_once(fast, bus_for(fast), lambda j, q: None) == []
+    assert _row(fast, job_id).status == "running" and _row(fast, job_id).runner == "alive-but-cut-off"
+    _age(fast, job_id, 10)  # its worker stays silent while the reapers watch a full timeout
+    reap_once(fast, bus_for(fast), lambda j, q: None)
+    assert _row(fast, job_id).status == "queued" and _row(fast, job_id).attempts == 1

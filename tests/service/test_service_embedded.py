@@ -103,7 +103,7 @@ def test_keys_and_db_commands_share_the_embedded_database(embedded, api_key):
         assert out.returncode == 0, out.stderr
         return out.stdout
 
-    assert welore("db", "current").strip() == "0003"
+    assert welore("db", "current").strip() == "0004"
     new_key = welore("keys", "create", "--name", "second").strip().splitlines()[-1]
     with httpx.Client(base_url=embedded.url, timeout=30) as c:
         h2 = {"Authorization": f"Bearer {new_key}"}
@@ -151,8 +151,8 @@ def test_sqlite_migrations_round_trip(tmp_path):
 
     url = f"sqlite:///{tmp_path / 'm.db'}"
     migrate.upgrade(url)
-    assert migrate.current(url) == "0003"
+    assert migrate.current(url) == "0004"
     migrate.downgrade(url, "base")
     assert migrate.current(url) is None
     migrate.upgrade(url)
-    assert migrate.current(url) == "0003"
+    assert migrate.current(url) == "0004"

@@ -7,7 +7,11 @@ worker` processes), with a short heartbeat timeout (4 s):
 - kill -9 only a worker's pool process: Celery redelivers the task, which finds the job held by a
   dead runner, takes it over instead of dropping itself, and the job succeeds;
 - SIGTERM a worker mid-job: it stops at once, the job goes back to the queue with its attempt
-  given back, and another worker runs it.
+  given back, and another worker runs it;
+- revoke the API key an SSE stream was opened with: the stream ends within seconds (the fan-out
+  re-checks the keys), while the job goes on.
+
+Outages of the servers themselves (Redis, Postgres) are in test_service_outages.py.
 """
 
 from __future__ import annotations
@@ -108,6 +112,35 @@ def test_kill_9_mid_compression_then_another_worker_reruns_it(fast, logs, http, 
     assert not [p for p in (fast.artifact_dir / ".tmp").iterdir() if p.name.startswith(job["id"])]
     names = {a["name"] for a in http.get(f"/v1/jobs/{job['id']}/artifacts", headers=h).json()["data"]}
     assert {"welore.json", "model.safetensors"} <= names
+
+
+def test_revoking_a_key_ends_its_open_event_streams(fast, http):
+    from api.auth.keys import create_key, revoke
+    from api.db import session_scope
+    from api.jobs import states
+    from api.models import Job
+
+    with session_scope(fast.db_url) as s:
+        row, plain = create_key(s, "revoked while it follows")
+        key_id = row.id
+    h = {"Authorization": f"Bearer {plain}"}
+    job = http.post("/v1/jobs", json={"type": "evaluate", "model": "tiny", "params": {"seq_len": 8, "windows": 1}},
+                    headers=h).json()  # stays queued: no worker reads this queue now
+    lines = []
+    # A read timeout under the 15 s keepalive: a stream that outlives the key fails here.
+    with http.stream("GET", f"/v1/jobs/{job['id']}/events", headers=h, timeout=httpx.Timeout(60, read=10)) as r:
+        stream = r.iter_lines()
+        for line in stream:
+            if line.startswith("data: "):
+                break  # following
+        with session_scope(fast.db_url) as s:
+            assert revoke(s, key_id)
+        lines = [line for line in stream if line]
+    assert lines == [": the API key was revoked"]
+    assert http.get(f"/v1/jobs/{job['id']}", headers=h).status_code == 401
+    with session_scope(fast.db_url) as s:
+        assert s.get(Job, job["id"]).status == "queued"  # the job itself goes on
+        assert states.cancel(s, None, job["id"], key_id) is not None  # (not left for the next test's worker)
 
 
 def _wait_for(cond, timeout=60.0):
