@@ -10,8 +10,9 @@ corpora of domains the calibration text does not hold: CommonsenseQA dev questio
 choices and answer, the Python documentation's reference topics (read from the stdlib), the
 descriptions of the Python packages installed beside welore (their METADATA: READMEs of software),
 and CMake's reference documentation where Debian's cmake-data is installed. Which choices looked at
-which corpus: docs/research/calibration-rounds.md (round 9), damping.md, calibration-text.md,
-calibration-samples.md.
+which corpus: the damping switch the first three, the heavy targets' calibration windows all four
+(checked on a fifth, GNU info manuals), the library source in the calibration text one variant measured
+on all four, nothing tuned (docs/research/damping.md, calibration-samples.md, calibration-text.md).
 
 Rows are saved as they finish (`--results`, default bench/results/recipes-w<windows>.json, kept in the
 repository), so an interrupted run resumes where it stopped and a fresh checkout re-renders the section

@@ -265,7 +265,8 @@ def allocate_loss(spectra: Sequence[torch.Tensor], shapes: Sequence[tuple[int, i
     error (sensitivity.py): to second order the loss grows by ½·c_W·‖ΔY‖². The weights carry what
     the spectra cannot: an error in q_proj's outputs (through a softmax) moves the loss far less
     than the same error in v_proj's or o_proj's. Measured on SmolLM2 against the unweighted relative
-    objective Σ e_W² it replaced (docs/research/allocation-objective.md). The budget is the ranks
+    objective Σ e_W² it replaced: better on every held-out corpus (params kept 0.8: 1.47–2.04× the dense
+    perplexity against 2.19–4.46×; docs/research/allocation-objective.md). The budget is the ranks
     kept (an ERR target) or the parameters stored (params_kept), counting an N-LRC whole and a
     factored LRC at k·(m+n).
     Solved by Lagrangian relaxation: for a multiplier λ every matrix independently picks the k
