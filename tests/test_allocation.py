@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from welore_core.compression.allocation import (MatrixPlan, allocate_loss, allocate_uniform, allocate_welore,
-                                                effective_rank_reduction, normalise, params_kept_fraction,
-                                                relative_error, uniform_plans, welore_plans)
+from welore_core.compression.allocation import (TOLERANCE, MatrixPlan, allocate_loss, allocate_uniform,
+                                                allocate_welore, effective_rank_reduction, matrix_multiple, normalise,
+                                                params_kept_fraction, relative_error, round_rank, uniform_plans,
+                                                welore_plans)
 from welore_core.errors import InvalidArgument
 
 
@@ -216,3 +217,72 @@ def test_loss_allocation_refuses_bad_targets():
         allocate_loss(values, shapes, weights[:-1], err=0.2)
     with pytest.raises(InvalidArgument, match="one finite weight"):
         allocate_loss(values, shapes, [float("nan")] + weights[1:], err=0.2)
+
+
+# -- hardware-friendly ranks: every LRC keeps a multiple of rank_multiple ------------------------
+
+_BIG = ((256, 256), (128, 256), (512, 256), (256, 512)) * 8
+
+
+def _allocate(method, values, shapes, multiple, **target):
+    if method == "loss":
+        return allocate_loss(values, shapes, _weights(values), rank_multiple=multiple, **target)
+    if method == "welore":
+        return allocate_welore(values, shapes, rank_multiple=multiple, **target)
+    return allocate_uniform(shapes, rank_multiple=multiple, **target)
+
+
+@pytest.mark.parametrize("multiple", [8, 32])
+@pytest.mark.parametrize("kind, goal", [("err", 0.5), ("err", 0.3), ("params_kept", 0.6)])
+@pytest.mark.parametrize("method", ["loss", "welore", "uniform"])
+def test_rank_multiple_keeps_the_target_and_the_multiple(method, kind, goal, multiple):
+    values, shapes = _spectra(seed=2, shapes=_BIG)
+    alloc = _allocate(method, values, shapes, multiple, **{kind: goal})
+    achieved = alloc.err if kind == "err" else alloc.params_kept
+    assert abs(achieved - goal) <= TOLERANCE, (achieved, goal)
+    assert alloc.n_lrc > 0
+    for p in alloc.plans:
+        assert p.kept <= p.rank
+        if p.lrc:
+            assert p.kept % multiple == 0 and p.kept >= multiple, p
+            if method != "uniform":
+                assert p.dropped / p.rank > 0.5, p  # min_ratio still holds
+        else:
+            assert p.kept == p.rank
+    ranks = {(p.shape, p.kept) for p in alloc.plans if p.factored}
+    assert len(ranks) <= 4 * (256 // multiple)  # 4 shapes, each rank a multiple below its cap
+
+
+def test_rank_multiple_gives_far_fewer_shapes_than_unrounded():
+    values, shapes = _spectra(seed=3, shapes=_BIG)
+    plain, rounded = (allocate_welore(values, shapes, err=0.5, rank_multiple=m) for m in (1, 32))
+    shapes_of = lambda a: len({(p.shape, p.kept) for p in a.plans if p.factored})  # noqa: E731
+    assert shapes_of(rounded) * 2 <= shapes_of(plain)
+
+
+def test_rank_multiple_1_is_the_unrounded_allocation():
+    values, shapes = _spectra(seed=2)
+    t = {"err": 0.4, "tolerance": 0.05}
+    for method in ("loss", "welore", "uniform"):
+        assert _allocate(method, values, shapes, 1, **t).plans == (
+            allocate_loss(values, shapes, _weights(values), **t) if method == "loss" else
+            allocate_welore(values, shapes, **t) if method == "welore" else allocate_uniform(shapes, **t)).plans
+
+
+def test_round_rank_and_small_matrices():
+    assert round_rank(45, 256, 32, 127) == 32 and round_rank(50, 256, 32, 127) == 64
+    assert round_rank(3, 256, 32, 127) == 32  # at least one multiple
+    assert round_rank(126, 256, 32, 127) == 96  # never above the cap
+    assert round_rank(30, 40, 32, 19) == 40  # no multiple under the cap: kept whole
+    assert round_rank(17, 40, 1, 19) == 17
+    assert matrix_multiple(127, 32) == 1 and matrix_multiple(128, 32) == 32
+    values, shapes = _spectra(seed=2)  # ranks 32 and 64 < 4·32: not rounded, the same plans as unrounded
+    assert allocate_welore(values, shapes, err=0.4, tolerance=0.05, rank_multiple=32).plans == allocate_welore(
+        values, shapes, err=0.4, tolerance=0.05).plans
+
+
+def test_rank_multiple_is_validated():
+    values, shapes = _spectra()
+    for bad in (0, -8, 2.5, True):
+        with pytest.raises(InvalidArgument, match="rank_multiple"):
+            allocate_welore(values, shapes, err=0.3, rank_multiple=bad)
