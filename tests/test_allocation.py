@@ -5,7 +5,8 @@ import torch
 
 from welore_core.compression.allocation import (TOLERANCE, MatrixPlan, allocate_loss, allocate_uniform,
                                                 allocate_welore, effective_rank_reduction, matrix_multiple, normalise,
-                                                params_kept_fraction, relative_error, round_rank, uniform_plans,
+                                                params_kept_fraction, relative_error, round_rank, stores_factors,
+                                                uniform_plans,
                                                 welore_plans)
 from welore_core.errors import InvalidArgument
 
@@ -32,7 +33,7 @@ def test_plan_counts_match_formulas():
     plans = welore_plans(z, [(5, 8)], tau=0.3, min_ratio=0.0)
     p = plans[0]
     assert (p.rank, p.kept, p.dropped, p.lrc) == (5, 2, 3, True)
-    assert p.factored == (2 * (5 + 8) < 5 * 8)
+    assert p.factored == (2 * (5 + 8) < 0.75 * 5 * 8)
     assert p.params_stored == 2 * 13
     # min_ratio 0.6: 3/5 = 0.6 is not > 0.6, so an N-LRC that drops nothing
     p = welore_plans(z, [(5, 8)], tau=0.3, min_ratio=0.6)[0]
@@ -42,6 +43,9 @@ def test_plan_counts_match_formulas():
 def test_break_even_lrc_is_stored_dense():
     p = MatrixPlan((64, 64), 64, 40, True)  # 40·128 ≥ 64·64: factors would be larger
     assert not p.factored and p.params_stored == 64 * 64
+    p = MatrixPlan((64, 64), 64, 28, True)  # 28·128 < 64·64 but not < 0.75·64·64: factors not faster
+    assert not p.factored and p.params_stored == 64 * 64 and not stores_factors(28, 64, 64)
+    assert stores_factors(23, 64, 64) and MatrixPlan((64, 64), 64, 23, True).factored
     q = MatrixPlan((64, 64), 64, 20, True)
     assert q.factored and q.params_stored == 20 * 128
 

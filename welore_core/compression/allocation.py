@@ -23,13 +23,15 @@ import torch
 from ..errors import InvalidArgument
 
 TOLERANCE = 0.005
-FACTOR_BREAK_EVEN = 1.0  # see stores_factors
+FACTOR_BREAK_EVEN = 0.75  # see stores_factors
 ROUND_FROM = 4  # see matrix_multiple
 
 
 def stores_factors(kept, m: int, n: int):
     """Whether a rank-`kept` truncation of an m×n matrix is stored as factors B·A: k·(m+n) < f·m·n, f =
-    FACTOR_BREAK_EVEN (`kept` may be a tensor of ranks)."""
+    FACTOR_BREAK_EVEN = 0.75 (`kept` may be a tensor of ranks). Measured (BENCHMARKS.md § factor-speed, 1 CPU
+    thread, fp32): at every SmolLM2 and Llama-8B shape the factors beat the dense GEMM up to f = 0.75 (1.02-1.4×,
+    batch 1 and 8) and lose from 0.875 at batch 1; above f the truncated Ŵ is stored dense (it costs m·n)."""
     return kept * (m + n) < FACTOR_BREAK_EVEN * m * n
 
 
