@@ -57,10 +57,14 @@ def objective(alloc, values, weights) -> float:
     return sum(float(loss_terms(S, w)[p.kept]) for p, S, w in zip(alloc.plans, values, weights))
 
 
-def estimate(path: str, multiples=MULTIPLES) -> list[list]:
+def estimate(path: str, multiples=MULTIPLES, target: dict | None = None) -> list[list]:
+    """Rows per multiple; `target` ({"err": v} or {"params_kept": v}) replaces the saved one (the same
+    calibration serves every target of the same heavy/light class)."""
     from welore_core.compression.allocation import allocate_loss
 
     st = torch.load(path)
+    if target:
+        st = {**st, "err": None, "params_kept": None, **target}
     values, shapes, weights = st["values"], st["shapes"], st["weights"]
     total = sum(w * float((S ** 2).sum()) for S, w in zip(values, weights))
     weights = [w / total for w in weights]
@@ -92,7 +96,8 @@ def main(argv=None) -> int:
     if a.what == "stats":
         gather(a.model, a.err, a.params_kept, a.stats)
         return 0
-    rows = estimate(a.stats)
+    target = {"err": a.err} if a.err is not None else {"params_kept": a.params_kept} if a.params_kept else None
+    rows = estimate(a.stats, target=target)
     print(" | ".join(HEADER))
     for r in rows:
         print(" | ".join(map(str, r)))

@@ -5,7 +5,7 @@ import torch
 
 from welore_core.compression.allocation import (TOLERANCE, MatrixPlan, allocate_loss, allocate_uniform,
                                                 allocate_welore, effective_rank_reduction, matrix_multiple, normalise,
-                                                params_kept_fraction, relative_error, round_rank, stores_factors,
+                                                params_kept_fraction, relative_error, round_rank, stores_factors, dense_from,
                                                 uniform_plans,
                                                 welore_plans)
 from welore_core.errors import InvalidArgument
@@ -247,8 +247,9 @@ def test_rank_multiple_keeps_the_target_and_the_multiple(method, kind, goal, mul
     assert alloc.n_lrc > 0
     for p in alloc.plans:
         assert p.kept <= p.rank
-        if p.lrc:
+        if p.factored:
             assert p.kept % multiple == 0 and p.kept >= multiple, p
+        if p.lrc:
             if method != "uniform":
                 assert p.dropped / p.rank > 0.5, p  # min_ratio still holds
         else:
@@ -274,11 +275,14 @@ def test_rank_multiple_1_is_the_unrounded_allocation():
 
 
 def test_round_rank_and_small_matrices():
-    assert round_rank(45, 256, 32, 127) == 32 and round_rank(50, 256, 32, 127) == 64
-    assert round_rank(3, 256, 32, 127) == 32  # at least one multiple
-    assert round_rank(126, 256, 32, 127) == 96  # never above the cap
-    assert round_rank(30, 40, 32, 19) == 40  # no multiple under the cap: kept whole
-    assert round_rank(17, 40, 1, 19) == 17
+    sq = (256, 256)  # stored dense from rank 96 (96·512 = 0.75·256²)
+    assert dense_from(256, 256) == 96 and not stores_factors(96, 256, 256) and stores_factors(95, 256, 256)
+    assert round_rank(45, sq, 32, 127) == 32 and round_rank(50, sq, 32, 127) == 64
+    assert round_rank(3, sq, 32, 127) == 32  # at least one multiple
+    assert round_rank(81, sq, 32, 127) == 96 and round_rank(110, sq, 32, 127) == 110  # a dense Ŵ keeps its rank
+    assert round_rank(10, (40, 40), 32, 19) == 15  # no multiple under the cap, but a dense Ŵ from rank 15
+    assert round_rank(10, (40, 400), 32, 19) == 40  # no allowed rank under the cap: kept whole
+    assert round_rank(17, (40, 40), 1, 19) == 17
     assert matrix_multiple(127, 32) == 1 and matrix_multiple(128, 32) == 32
     values, shapes = _spectra(seed=2)  # ranks 32 and 64 < 4·32: not rounded, the same plans as unrounded
     assert allocate_welore(values, shapes, err=0.4, tolerance=0.05, rank_multiple=32).plans == allocate_welore(

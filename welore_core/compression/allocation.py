@@ -5,9 +5,9 @@ Pure functions over singular values and shapes (no modules, no I/O).
 WeLore (DESIGN.md §1): per matrix z = (s − min s)/(max s − min s); one global τ drops
 p_W = #{z < τ} ranks. W is a Low-Rank Component (LRC) when p_W/r_W > min_ratio, else an
 N-LRC that drops nothing. An LRC is stored as factors B·A when `stores_factors`, else as its
-truncated dense Ŵ (which costs m·n, as the budgets count it). With a rank multiple N > 1 every LRC keeps a
-multiple of N ranks (at least N; a matrix with no such rank under its cap stays whole; one of rank
-below ROUND_FROM·N is not rounded), so the factored layers fall into few GEMM shapes. ERR = Σ ranks removed / Σ r_W; params kept = stored target parameters /
+truncated dense Ŵ (which costs m·n, as the budgets count it). With a rank multiple N > 1 every factored LRC
+keeps a multiple of N ranks (at least N; a matrix with no such rank under its cap stays whole or dense; one
+of rank below ROUND_FROM·N is not rounded), so the factored layers fall into few GEMM shapes. ERR = Σ ranks removed / Σ r_W; params kept = stored target parameters /
 Σ m·n. Both are monotone in τ, so τ is found by bisection over the finite set of thresholds
 where anything changes (the z values themselves).
 """
@@ -46,16 +46,33 @@ def matrix_multiple(r: int, multiple: int) -> int:
     return multiple if r >= ROUND_FROM * multiple else 1
 
 
-def round_rank(kept: int, r: int, multiple: int, cap: int) -> int:
-    """`kept` rounded to the nearest multiple of `multiple` in [multiple, cap]; r (the matrix kept whole)
-    when there is none, or when r is nearer than any (r > cap is always allowed)."""
-    if multiple <= 1:
+def dense_from(m: int, n: int) -> int:
+    """The least rank whose truncation of an m×n matrix is stored dense (see stores_factors)."""
+    k = max(1, int(FACTOR_BREAK_EVEN * m * n / (m + n)))
+    while stores_factors(k, m, n):
+        k += 1
+    while k > 1 and not stores_factors(k - 1, m, n):
+        k -= 1
+    return k
+
+
+def allowed_rank(k, m: int, n: int, multiple: int):
+    """Whether an LRC may keep k ranks under `multiple`: a multiple of it, or stored dense (a dense Ŵ's rank
+    shapes no GEMM). `k` may be a tensor of ranks."""
+    return (k % multiple == 0) | ~stores_factors(k, m, n) if torch.is_tensor(k) else (
+        k % multiple == 0 or not stores_factors(k, m, n))
+
+
+def round_rank(kept: int, shape: tuple[int, int], multiple: int, cap: int) -> int:
+    """`kept` as the nearest rank allowed under `multiple` (allowed_rank) in [multiple, cap], or r (the matrix
+    kept whole) when that is nearer or there is none; a rank stored dense stays as it is."""
+    m, n = shape
+    r = min(m, n)
+    if multiple <= 1 or allowed_rank(kept, m, n, multiple):
         return kept
-    top = cap // multiple * multiple
-    if top < multiple:
-        return r
-    near = min(max(multiple * int(kept / multiple + 0.5), multiple), top)
-    return r if r - kept < abs(near - kept) else near
+    low = kept // multiple * multiple
+    near = [k for k in (low, low + multiple) if multiple <= k <= cap] + [k for k in [dense_from(m, n)] if k <= cap]
+    return min(near + [r], key=lambda k: (abs(k - kept), -k))
 
 
 @dataclass(frozen=True)
@@ -138,7 +155,7 @@ def welore_plans(z_ascending: Sequence[torch.Tensor], shapes: Sequence[tuple[int
         p = min(p, r - 1)  # always keep at least one rank
         lrc = p > 0 and p / r > min_ratio
         if lrc and matrix_multiple(r, multiple) > 1:
-            plans.append(_plan(shape, round_rank(r - p, r, multiple, rank_cap(r, min_ratio))))
+            plans.append(_plan(shape, round_rank(r - p, shape, multiple, rank_cap(r, min_ratio))))
             continue
         plans.append(MatrixPlan(tuple(shape), r, r - p if lrc else r, lrc))
     return plans
@@ -150,7 +167,7 @@ def uniform_plans(shapes: Sequence[tuple[int, int]], fraction: float, multiple: 
         r = min(shape)
         p = min(int(fraction * r + 0.5), r - 1)
         if p > 0 and matrix_multiple(r, multiple) > 1:
-            plans.append(_plan(shape, round_rank(r - p, r, multiple, r - 1)))
+            plans.append(_plan(shape, round_rank(r - p, shape, multiple, r - 1)))
             continue
         plans.append(MatrixPlan(tuple(shape), r, r - p, p > 0))
     return plans
@@ -161,16 +178,18 @@ def _measure(plans: Sequence[MatrixPlan], kind: str) -> float:
 
 
 def _step(plan: MatrixPlan, multiple: int, cap: int, remove: bool) -> Optional[MatrixPlan]:
-    """`plan` moved by one multiple (fewer ranks when `remove`), or None when it cannot move that way."""
-    r, top = plan.rank, cap // multiple * multiple
+    """`plan` moved to the next rank allowed under `multiple` (fewer ranks when `remove`; a whole matrix
+    joins the LRCs at its cap), or None when it cannot move that way."""
+    r, (m, n) = plan.rank, plan.shape
     if matrix_multiple(r, multiple) == 1:
         return None
     if remove:
-        kept = top if not plan.lrc else plan.kept - multiple
-        return _plan(plan.shape, kept) if kept >= multiple and top >= multiple else None
+        start = cap if not plan.lrc else plan.kept - 1
+        k = next((k for k in range(start, 0, -1) if allowed_rank(k, m, n, multiple)), None)
+        return _plan(plan.shape, k) if k else None
     if not plan.lrc:
         return None
-    return _plan(plan.shape, plan.kept + multiple if plan.kept + multiple <= top else r)
+    return _plan(plan.shape, next((k for k in range(plan.kept + 1, cap + 1) if allowed_rank(k, m, n, multiple)), r))
 
 
 def fix_budget(plans: list[MatrixPlan], kind: str, goal: float, multiple: int, caps: Sequence[int],
@@ -334,7 +353,7 @@ def loss_plans(spectra: Sequence[torch.Tensor], shapes: Sequence[tuple[int, int]
         k_cap = max(1, math.ceil(r * (1.0 - min_ratio)) - 1)  # an LRC drops more than min_ratio of its ranks
         allowed = (k >= 1) & (k <= k_cap)
         if matrix_multiple(r, multiple) > 1:
-            allowed &= k.remainder(multiple) == 0
+            allowed &= allowed_rank(k.long(), m, n, multiple)
         allowed[r] = True  # or the matrix stays whole (an N-LRC)
         obj = torch.where(allowed, terms + lam * cost / total, torch.full_like(terms, float("inf")))
         kept = int(torch.argmin(obj))
