@@ -30,8 +30,8 @@ ROUND_FROM = 4  # see matrix_multiple
 def stores_factors(kept, m: int, n: int):
     """Whether a rank-`kept` truncation of an m×n matrix is stored as factors B·A: k·(m+n) < f·m·n, f =
     FACTOR_BREAK_EVEN = 0.75 (`kept` may be a tensor of ranks). Measured (BENCHMARKS.md § factor-speed, 1 CPU
-    thread, fp32): at every SmolLM2 and Llama-8B shape the factors beat the dense GEMM up to f = 0.75 (1.02-1.4×,
-    batch 1 and 8) and lose from 0.875 at batch 1; above f the truncated Ŵ is stored dense (it costs m·n)."""
+    thread, fp32, SmolLM2 shapes): factors win up to ρ = k·(m+n)/(m·n) = 0.625, are about even at 0.75 (0.96-1.12×
+    at batch 1, 1.22-1.28× at 8) and lose from 0.875; from f on the truncated Ŵ is stored dense (it costs m·n)."""
     return kept * (m + n) < FACTOR_BREAK_EVEN * m * n
 
 
