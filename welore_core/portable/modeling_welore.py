@@ -13,6 +13,13 @@ trust_remote_code fails with transformers' request to pass it, never with random
 `from_pretrained` checks the weight files against welore.json's SHA-256 record first;
 `save_pretrained` writes that record (and keeps the rest of welore.json); `merge_and_unload()`
 turns the model back into the plain transformers class with dense Ŵ = B·A.
+
+Linears that read the same input (q/k/v of an attention block, gate/up of an MLP) share one
+GEMM once loaded (`fuse_factors()`, called by from_pretrained): a factored member's A rows and a
+dense member's W rows are concatenated into one matrix, whose output is split, each factored
+member then applying its B. The members' parameters become views into that matrix, so names,
+bytes and state_dict stay those of the checkpoint and no second copy is held. The shared GEMM
+runs only where no gradient is wanted for its rows; training takes each member's own path.
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ _SHORT_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "
 
 class LowRankLinear(nn.Module):
     """y = B·(A·x) (+ bias): the factored form of an out×in linear layer of rank k."""
+
+    _shared: "SharedInput | None" = None  # the one GEMM it shares with its siblings (fuse_factors)
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False,
                  device=None, dtype=None):
@@ -62,7 +71,9 @@ class LowRankLinear(nn.Module):
         # Two GEMMs on a 2-D view: the n-D path of F.linear costs ~2 µs more per call, which is
         # a quarter of a small matrix's time when decoding one token on a CPU.
         lead = x.shape[:-1]
-        h = F.linear(x.reshape(-1, self.in_features), self.A)  # (tokens, k)
+        x2 = x.reshape(-1, self.in_features)
+        shared = self._shared
+        h = shared.take(self, x, x2) if shared is not None and shared.usable() else F.linear(x2, self.A)  # (tokens, k)
         return F.linear(h, self.B, self.bias).view(*lead, self.out_features)
 
     @torch.no_grad()
@@ -74,6 +85,124 @@ class LowRankLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
                 f"bias={self.bias is not None}")
+
+
+class SharedInputLinear(nn.Linear):
+    """An nn.Linear whose weight rows live in a SharedInput (fuse_factors swaps the class in
+    and out; parameters and state_dict are nn.Linear's)."""
+
+    _shared: "SharedInput | None" = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shared = self._shared
+        if shared is None or not shared.usable():
+            return super().forward(x)
+        y = shared.take(self, x, x.reshape(-1, self.in_features))
+        y = y + self.bias if self.bias is not None else y.contiguous()
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+# sibling linears that read one input: the attention block's and the MLP's
+SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _first_weight(module: nn.Module) -> nn.Parameter:
+    return module.A if isinstance(module, LowRankLinear) else module.weight
+
+
+class SharedInput:
+    """One GEMM for the first matrices (A of a LowRankLinear, W of an nn.Linear) of linears that
+    read the same input. The members' parameters are row views into `weight`; the product of a
+    call is kept until every member has taken its columns (or the input changes)."""
+
+    def __init__(self, members: list[nn.Module]):
+        params = [_first_weight(m) for m in members]
+        self.weight = torch.cat([p.detach() for p in params])  # new storage; the old is freed below
+        self.members, self.params, self.rows = members, params, {}
+        start = 0
+        for member, p in zip(members, params):
+            p.data = self.weight[start:start + p.shape[0]]
+            self.rows[id(member)] = (start, start + p.shape[0])
+            start += p.shape[0]
+        self.ptrs = [p.data_ptr() for p in params]
+        self._x = self._y = None
+        self._version = -1
+        self._left = 0
+
+    def intact(self) -> bool:
+        """Every member's parameter still lies in `weight` (`.to()` or a `p.data = ...` moves it out)."""
+        return all(p.data_ptr() == ptr for p, ptr in zip(self.params, self.ptrs))
+
+    def usable(self) -> bool:
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.params):
+            return False  # training: each member's own GEMM, so gradients reach its parameters
+        return self.intact()
+
+    def take(self, member: nn.Module, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        """`member`'s columns of weight·x (x2: x as 2-D), one GEMM per distinct input."""
+        if self._x is not x or self._version != x._version:
+            self._x, self._version = x, x._version
+            self._y = F.linear(x2, self.weight)
+            self._left = len(self.members)
+        y = self._y
+        self._left -= 1
+        if self._left <= 0:
+            self._x = self._y = None
+        start, end = self.rows[id(member)]
+        return y[:, start:end]
+
+    def release(self) -> None:
+        """Give every member its own parameter storage back and leave the group."""
+        for member, p in zip(self.members, self.params):
+            p.data = p.data.clone()
+            member._shared = None
+            if type(member) is SharedInputLinear:
+                member.__class__ = nn.Linear
+        self.weight = self._x = self._y = None
+
+
+def _fusable(members: list) -> bool:
+    if not any(isinstance(m, LowRankLinear) for m in members):
+        return False  # only groups that hold factors
+    if not all(isinstance(m, LowRankLinear) or type(m) in (nn.Linear, SharedInputLinear) for m in members):
+        return False
+    firsts = [_first_weight(m) for m in members]
+    return (len({m.in_features for m in members}) == 1 and len({(p.dtype, p.device) for p in firsts}) == 1
+            and not any(p.is_meta for p in firsts))
+
+
+@torch.no_grad()
+def fuse_shared_inputs(model: nn.Module) -> int:
+    """Give each group of sibling linears in SHARED_INPUTS that holds factors one SharedInput
+    (again where a group's parameters were moved since); returns how many groups share one."""
+    fused = 0
+    for parent in model.modules():
+        for names in SHARED_INPUTS:
+            members = [getattr(parent, n, None) for n in names]
+            if any(not isinstance(m, nn.Module) for m in members) or not _fusable(members):
+                continue
+            group = getattr(members[0], "_shared", None)
+            if group is not None and group.members == members and group.intact():
+                fused += 1
+                continue
+            for m in members:
+                if getattr(m, "_shared", None) is not None:
+                    m._shared.release()
+            group = SharedInput(members)
+            for m in members:
+                if type(m) is nn.Linear:
+                    m.__class__ = SharedInputLinear
+                m._shared = group
+            fused += 1
+    return fused
+
+
+@torch.no_grad()
+def unfuse_shared_inputs(model: nn.Module) -> None:
+    """Undo fuse_shared_inputs: every member its own parameters, plain nn.Linear classes."""
+    for m in model.modules():
+        if getattr(m, "_shared", None) is not None:
+            m._shared.release()
 
 
 def swap_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
@@ -127,7 +256,24 @@ class _LowRankMixin:
                 raise OSError(f"{path} is damaged: " + "; ".join(problems) + ". Re-create or re-download it.")
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model.welore_meta = record
+        model.fuse_factors()
         return model
+
+    def fuse_factors(self) -> int:
+        """One GEMM for the A (or W) rows of q/k/v and of gate/up (see SharedInput); idempotent,
+        and re-done after `.to()`. Returns how many groups share one."""
+        self._welore_fused = True
+        return fuse_shared_inputs(self)
+
+    def unfuse_factors(self) -> None:
+        self._welore_fused = False
+        unfuse_shared_inputs(self)
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        if getattr(self, "_welore_fused", False):
+            fuse_shared_inputs(self)  # parameters converted or moved: share one GEMM again
+        return out
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers' save (config + auto_map + this code + weights), then welore.json's
@@ -142,6 +288,7 @@ class _LowRankMixin:
     def merge_and_unload(self):
         """Replace each LowRankLinear by an nn.Linear holding Ŵ = B·A; return this model as the
         plain transformers class, which saves and loads without remote code."""
+        self.unfuse_factors()
         for name, module in list(self.named_modules()):
             if isinstance(module, LowRankLinear):
                 dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
