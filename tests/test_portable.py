@@ -142,6 +142,8 @@ def test_fused_first_matrices_equal_the_separate_ones(ckpt, tmp_path):
     assert all(p.untyped_storage().data_ptr() == group.weight.untyped_storage().data_ptr() for p in group.params)
     assert sum(p.numel() for p in group.params) == group.weight.numel()
     torch.testing.assert_close(logits(model), expected, rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(torch.tensor(IDS)).logits, expected, rtol=1e-5, atol=1e-5)
     resaved = save_checkpoint(model, None, tmp_path / "resaved", {})
     assert (resaved / "model.safetensors").read_bytes() == (path / "model.safetensors").read_bytes()
 

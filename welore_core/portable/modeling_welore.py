@@ -34,10 +34,27 @@ from torch import nn
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM)
 
-from .integrity import META, check_directory, file_records, read_record
+from .integrity import META, check_directory, file_records, read_record, weight_files
 
 
 _SHORT_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}  # welore.json's names
+_STORED = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}  # safetensors' float names
+
+
+def stored_tensors(directory) -> dict[str, tuple[Path, int, torch.dtype, list]]:
+    """{key: (file, byte offset, dtype, shape)} of the float tensors in a directory's safetensors."""
+    out = {}
+    for name in weight_files(directory):
+        file = Path(directory) / name
+        if file.suffix != ".safetensors":
+            continue
+        with open(file, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        for key, info in header.items():
+            if key != "__metadata__" and info.get("dtype") in _STORED:
+                out[key] = (file, 8 + size + info["data_offsets"][0], _STORED[info["dtype"]], info["shape"])
+    return out
 
 
 class LowRankLinear(nn.Module):
@@ -115,13 +132,24 @@ class SharedInput:
     read the same input. The members' parameters are row views into `weight`; the product of a
     call is kept until every member has taken its columns (or the input changes)."""
 
-    def __init__(self, members: list[nn.Module]):
+    def __init__(self, members: list[nn.Module], sources: list | None = None):
+        """`sources`: per member None or where its rows are stored (see stored_tensors); those are
+        read from the file, so pages a loader memory-mapped are not touched (and not resident)."""
         params = [_first_weight(m) for m in members]
-        self.weight = torch.cat([p.detach() for p in params])  # new storage; the old is freed below
+        first = params[0]
+        self.weight = torch.empty(sum(p.shape[0] for p in params), first.shape[1], dtype=first.dtype,
+                                  device=first.device)  # new storage; the members' old one is let go below
         self.members, self.params, self.rows = members, params, {}
         start = 0
-        for member, p in zip(members, params):
-            p.data = self.weight[start:start + p.shape[0]]
+        for member, p, source in zip(members, params, sources or [None] * len(members)):
+            rows = self.weight[start:start + p.shape[0]]
+            if source is not None and source[2] == p.dtype and list(source[3]) == list(p.shape) and p.is_cpu:
+                with open(source[0], "rb") as f:
+                    f.seek(source[1])
+                    f.readinto(rows.view(-1).view(torch.uint8).numpy())
+            else:
+                rows.copy_(p.detach())
+            p.data = rows
             self.rows[id(member)] = (start, start + p.shape[0])
             start += p.shape[0]
         self.ptrs = [p.data_ptr() for p in params]
@@ -140,8 +168,9 @@ class SharedInput:
 
     def take(self, member: nn.Module, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         """`member`'s columns of weight·x (x2: x as 2-D), one GEMM per distinct input."""
-        if self._x is not x or self._version != x._version:
-            self._x, self._version = x, x._version
+        version = 0 if x.is_inference() else x._version  # inference tensors count no versions
+        if self._x is not x or self._version != version:
+            self._x, self._version = x, version
             self._y = F.linear(x2, self.weight)
             self._left = len(self.members)
         y = self._y
@@ -172,11 +201,13 @@ def _fusable(members: list) -> bool:
 
 
 @torch.no_grad()
-def fuse_shared_inputs(model: nn.Module) -> int:
+def fuse_shared_inputs(model: nn.Module, directory=None) -> int:
     """Give each group of sibling linears in SHARED_INPUTS that holds factors one SharedInput
-    (again where a group's parameters were moved since); returns how many groups share one."""
+    (again where a group's parameters were moved since); returns how many groups share one.
+    `directory`: the checkpoint the model was just loaded from, whose files the rows are read from."""
+    stored = stored_tensors(directory) if directory is not None else {}
     fused = 0
-    for parent in model.modules():
+    for prefix, parent in model.named_modules():
         for names in SHARED_INPUTS:
             members = [getattr(parent, n, None) for n in names]
             if any(not isinstance(m, nn.Module) for m in members) or not _fusable(members):
@@ -188,7 +219,8 @@ def fuse_shared_inputs(model: nn.Module) -> int:
             for m in members:
                 if getattr(m, "_shared", None) is not None:
                     m._shared.release()
-            group = SharedInput(members)
+            keys = [f"{prefix}.{n}." + ("A" if isinstance(m, LowRankLinear) else "weight") for n, m in zip(names, members)]
+            group = SharedInput(members, [stored.get(k.lstrip(".")) for k in keys])
             for m in members:
                 if type(m) is nn.Linear:
                     m.__class__ = SharedInputLinear
@@ -256,14 +288,15 @@ class _LowRankMixin:
                 raise OSError(f"{path} is damaged: " + "; ".join(problems) + ". Re-create or re-download it.")
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model.welore_meta = record
-        model.fuse_factors()
+        model.fuse_factors(path if path.is_dir() else None)
         return model
 
-    def fuse_factors(self) -> int:
+    def fuse_factors(self, directory=None) -> int:
         """One GEMM for the A (or W) rows of q/k/v and of gate/up (see SharedInput); idempotent,
-        and re-done after `.to()`. Returns how many groups share one."""
+        and re-done after `.to()`. `directory`: the checkpoint just loaded (its rows are read from
+        there). Returns how many groups share one."""
         self._welore_fused = True
-        return fuse_shared_inputs(self)
+        return fuse_shared_inputs(self, directory)
 
     def unfuse_factors(self) -> None:
         self._welore_fused = False
