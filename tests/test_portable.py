@@ -155,6 +155,10 @@ def test_fused_first_matrices_equal_the_separate_ones(ckpt, tmp_path):
     separate = logits(fused).float()
     torch.testing.assert_close(fused_out, separate, rtol=0.02, atol=0.02)
     torch.testing.assert_close(fused_out, expected, rtol=0.05, atol=0.05)
+    with torch.no_grad():  # one token in bf16 takes ATen's kernel (oneDNN off for that call only)
+        one = fused(torch.tensor([IDS[0][:1]])).logits.float()
+    assert torch._C._get_mkldnn_enabled()
+    torch.testing.assert_close(one[0, 0], separate[0, 0], rtol=0.02, atol=0.02)
     fused.to(torch.float32).fuse_factors()
     fused.to(torch.bfloat16)  # .to() moves the parameters out: they share one matrix again
     assert _first_weights(fused)[0].dtype == torch.bfloat16
