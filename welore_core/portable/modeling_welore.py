@@ -25,6 +25,7 @@ runs only where no gradient is wanted for its rows; training takes each member's
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -264,6 +265,24 @@ def _config_class(base: type, model_type: str) -> type:
         "__module__": __name__, "model_type": model_type, "_auto_class": "AutoConfig", "__init__": __init__})
 
 
+def _aten_gemv_for_one_token(forward):
+    """`forward` (its signature kept: generate() reads it), but a one-token step (a batch-1 decode
+    step) in bf16/fp16 on a CPU runs with oneDNN off: ATen's own matrix-vector kernel then reads
+    the weights about 1.6x faster than oneDNN's matmul, which also builds a kernel per distinct
+    (tokens, out, in) shape. torch offers only the global switch, restored on return."""
+    @functools.wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        if not _one_token_on_cpu_in_half(self, args, kwargs):
+            return forward(self, *args, **kwargs)
+        enabled = torch._C._get_mkldnn_enabled()
+        torch._C._set_mkldnn_enabled(False)
+        try:
+            return forward(self, *args, **kwargs)
+        finally:
+            torch._C._set_mkldnn_enabled(enabled)
+    return wrapper
+
+
 def _one_token_on_cpu_in_half(model: nn.Module, args: tuple, kwargs: dict) -> bool:
     x = kwargs.get("input_ids", args[0] if args else None)
     if x is None:
@@ -317,18 +336,9 @@ class _LowRankMixin:
             fuse_shared_inputs(self)  # parameters converted or moved: share one GEMM again
         return out
 
-    def forward(self, *args, **kwargs):
-        if not _one_token_on_cpu_in_half(self, args, kwargs):
-            return super().forward(*args, **kwargs)
-        # One token (a batch-1 decode step) in bf16/fp16 on a CPU: ATen's own matrix-vector
-        # kernel reads the weights about 1.6x faster than oneDNN's matmul, which also builds a
-        # kernel per distinct (tokens, out, in) shape. torch has only the global switch.
-        enabled = torch._C._get_mkldnn_enabled()
-        torch._C._set_mkldnn_enabled(False)
-        try:
-            return super().forward(*args, **kwargs)
-        finally:
-            torch._C._set_mkldnn_enabled(enabled)
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.forward = _aten_gemv_for_one_token(cls._welore_plain_class.forward)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers' save (config + auto_map + this code + weights), then welore.json's
