@@ -85,6 +85,7 @@ again = AutoModelForCausalLM.from_pretrained(resaved, trust_remote_code=True, dt
 with torch.no_grad():
     out["resaved_logits"] = again(ids).logits.tolist()
 out["class"] = type(model).__name__
+out["shared"] = sum(getattr(m, "_shared", None) is not None for m in model.modules())
 print("RESULT", json.dumps(out))
 """
 
@@ -111,6 +112,7 @@ def test_plain_transformers_without_welore_loads_it_only_with_trust_remote_code(
     assert "trust_remote_code=True" in out["plain"], out["plain"]  # an error naming the fix, not random weights
     assert "damaged" in out["damaged"] and "model.safetensors" in out["damaged"]
     assert out["class"] == "WeloreLlamaForCausalLM"
+    assert out["shared"] == 2 * (3 + 2)  # both layers' q/k/v and gate/up read their input in one GEMM
     torch.testing.assert_close(torch.tensor(out["logits"]), expected)
     torch.testing.assert_close(torch.tensor(out["resaved_logits"]), expected)
     assert len(out["generated"][0]) == len(IDS[0]) + 4
@@ -118,6 +120,72 @@ def test_plain_transformers_without_welore_loads_it_only_with_trust_remote_code(
     reloaded = load_checkpoint(tmp_path / "resaved")
     torch.testing.assert_close(logits(reloaded.model), expected)
     assert set(reloaded.meta["files"]) == {"model.safetensors"}
+
+
+def _first_weights(model: nn.Module) -> list[torch.Tensor]:
+    return [m.A if isinstance(m, LowRankLinear) else m.weight for m in model.modules()
+            if getattr(m, "_shared", None) is not None]
+
+
+def test_fused_first_matrices_equal_the_separate_ones(ckpt, tmp_path):
+    """q/k/v and gate/up (factored and dense members mixed) share one GEMM once loaded: same
+    logits as each member's own (fp32 to rounding, bf16 within its tolerance), the parameters
+    are views into the one matrix (no second copy), and state_dict / save keep names and bytes."""
+    from welore_core.portable.modeling_welore import SharedInputLinear
+
+    path, expected = ckpt
+    model = load_checkpoint(path).model
+    attn = model.model.layers[0].self_attn
+    kinds = {type(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj)}
+    assert kinds == {LowRankLinear, SharedInputLinear} and model.fuse_factors() == 4
+    group = attn.q_proj._shared
+    assert all(p.untyped_storage().data_ptr() == group.weight.untyped_storage().data_ptr() for p in group.params)
+    assert sum(p.numel() for p in group.params) == group.weight.numel()
+    torch.testing.assert_close(logits(model), expected, rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(torch.tensor(IDS)).logits, expected, rtol=1e-5, atol=1e-5)
+    resaved = save_checkpoint(model, None, tmp_path / "resaved", {})
+    assert (resaved / "model.safetensors").read_bytes() == (path / "model.safetensors").read_bytes()
+
+    fused = load_checkpoint(path, dtype=torch.bfloat16).model
+    assert _first_weights(fused)[0].dtype == torch.bfloat16
+    fused_out = logits(fused).float()
+    fused.unfuse_factors()
+    assert not _first_weights(fused) and type(fused.model.layers[0].self_attn.k_proj) is nn.Linear
+    separate = logits(fused).float()
+    torch.testing.assert_close(fused_out, separate, rtol=0.02, atol=0.02)
+    torch.testing.assert_close(fused_out, expected, rtol=0.05, atol=0.05)
+    with torch.no_grad():  # one token in bf16 takes ATen's kernel (oneDNN off for that call only)
+        one = fused(torch.tensor([IDS[0][:1]])).logits.float()
+    assert torch._C._get_mkldnn_enabled()
+    torch.testing.assert_close(one[0, 0], separate[0, 0], rtol=0.02, atol=0.02)
+    fused.to(torch.float32).fuse_factors()
+    fused.to(torch.bfloat16)  # .to() moves the parameters out: they share one matrix again
+    assert _first_weights(fused)[0].dtype == torch.bfloat16
+    torch.testing.assert_close(logits(fused).float(), fused_out, rtol=0, atol=0)
+
+
+def test_gradients_reach_the_fused_parameters(ckpt):
+    """With gradients wanted each member takes its own GEMM; an in-place step moves the fused
+    matrix with it, and merge_and_unload undoes the sharing."""
+    path, _ = ckpt
+    model, ref = load_checkpoint(path).model, load_checkpoint(path).model
+    ref.unfuse_factors()
+    for m in (model, ref):
+        m.requires_grad_(True)
+        m(torch.tensor(IDS)).logits.square().mean().backward()
+    grads = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, msg=name)
+    name = next(n for n, m in model.named_modules() if isinstance(m, LowRankLinear) and m._shared is not None)
+    step = 0.1 * model.get_submodule(name).A.grad
+    with torch.no_grad():
+        model.get_submodule(name).A.sub_(step)
+        ref.get_submodule(name).A.sub_(step)
+    torch.testing.assert_close(logits(model), logits(ref), rtol=1e-5, atol=1e-5)
+    merged = model.merge_and_unload()
+    assert not _first_weights(merged) and type(merged.model.layers[0].self_attn.k_proj) is nn.Linear
+    torch.testing.assert_close(logits(merged), logits(ref), rtol=1e-4, atol=1e-4)
 
 
 def test_bf16_output_round_trip(tmp_path):

@@ -240,7 +240,8 @@ def verify_checkpoint(path: Path | str, meta: dict, cache_dir: Path | str | None
 def load_checkpoint(path: Path | str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                     source: ModelSource | None = None, cache_dir: Path | str | None = None) -> LoadedModel:
     """Verify the weight files, rebuild the (factorised) model from config.json and load every
-    tensor strictly, converted to `dtype`. The model carries welore.json as `welore_meta`."""
+    tensor strictly, converted to `dtype`; siblings that read one input share one GEMM
+    (fuse_factors). The model carries welore.json as `welore_meta`."""
     from .portable import register
 
     path = Path(path)
@@ -261,6 +262,9 @@ def load_checkpoint(path: Path | str, device: torch.device | str = "cpu", dtype:
     if state is None:
         raise CorruptCheckpoint(f"{path}/{WEIGHTS} is missing; the checkpoint is incomplete")
     model = build_model(config, state, device, dtype)
+    del state  # the model holds the tensors now; sharing a GEMM below must not keep the old ones
+    if hasattr(model, "fuse_factors"):
+        model.fuse_factors()
     model.welore_meta = meta
     tokenizer = load_tokenizer(str(path))
     source = source or ModelSource(str(path), "welore", str(path))
