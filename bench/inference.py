@@ -64,13 +64,13 @@ def _timings(model, prompt: int, new_tokens: int, threads: list[int]) -> dict:
     gen = torch.Generator().manual_seed(0)
     out = {}
 
-    def run(ids):
+    def run(ids, steps):
         t = time.perf_counter()
         res = model(ids, use_cache=True, logits_to_keep=1)
         prefill = time.perf_counter() - t
         past, nxt = res.past_key_values, res.logits[:, -1:].argmax(-1)
         t = time.perf_counter()
-        for _ in range(new_tokens):
+        for _ in range(steps):
             res = model(nxt, past_key_values=past, use_cache=True)
             past, nxt = res.past_key_values, res.logits[:, -1:].argmax(-1)
         return prefill, time.perf_counter() - t
@@ -80,8 +80,8 @@ def _timings(model, prompt: int, new_tokens: int, threads: list[int]) -> dict:
             torch.set_num_threads(t)
             for batch in BATCHES:
                 ids = torch.randint(100, 20000, (batch, prompt), generator=gen)
-                cold, _ = run(ids)  # also the warm-up: the same shapes as the timed pass
-                prefill, decode = run(ids)
+                cold, _ = run(ids, 2)  # also the warm-up: the shapes of the timed pass
+                prefill, decode = run(ids, new_tokens)
                 out[f"cold_prefill_t{t}_b{batch}"] = cold
                 out[f"prefill_t{t}_b{batch}"] = batch * prompt / prefill
                 out[f"decode_t{t}_b{batch}"] = batch * new_tokens / decode
@@ -280,6 +280,9 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="keep the prepared checkpoints here (default: a temp dir)")
     ap.add_argument("--no-vllm", action="store_true", help="skip the vLLM rows")
     ap.add_argument("--no-write", action="store_true", help="print the section, leave BENCHMARKS.md alone")
+    ap.add_argument("--recipe-note", default="the default recipe (`welore compress MODEL --err 0.5` / "
+                    "`--params-kept 0.6`, `--dtype fp32`, bf16 exported from it)",
+                    help="how the factorised checkpoints in --workdir were made (for the section's text)")
     args = ap.parse_args()
     args.threads = [int(t) for t in str(args.threads).split(",")]
     from bench.report import machine, table, write_section
@@ -301,8 +304,7 @@ def main() -> None:
     mat_headers += [f"speed-up {dt} b{b}" for dt in DTYPES for b in BATCHES]
     body = "\n\n".join([
         f"## Inference: dense vs factorised (`python -m bench.inference`)\n\n{machine()}. SmolLM2-135M; "
-        "factorised rows are the default recipe (`welore compress MODEL --err 0.5` / `--params-kept 0.6`, "
-        f"`--dtype fp32`, bf16 exported from it); prompt {args.prompt_tokens} tokens, {args.new_tokens} decode "
+        f"factorised rows are {args.recipe_note}; prompt {args.prompt_tokens} tokens, {args.new_tokens} decode "
         f"steps; median of {args.rounds} interleaved rounds, each (engine, model, dtype) in a fresh process. "
         "`transformers` is plain `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True, dtype=...)` "
         "in a process that imports only torch and transformers; `welore` is `welore_core.load_model`. Ratios in "
