@@ -44,6 +44,7 @@ VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 TARGETS = (("ERR 0.5", "err0.5", ["--err", "0.5"]), ("params kept 0.6", "params0.6", ["--params-kept", "0.6"]))
 DTYPES = ("fp32", "bf16")
 ENGINES = ("transformers", "welore")
+ATEN_DENSE = "transformers, dense, ATen at one token"  # dense with the factorised code's kernel choice
 BATCHES = (1, 8)
 GOALS = {("decode", 1): 1.25, ("prefill", 8): 1.2}  # issue 39: factorised / dense, same engine and dtype
 RSS_SLACK = 0.05  # peak above imports ≤ weight-bytes ratio + this
@@ -88,6 +89,18 @@ def _timings(model, prompt: int, new_tokens: int, threads: list[int]) -> dict:
     return out
 
 
+def _aten_at_one_token(forward):
+    """`forward` with oneDNN off for one-token steps, as the factorised modelling code does in bf16."""
+    import torch
+
+    def wrapper(input_ids=None, **kwargs):
+        if input_ids is None or input_ids.numel() != 1:
+            return forward(input_ids=input_ids, **kwargs)
+        with torch.backends.mkldnn.flags(enabled=False):
+            return forward(input_ids=input_ids, **kwargs)
+    return wrapper
+
+
 def child(engine: str, path: str, dtype: str, prompt: int, new_tokens: int, threads: list[int]) -> dict:
     """One process: import, load `path` in `dtype` with `engine`, time it; RSS above the imports."""
     import torch
@@ -104,6 +117,8 @@ def child(engine: str, path: str, dtype: str, prompt: int, new_tokens: int, thre
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch_dtype)
         assert not any(m.startswith("welore") for m in sys.modules), "the transformers child imported welore"
+        if engine == ATEN_DENSE:
+            model.forward = _aten_at_one_token(model.forward)
     out = {"load_s": time.perf_counter() - t0, "base_rss_mb": base, "loaded_rss_mb": _rss_mb("VmRSS")}
     out.update(_timings(model.eval(), prompt, new_tokens, threads))
     out["peak_rss_mb"] = _rss_mb("VmHWM")
@@ -290,7 +305,7 @@ def main() -> None:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="welore-inference-"))
     workdir.mkdir(parents=True, exist_ok=True)
     paths = prepare(workdir)
-    keys = [(engine, *key) for engine in ENGINES for key in paths]
+    keys = [(engine, *key) for engine in ENGINES for key in paths] + [(ATEN_DENSE, "dense", "bf16")]
     runs: dict[tuple, list[dict]] = {key: [] for key in keys}
     for r in range(args.rounds):
         for key in (keys if r % 2 == 0 else list(reversed(keys))):  # interleaved, alternating order
@@ -298,6 +313,11 @@ def main() -> None:
             print(f"round {r + 1}: {' '.join(key)} done", file=sys.stderr, flush=True)
     med = {key: {k: statistics.median(run[k] for run in rs) for k in rs[0]} for key, rs in runs.items()}
     headers, rows, goals = model_rows(paths, med, args.threads)
+    t = args.threads[0]
+    aten_ref = med[(ATEN_DENSE, "dense", "bf16")][f"decode_t{t}_b1"]
+    aten = [[label, f"{med[('transformers', label, 'bf16')][f'decode_t{t}_b1']:.1f}", f"{aten_ref:.1f}",
+             f"{med[('transformers', label, 'bf16')][f'decode_t{t}_b1'] / aten_ref:.2f}x"]
+            for label in ["dense"] + [target[0] for target in TARGETS]]
     vllm = vllm_section(paths, args)
     mat = matrices(paths[("ERR 0.5", "fp32")])
     mat_headers = ["matrix", "shape", "count", "distinct ranks", "median rank", "params factors/dense"]
@@ -314,6 +334,10 @@ def main() -> None:
         "the RSS after the imports; `weights / dense` is the weight files' bytes against dense of the same dtype.",
         table(headers, rows),
         "Goals (issue 39; transformers, first thread count):\n\n" + "\n".join(goals),
+        "bf16 decode b1 comes mostly from the kernel choice: one-token steps of the factorised code run with "
+        "oneDNN off (ATen's matrix-vector kernel). Each transformers bf16 row against dense bf16 with the same "
+        "choice (its forward wrapped so), same run:\n\n"
+        + table(["model", f"decode b1 t{t} tok/s", "dense, ATen at one token", "ratio"], aten),
         vllm,
         "Each factorised matrix kind of the ERR 0.5 model (its median-rank member) against its dense Ŵ: "
         "dense µs / factors µs (> 1: the factors are faster), one thread, best of 30 calls:",
