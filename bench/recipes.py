@@ -10,8 +10,9 @@ corpora of domains the calibration text does not hold: CommonsenseQA dev questio
 choices and answer, the Python documentation's reference topics (read from the stdlib), the
 descriptions of the Python packages installed beside welore (their METADATA: READMEs of software),
 and CMake's reference documentation where Debian's cmake-data is installed. Which choices looked at
-which corpus: docs/research/calibration-rounds.md (round 9), damping.md, calibration-text.md,
-calibration-samples.md.
+which corpus: the damping switch the first three, the heavy targets' calibration windows all four
+(checked on a fifth, GNU info manuals), the library source in the calibration text one variant measured
+on all four, nothing tuned (docs/research/damping.md, calibration-samples.md, calibration-text.md).
 
 Rows are saved as they finish (`--results`, default bench/results/recipes-w<windows>.json, kept in the
 repository), so an interrupted run resumes where it stopped and a fresh checkout re-renders the section
@@ -19,6 +20,7 @@ without measuring anything; delete a row there to re-measure it. The
 run uses a spectrum cache of its own (a fresh temporary directory): the first calibrated row pays
 the calibration pass, later rows with the same calibration reuse it, as a user's would.
 Usage: python -m bench.recipes [--windows 8] [--results bench/results/recipes-w8.json] [--only KEY ...] [--skip KEY ...]
+       [--adopt KEY CHECKPOINT REPORT] (a row whose long compression ran apart)
 """
 
 from __future__ import annotations
@@ -37,12 +39,14 @@ from welore_core.compression.config import CompressConfig
 
 MODEL = "smollm2-135m"
 TARGETS = [("err", 0.1), ("err", 0.3), ("err", 0.5), ("params_kept", 0.8), ("params_kept", 0.6)]
+UNROUNDED = ["--rank-multiple", "1"]  # the baselines keep any rank (as the paper and the default before ranks rounded)
 VARIANTS = [  # label, extra flags
     ("default recipe", []),
-    ("data-free WeLore", ["--calibration", "none"]),
-    ("data-free uniform", ["--calibration", "none", "--method", "uniform"]),
-    ("whitened, WeLore allocation", ["--method", "welore"]),
-    ("whitened, uniform allocation", ["--method", "uniform"]),
+    ("default recipe, --rank-multiple 1", UNROUNDED),
+    ("data-free WeLore", ["--calibration", "none", *UNROUNDED]),
+    ("data-free uniform", ["--calibration", "none", "--method", "uniform", *UNROUNDED]),
+    ("whitened, WeLore allocation", ["--method", "welore", *UNROUNDED]),
+    ("whitened, uniform allocation", ["--method", "uniform", *UNROUNDED]),
 ]
 RECOVER = [("err", 0.5, 150)]
 GOALS = {("err", 0.3): 2.0, ("err", 0.5): 8.0}
@@ -119,13 +123,46 @@ def run_rows(work: Path, files: dict[str, Path], windows: int, results: Path, wa
             continue
         out = work / "ckpt"
         r = cli("compress", MODEL, f"--{kind.replace('_', '-')}", value, *flags, "--out", out, "--overwrite")
-        save(key, {"kind": kind, "value": value, "label": label, "err": r["err_achieved"],
-                   "params_kept": r["params_kept_achieved"], "seconds": r["seconds"],
-                   "compress_seconds": r["compress_seconds"], "peak_rss_mb": r["peak_rss_mb"],
-                   "quality": r.get("quality"), "ppl": evaluate(str(out), files, windows),
-                   **({"recovery": {k: v for k, v in r["recovery"].items() if k != "loss_curve"}}
-                      if r.get("recovery") else {})})
+        save(key, row(kind, value, label, r, evaluate(str(out), files, windows)))
     return done
+
+
+def row(kind: str, value: float, label: str, report: dict, ppl: dict) -> dict:
+    """A table row from `welore compress --json`'s report and the checkpoint's held-out perplexities."""
+    return {"kind": kind, "value": value, "label": label, "err": report["err_achieved"],
+            "params_kept": report["params_kept_achieved"], "seconds": report["seconds"],
+            "compress_seconds": report["compress_seconds"], "peak_rss_mb": report["peak_rss_mb"],
+            "quality": report.get("quality"), "ppl": ppl,
+            **({"recovery": {k: v for k, v in report["recovery"].items() if k != "loss_curve"}}
+               if report.get("recovery") else {})}
+
+
+def adopt(work: Path, windows: int, results: Path, key: str, checkpoint: Path, report: Path) -> dict:
+    """Row `key` from a checkpoint already compressed by its row's command (`report`: a file whose last line is
+    that command's `--json` output), measured on the held-out corpora: a long compression run apart."""
+    from welore_core.settings import get_core_settings
+
+    (_, kind, value, label, flags), = [t for t in planned() if t[0] == key]
+    rep = json.loads(Path(report).read_text().strip().splitlines()[-1])
+    recipe = json.loads((Path(checkpoint) / "welore.json").read_text())["recipe"]
+    expected = CompressConfig.from_options(_options(kind, value, flags)).resolve().to_dict()
+    if {k: v for k, v in recipe.items() if k != "dtype"} != {k: v for k, v in expected.items() if k != "dtype"}:
+        raise SystemExit(f"{checkpoint} was not compressed by row {key!r}'s recipe:\n{recipe}\n{expected}")
+    files = corpora(work, Path(get_core_settings().data_dir))
+    done = json.loads(results.read_text()) if results.is_file() else {}
+    done[key] = {**row(kind, value, label, rep, evaluate(str(checkpoint), files, windows)),
+                 "measured": date.today().isoformat()}
+    results.write_text(json.dumps(done, indent=1))
+    return done
+
+
+def _options(kind: str, value: float, flags: list) -> dict:
+    """A row's flags (each `--name value`) as the flat options of CompressConfig.from_options."""
+    opts, it = {kind: value}, iter(map(str, flags))
+    for flag in it:
+        name = flag[2:].replace("-", "_")
+        opts[name] = cfg.OPTIONS[name].type(next(it))
+    return opts
 
 
 SECTION, TITLE = "compression-recipes", "## Compression recipes: quality at equal ERR and at equal parameters\n\n"
@@ -249,11 +286,17 @@ def main() -> int:
                     help="rows measured so far (default bench/results/recipes-w<windows>.json)")
     ap.add_argument("--only", nargs="*", default=[], help="run only rows whose key contains one of these")
     ap.add_argument("--skip", nargs="*", default=[], help="do not run rows whose key contains one of these")
+    ap.add_argument("--adopt", nargs=3, metavar=("KEY", "CHECKPOINT", "REPORT"),
+                    help="measure row KEY on CHECKPOINT, compressed apart by the row's command (REPORT: a file whose "
+                         "last line is its --json output), then render")
     args = ap.parse_args()
     results = args.results or results_file(args.windows)
+    if args.adopt:
+        with tempfile.TemporaryDirectory() as d:
+            adopt(Path(d), args.windows, results, args.adopt[0], Path(args.adopt[1]), Path(args.adopt[2]))
     with tempfile.TemporaryDirectory() as d:
         os.environ["WELORE_CACHE_DIR"] = str(Path(d) / "cache")  # inherited by every `welore` child
-        body = quality_section(Path(d), args.windows, results, lambda key: (
+        body = quality_section(Path(d), args.windows, results, lambda key: not args.adopt and (
             not args.only or any(o in key for o in args.only)) and not any(o in key for o in args.skip))
     print(body)
     write_section(SECTION, TITLE + body)

@@ -3,9 +3,11 @@
 import pytest
 import torch
 
-from welore_core.compression.allocation import (MatrixPlan, allocate_loss, allocate_uniform, allocate_welore,
-                                                effective_rank_reduction, normalise, params_kept_fraction,
-                                                relative_error, uniform_plans, welore_plans)
+from welore_core.compression.allocation import (TOLERANCE, MatrixPlan, allocate_loss, allocate_uniform,
+                                                allocate_welore, effective_rank_reduction, matrix_multiple, normalise,
+                                                params_kept_fraction, relative_error, round_rank, stores_factors, dense_from,
+                                                uniform_plans,
+                                                welore_plans)
 from welore_core.errors import InvalidArgument
 
 
@@ -31,7 +33,7 @@ def test_plan_counts_match_formulas():
     plans = welore_plans(z, [(5, 8)], tau=0.3, min_ratio=0.0)
     p = plans[0]
     assert (p.rank, p.kept, p.dropped, p.lrc) == (5, 2, 3, True)
-    assert p.factored == (2 * (5 + 8) < 5 * 8)
+    assert p.factored == (2 * (5 + 8) < 0.75 * 5 * 8)
     assert p.params_stored == 2 * 13
     # min_ratio 0.6: 3/5 = 0.6 is not > 0.6, so an N-LRC that drops nothing
     p = welore_plans(z, [(5, 8)], tau=0.3, min_ratio=0.6)[0]
@@ -41,6 +43,9 @@ def test_plan_counts_match_formulas():
 def test_break_even_lrc_is_stored_dense():
     p = MatrixPlan((64, 64), 64, 40, True)  # 40·128 ≥ 64·64: factors would be larger
     assert not p.factored and p.params_stored == 64 * 64
+    p = MatrixPlan((64, 64), 64, 28, True)  # 28·128 < 64·64 but not < 0.75·64·64: factors not faster
+    assert not p.factored and p.params_stored == 64 * 64 and not stores_factors(28, 64, 64)
+    assert stores_factors(23, 64, 64) and MatrixPlan((64, 64), 64, 23, True).factored
     q = MatrixPlan((64, 64), 64, 20, True)
     assert q.factored and q.params_stored == 20 * 128
 
@@ -216,3 +221,76 @@ def test_loss_allocation_refuses_bad_targets():
         allocate_loss(values, shapes, weights[:-1], err=0.2)
     with pytest.raises(InvalidArgument, match="one finite weight"):
         allocate_loss(values, shapes, [float("nan")] + weights[1:], err=0.2)
+
+
+# -- hardware-friendly ranks: every LRC keeps a multiple of rank_multiple ------------------------
+
+_BIG = ((256, 256), (128, 256), (512, 256), (256, 512)) * 8
+
+
+def _allocate(method, values, shapes, multiple, **target):
+    if method == "loss":
+        return allocate_loss(values, shapes, _weights(values), rank_multiple=multiple, **target)
+    if method == "welore":
+        return allocate_welore(values, shapes, rank_multiple=multiple, **target)
+    return allocate_uniform(shapes, rank_multiple=multiple, **target)
+
+
+@pytest.mark.parametrize("multiple", [8, 32])
+@pytest.mark.parametrize("kind, goal", [("err", 0.5), ("err", 0.3), ("params_kept", 0.6)])
+@pytest.mark.parametrize("method", ["loss", "welore", "uniform"])
+def test_rank_multiple_keeps_the_target_and_the_multiple(method, kind, goal, multiple):
+    values, shapes = _spectra(seed=2, shapes=_BIG)
+    alloc = _allocate(method, values, shapes, multiple, **{kind: goal})
+    achieved = alloc.err if kind == "err" else alloc.params_kept
+    assert abs(achieved - goal) <= TOLERANCE, (achieved, goal)
+    assert alloc.n_lrc > 0
+    for p in alloc.plans:
+        assert p.kept <= p.rank
+        if p.factored:
+            assert p.kept % multiple == 0 and p.kept >= multiple, p
+        if p.lrc:
+            if method != "uniform":
+                assert p.dropped / p.rank > 0.5, p  # min_ratio still holds
+        else:
+            assert p.kept == p.rank
+    ranks = {(p.shape, p.kept) for p in alloc.plans if p.factored}
+    assert len(ranks) <= 4 * (256 // multiple)  # 4 shapes, each rank a multiple below its cap
+
+
+def test_rank_multiple_gives_far_fewer_shapes_than_unrounded():
+    values, shapes = _spectra(seed=3, shapes=_BIG)
+    plain, rounded = (allocate_welore(values, shapes, err=0.5, rank_multiple=m) for m in (1, 32))
+    shapes_of = lambda a: len({(p.shape, p.kept) for p in a.plans if p.factored})  # noqa: E731
+    assert shapes_of(rounded) * 2 <= shapes_of(plain)
+
+
+def test_rank_multiple_1_is_the_unrounded_allocation():
+    values, shapes = _spectra(seed=2)
+    t = {"err": 0.4, "tolerance": 0.05}
+    for method in ("loss", "welore", "uniform"):
+        assert _allocate(method, values, shapes, 1, **t).plans == (
+            allocate_loss(values, shapes, _weights(values), **t) if method == "loss" else
+            allocate_welore(values, shapes, **t) if method == "welore" else allocate_uniform(shapes, **t)).plans
+
+
+def test_round_rank_and_small_matrices():
+    sq = (256, 256)  # stored dense from rank 96 (96·512 = 0.75·256²)
+    assert dense_from(256, 256) == 96 and not stores_factors(96, 256, 256) and stores_factors(95, 256, 256)
+    assert round_rank(45, sq, 32, 127) == 32 and round_rank(50, sq, 32, 127) == 64
+    assert round_rank(3, sq, 32, 127) == 32  # at least one multiple
+    assert round_rank(81, sq, 32, 127) == 96 and round_rank(110, sq, 32, 127) == 110  # a dense Ŵ keeps its rank
+    assert round_rank(10, (40, 40), 32, 19) == 15  # no multiple under the cap, but a dense Ŵ from rank 15
+    assert round_rank(10, (40, 400), 32, 19) == 40  # no allowed rank under the cap: kept whole
+    assert round_rank(17, (40, 40), 1, 19) == 17
+    assert matrix_multiple(127, 32) == 1 and matrix_multiple(128, 32) == 32
+    values, shapes = _spectra(seed=2)  # ranks 32 and 64 < 4·32: not rounded, the same plans as unrounded
+    assert allocate_welore(values, shapes, err=0.4, tolerance=0.05, rank_multiple=32).plans == allocate_welore(
+        values, shapes, err=0.4, tolerance=0.05).plans
+
+
+def test_rank_multiple_is_validated():
+    values, shapes = _spectra()
+    for bad in (0, -8, 2.5, True):
+        with pytest.raises(InvalidArgument, match="rank_multiple"):
+            allocate_welore(values, shapes, err=0.3, rank_multiple=bad)

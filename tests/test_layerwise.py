@@ -83,6 +83,19 @@ def test_streamed_compression_equals_in_memory(tmp_path, tie, min_ratio):
         assert torch.allclose(loaded.model(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
 
 
+@pytest.mark.parametrize("recipe", [data_free(err=0.4, min_ratio=0.0, rank_multiple=8),
+                                    calibrated(err=0.4, method="loss", rank_multiple=8)], ids=["welore", "loss"])
+def test_streamed_compression_rounds_ranks_as_in_memory(tmp_path, recipe):
+    model, path = _dense(tmp_path, tie=False, layers=3, seed=11)
+    cal = _calibration() if recipe.calibrated else None
+    rep_s, _ = compress_streamed(path, tmp_path / "out", recipe, calibration=cal, cache=SpectrumCache(tmp_path / "c1"))
+    rep_m = compress_model(model, recipe, cal, cache=SpectrumCache(tmp_path / "c2"))
+    assert [m.kept_rank for m in rep_s.matrices] == [m.kept_rank for m in rep_m.matrices]
+    factored = [m for m in rep_s.matrices if m.storage == "factors"]
+    assert factored and all(m.kept_rank % 8 == 0 for m in factored)
+    assert abs(rep_s.err_achieved - 0.4) <= 0.005
+
+
 def test_oddly_sharded_bf16_source(tmp_path):
     model, path = _dense(tmp_path, tie=False, seed=3)
     odd = _shard_oddly(path, tmp_path / "odd", n_files=4, dtype=torch.bfloat16)

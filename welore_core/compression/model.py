@@ -98,18 +98,21 @@ def check_finite(model: nn.Module, what: str) -> None:
 
 
 def allocate(spectra: Spectra, method: str, err: Optional[float], params_kept: Optional[float],
-             min_ratio: float, tolerance: float = TOLERANCE, weights: Optional[list[float]] = None) -> Allocation:
-    """`weights`: the loss's sensitivities (method "loss", whose `spectra` are the whitened ones)."""
+             min_ratio: float, tolerance: float = TOLERANCE, weights: Optional[list[float]] = None,
+             rank_multiple: int = 1) -> Allocation:
+    """`weights`: the loss's sensitivities (method "loss", whose `spectra` are the whitened ones);
+    `rank_multiple`: every LRC keeps a multiple of it."""
     if method == "welore":
         return allocate_welore(spectra.values, spectra.shapes, err=err, params_kept=params_kept,
-                               min_ratio=min_ratio, tolerance=tolerance)
+                               min_ratio=min_ratio, tolerance=tolerance, rank_multiple=rank_multiple)
     if method == "uniform":
-        return allocate_uniform(spectra.shapes, err=err, params_kept=params_kept, tolerance=tolerance)
+        return allocate_uniform(spectra.shapes, err=err, params_kept=params_kept, tolerance=tolerance,
+                                rank_multiple=rank_multiple)
     if method == "loss":
         if weights is None:
             raise InvalidArgument('method "loss" allocates from calibration: give the recipe a calibration')
         return allocate_loss(spectra.values, spectra.shapes, weights, err=err, params_kept=params_kept,
-                             min_ratio=min_ratio, tolerance=tolerance)
+                             min_ratio=min_ratio, tolerance=tolerance, rank_multiple=rank_multiple)
     raise InvalidArgument(f"method must be one of {', '.join(METHODS)}; received {method!r}")
 
 
@@ -168,6 +171,7 @@ def compress_model(model: nn.Module, config: CompressConfig, calibration=None, *
         raise InvalidArgument("calibration windows were given for a data-free recipe; set the recipe's "
                               "calibration or pass none")
     method, err, params_kept, min_ratio = config.method, config.err, config.params_kept, config.min_ratio
+    multiple = config.rank_multiple
     factorization = "plain" if cal_cfg is None else cal_cfg.factorization
     names = target_names(model)
     if any(isinstance(model.get_submodule(n), LowRankLinear) for n in names):
@@ -183,7 +187,7 @@ def compress_model(model: nn.Module, config: CompressConfig, calibration=None, *
     keys, calibrated, record = spectra.keys, None, None
     applied: dict[str, float] = {}  # calibrated matrices already swapped in → ‖W − Ŵ‖/‖W‖
     if cal_cfg is None:
-        alloc = allocate(spectra, method, err, params_kept, min_ratio, tolerance)
+        alloc = allocate(spectra, method, err, params_kept, min_ratio, tolerance, rank_multiple=multiple)
     else:
         from .calibration import Calibrator
 
@@ -195,9 +199,9 @@ def compress_model(model: nn.Module, config: CompressConfig, calibration=None, *
         if method == "loss":  # ranks from the spectra of W·S (every matrix's, dense activations), weighted
             calibrated = cal.dense()
             alloc = allocate(replace(spectra, values=calibrated.values), method, err, params_kept, min_ratio,
-                             tolerance, weights=cal.sensitivity())
+                             tolerance, weights=cal.sensitivity(), rank_multiple=multiple)
         else:  # ranks from the weights first: only the LRCs need calibrated SVDs
-            alloc = allocate(spectra, method, err, params_kept, min_ratio, tolerance)
+            alloc = allocate(spectra, method, err, params_kept, min_ratio, tolerance, rank_multiple=multiple)
             if not sequential:
                 calibrated = cal.dense(only={i for i, p in enumerate(alloc.plans) if p.lrc})
         if sequential:

@@ -32,7 +32,7 @@ from ..errors import InvalidArgument
 from .config import DAMP  # δ = DAMP·mean(diag G) unless the recipe says otherwise
 
 FACTORIZATIONS = ("plain", "whitened")
-RIDGE = 1e-3  # compensated: ρ = RIDGE·mean(diag Ĝ); see docs/research/calibration-rounds.md (sixth round)
+RIDGE = 1e-3  # compensated: ρ = RIDGE·mean(diag Ĝ); best of 1e-4..1e-1 at ERR 0.5 (docs/research/calibration-rounds.md)
 RETRIES = 3  # Cholesky retries, damping ×100 each
 
 

@@ -59,9 +59,10 @@ def run_calibrated(job, journal, merged, spectra, source_hash: str, calibration,
     if method == "loss":  # ranks from the whitened spectra of every matrix (dense inputs), weighted
         calibrated = cal.dense()
         alloc = allocate(replace(spectra, values=calibrated.values), method, job.err, job.params_kept,
-                         job.min_ratio, job.tolerance, weights=cal.sensitivity())
+                         job.min_ratio, job.tolerance, weights=cal.sensitivity(), rank_multiple=job.rank_multiple)
     else:
-        alloc = allocate(spectra, method, job.err, job.params_kept, job.min_ratio, job.tolerance)
+        alloc = allocate(spectra, method, job.err, job.params_kept, job.min_ratio, job.tolerance,
+                         rank_multiple=job.rank_multiple)
         lrc_only = {i for i, p in enumerate(alloc.plans) if p.lrc}
         calibrated = None if cal_cfg.sequential else cal.dense(only=lrc_only)
     journal.plan(job._units(alloc.plans), job.shard_bytes)

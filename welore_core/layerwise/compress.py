@@ -107,6 +107,7 @@ class StreamedCompression:
         self.names = target_names(self.meta)
         self.err, self.params_kept, self.method, self.min_ratio = (config.err, config.params_kept, config.method,
                                                                    config.min_ratio)
+        self.rank_multiple = config.rank_multiple
         self.calibration = calibration
         self.cache, self.dtype, self.tolerance = cache, dtype, tolerance
         self.device = torch.device(device) if device is not None else torch.device("cpu")
@@ -282,7 +283,8 @@ class StreamedCompression:
                       "sink_weight": self.recipe.experimental.sink_weight, **record,
                       "seconds": time.perf_counter() - t_cal}
         else:
-            alloc = allocate(spectra, self.method, self.err, self.params_kept, self.min_ratio, self.tolerance)
+            alloc = allocate(spectra, self.method, self.err, self.params_kept, self.min_ratio, self.tolerance,
+                             rank_multiple=self.rank_multiple)
             journal.extra("allocation", {"tau": alloc.tau, "kept": [p.kept for p in alloc.plans]})
             journal.plan(self._units(alloc.plans), self.shard_bytes)
             if merged is not None:
