@@ -44,6 +44,7 @@ VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 TARGETS = (("ERR 0.5", "err0.5", ["--err", "0.5"]), ("params kept 0.6", "params0.6", ["--params-kept", "0.6"]))
 DTYPES = ("fp32", "bf16")
 ENGINES = ("transformers", "welore")
+ATEN_DENSE = "transformers, dense, ATen at one token"  # dense with the factorised code's kernel choice
 BATCHES = (1, 8)
 GOALS = {("decode", 1): 1.25, ("prefill", 8): 1.2}  # issue 39: factorised / dense, same engine and dtype
 RSS_SLACK = 0.05  # peak above imports ≤ weight-bytes ratio + this
@@ -64,13 +65,13 @@ def _timings(model, prompt: int, new_tokens: int, threads: list[int]) -> dict:
     gen = torch.Generator().manual_seed(0)
     out = {}
 
-    def run(ids):
+    def run(ids, steps):
         t = time.perf_counter()
         res = model(ids, use_cache=True, logits_to_keep=1)
         prefill = time.perf_counter() - t
         past, nxt = res.past_key_values, res.logits[:, -1:].argmax(-1)
         t = time.perf_counter()
-        for _ in range(new_tokens):
+        for _ in range(steps):
             res = model(nxt, past_key_values=past, use_cache=True)
             past, nxt = res.past_key_values, res.logits[:, -1:].argmax(-1)
         return prefill, time.perf_counter() - t
@@ -80,12 +81,24 @@ def _timings(model, prompt: int, new_tokens: int, threads: list[int]) -> dict:
             torch.set_num_threads(t)
             for batch in BATCHES:
                 ids = torch.randint(100, 20000, (batch, prompt), generator=gen)
-                cold, _ = run(ids)  # also the warm-up: the same shapes as the timed pass
-                prefill, decode = run(ids)
+                cold, _ = run(ids, 2)  # also the warm-up: the shapes of the timed pass
+                prefill, decode = run(ids, new_tokens)
                 out[f"cold_prefill_t{t}_b{batch}"] = cold
                 out[f"prefill_t{t}_b{batch}"] = batch * prompt / prefill
                 out[f"decode_t{t}_b{batch}"] = batch * new_tokens / decode
     return out
+
+
+def _aten_at_one_token(forward):
+    """`forward` with oneDNN off for one-token steps, as the factorised modelling code does in bf16."""
+    import torch
+
+    def wrapper(input_ids=None, **kwargs):
+        if input_ids is None or input_ids.numel() != 1:
+            return forward(input_ids=input_ids, **kwargs)
+        with torch.backends.mkldnn.flags(enabled=False):
+            return forward(input_ids=input_ids, **kwargs)
+    return wrapper
 
 
 def child(engine: str, path: str, dtype: str, prompt: int, new_tokens: int, threads: list[int]) -> dict:
@@ -104,6 +117,8 @@ def child(engine: str, path: str, dtype: str, prompt: int, new_tokens: int, thre
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch_dtype)
         assert not any(m.startswith("welore") for m in sys.modules), "the transformers child imported welore"
+        if engine == ATEN_DENSE:
+            model.forward = _aten_at_one_token(model.forward)
     out = {"load_s": time.perf_counter() - t0, "base_rss_mb": base, "loaded_rss_mb": _rss_mb("VmRSS")}
     out.update(_timings(model.eval(), prompt, new_tokens, threads))
     out["peak_rss_mb"] = _rss_mb("VmHWM")
@@ -280,6 +295,9 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="keep the prepared checkpoints here (default: a temp dir)")
     ap.add_argument("--no-vllm", action="store_true", help="skip the vLLM rows")
     ap.add_argument("--no-write", action="store_true", help="print the section, leave BENCHMARKS.md alone")
+    ap.add_argument("--recipe-note", default="the default recipe (`welore compress MODEL --err 0.5` / "
+                    "`--params-kept 0.6`, `--dtype fp32`, bf16 exported from it)",
+                    help="how the factorised checkpoints in --workdir were made (for the section's text)")
     args = ap.parse_args()
     args.threads = [int(t) for t in str(args.threads).split(",")]
     from bench.report import machine, table, write_section
@@ -287,7 +305,7 @@ def main() -> None:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="welore-inference-"))
     workdir.mkdir(parents=True, exist_ok=True)
     paths = prepare(workdir)
-    keys = [(engine, *key) for engine in ENGINES for key in paths]
+    keys = [(engine, *key) for engine in ENGINES for key in paths] + [(ATEN_DENSE, "dense", "bf16")]
     runs: dict[tuple, list[dict]] = {key: [] for key in keys}
     for r in range(args.rounds):
         for key in (keys if r % 2 == 0 else list(reversed(keys))):  # interleaved, alternating order
@@ -295,14 +313,18 @@ def main() -> None:
             print(f"round {r + 1}: {' '.join(key)} done", file=sys.stderr, flush=True)
     med = {key: {k: statistics.median(run[k] for run in rs) for k in rs[0]} for key, rs in runs.items()}
     headers, rows, goals = model_rows(paths, med, args.threads)
+    t = args.threads[0]
+    aten_ref = med[(ATEN_DENSE, "dense", "bf16")][f"decode_t{t}_b1"]
+    aten = [[label, f"{med[('transformers', label, 'bf16')][f'decode_t{t}_b1']:.1f}", f"{aten_ref:.1f}",
+             f"{med[('transformers', label, 'bf16')][f'decode_t{t}_b1'] / aten_ref:.2f}x"]
+            for label in ["dense"] + [target[0] for target in TARGETS]]
     vllm = vllm_section(paths, args)
     mat = matrices(paths[("ERR 0.5", "fp32")])
     mat_headers = ["matrix", "shape", "count", "distinct ranks", "median rank", "params factors/dense"]
     mat_headers += [f"speed-up {dt} b{b}" for dt in DTYPES for b in BATCHES]
     body = "\n\n".join([
         f"## Inference: dense vs factorised (`python -m bench.inference`)\n\n{machine()}. SmolLM2-135M; "
-        "factorised rows are the default recipe (`welore compress MODEL --err 0.5` / `--params-kept 0.6`, "
-        f"`--dtype fp32`, bf16 exported from it); prompt {args.prompt_tokens} tokens, {args.new_tokens} decode "
+        f"factorised rows are {args.recipe_note}; prompt {args.prompt_tokens} tokens, {args.new_tokens} decode "
         f"steps; median of {args.rounds} interleaved rounds, each (engine, model, dtype) in a fresh process. "
         "`transformers` is plain `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True, dtype=...)` "
         "in a process that imports only torch and transformers; `welore` is `welore_core.load_model`. Ratios in "
@@ -312,6 +334,10 @@ def main() -> None:
         "the RSS after the imports; `weights / dense` is the weight files' bytes against dense of the same dtype.",
         table(headers, rows),
         "Goals (issue 39; transformers, first thread count):\n\n" + "\n".join(goals),
+        "bf16 decode b1 comes mostly from the kernel choice: one-token steps of the factorised code run with "
+        "oneDNN off (ATen's matrix-vector kernel). Each transformers bf16 row against dense bf16 with the same "
+        "choice (its forward wrapped so), same run:\n\n"
+        + table(["model", f"decode b1 t{t} tok/s", "dense, ATen at one token", "ratio"], aten),
         vllm,
         "Each factorised matrix kind of the ERR 0.5 model (its median-rank member) against its dense Ŵ: "
         "dense µs / factors µs (> 1: the factors are faster), one thread, best of 30 calls:",
