@@ -6,7 +6,7 @@ each multiple, the allocation's objective Σ c_W·Σ_{i≥k} σ_i² (estimated l
 unrounded allocation), its distinct factored shapes and the budget it reached.
 
     python -m bench.rank_multiple stats --err 0.5 --stats /work/wt/cache/alloc/stats-err0.5.pt
-    python -m bench.rank_multiple estimate --stats /work/wt/cache/alloc/stats-err0.5.pt
+    python -m bench.rank_multiple estimate --stats /work/wt/cache/alloc/stats-err0.5.pt [--write]
 """
 
 from __future__ import annotations
@@ -92,16 +92,42 @@ def main(argv=None) -> int:
     ap.add_argument("--err", type=float)
     ap.add_argument("--params-kept", type=float)
     ap.add_argument("--stats", required=True)
+    ap.add_argument("--write", action="store_true", help="estimate both targets → BENCHMARKS.md § rank-multiple")
     a = ap.parse_args(argv)
     if a.what == "stats":
         gather(a.model, a.err, a.params_kept, a.stats)
         return 0
     target = {"err": a.err} if a.err is not None else {"params_kept": a.params_kept} if a.params_kept else None
-    rows = estimate(a.stats, target=target)
-    print(" | ".join(HEADER))
-    for r in rows:
-        print(" | ".join(map(str, r)))
+    if not a.write:
+        rows = estimate(a.stats, target=target)
+        print(" | ".join(HEADER))
+        for r in rows:
+            print(" | ".join(map(str, r)))
+        return 0
+    from bench.report import machine, table, write_section
+
+    body = (f"## Rank multiple: what rounding the ranks costs (`python -m bench.rank_multiple`)\n\n{machine()}. "
+            "SmolLM2-135M, the default recipe's calibration at ERR 0.5 (128 windows, damping 0.3; the same serves "
+            "params kept 0.6): the loss allocation's own objective Σ c_W·Σ_{i≥k} σ_i² (estimated loss increase) per "
+            "rank multiple, against the unrounded allocation; distinct shapes = distinct (out×in, rank) of the "
+            "factored matrices.\n\n")
+    for t in ({"err": 0.5}, {"params_kept": 0.6}):
+        kind, value = next(iter(t.items()))
+        body += f"{kind} {value}:\n\n" + table(HEADER, estimate(a.stats, target=t)) + "\n\n"
+    body += READING
+    print(body)
+    write_section("rank-multiple", body.rstrip())
     return 0
+
+
+READING = (
+    "Reading: at ERR 0.5 the allocation keeps many matrices at their min_ratio cap (287 of 576 ranks for gate/up/down, "
+    "95 of 192 for k/v; both factored), and a multiple of 32 rounds them down to 256 and 64. Scaled by the unrounded "
+    "default's measured log-perplexity increase (ppl ratio r ⇒ r^(estimate ratio − 1)), multiple 8 projects to "
+    "+1.0–1.6 % perplexity on the held-out corpora, 16 to +2.3–3.8 %, 32 to +5.4–8.9 %, 64 to +4.7–7.7 % (k/v, of "
+    "rank below 4·64, are not rounded). At params kept 0.6 every multiple costs under 1.2 % of the estimate. The "
+    "per-GEMM speed gain of alignment is already there at 8 (§ factor-speed). "
+    "Default: 8; the measured perplexity of the ERR 0.5 default: § compression-recipes.")
 
 
 if __name__ == "__main__":

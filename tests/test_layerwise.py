@@ -59,8 +59,16 @@ def _same_compression(streamed_dir, model, rep_s, rep_m, atol=0.0):
     want = {k: v for k, v in model.state_dict().items()
             if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
     assert set(got) == set(want)
+    # a truncated dense Ŵ: W − tail in memory, the leading triplets of a compact cache entry when streamed
+    dense_lrc = {f"model.layers.{m.name.split('.')[0]}.{_PART[m.name.split('.')[1]]}.weight" for m in rep_m.matrices
+                 if m.label == "LRC" and m.storage == "dense"}
     for k in want:
-        assert torch.allclose(got[k].float(), want[k].float(), atol=atol, rtol=0), k
+        tol = dict(atol=max(atol, 1e-5), rtol=1e-2) if k in dense_lrc else dict(atol=atol, rtol=0)
+        assert torch.allclose(got[k].float(), want[k].float(), **tol), k
+
+
+_PART = {p: f"{'self_attn' if p.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}.{p}"
+         for p in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
 
 
 @pytest.mark.parametrize("tie,min_ratio", [(True, 0.5), (False, 0.0)])
@@ -72,8 +80,7 @@ def test_streamed_compression_equals_in_memory(tmp_path, tie, min_ratio):
     assert extra["shards"] > 1 and extra["memory_plan"]["cache_mode"] == "factors"
     rep_m = compress_model(model, data_free(err=0.4, min_ratio=min_ratio), cache=SpectrumCache(tmp_path / "cache-m"),
                            tolerance=0.05)
-    if min_ratio == 0.0:
-        assert any(m.storage == "dense" and m.label == "LRC" for m in rep_m.matrices)  # the tail path too
+    assert any(m.storage == "dense" and m.label == "LRC" for m in rep_m.matrices)  # the dense Ŵ path too
     _same_compression(tmp_path / "out", model, rep_s, rep_m)
     loaded = load_checkpoint(tmp_path / "out")
     meta = json.loads((tmp_path / "out" / "welore.json").read_text())

@@ -241,7 +241,8 @@ class StreamedCompression:
                 if tail is not None:
                     W_hat = W - truncated(*tail, len(tail[1]))
                 else:
-                    W_hat = truncated(*leading_triplets(self.cache, key, W, plan.kept, self.svd_device), plan.kept)
+                    W_hat = truncated(*leading_triplets(self.cache, key, W, plan.kept, self.svd_device,
+                                                        keep=self.keep(plan.shape)), plan.kept)
                 out[f"{name}.weight"] = W_hat.to(self.dtype)
             bias = f"{name}.bias"
             if bias in self.source.tensors:
