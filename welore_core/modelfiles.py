@@ -1,5 +1,6 @@
 """Reading model files: safetensors (plain reads, converted tensor by tensor), JSON, tokenizers,
-and building a transformers model that holds exactly the tensors read (no random init).
+and building a transformers model that holds exactly the tensors read (no random init), or
+one on the meta device (`meta_model`, which the streamed layers of layerwise/ fill one by one).
 
 Shared by checkpoint.py (the WeLore format) and loading.py (resolving model specs); it imports
 neither of them.
@@ -16,7 +17,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .errors import CorruptCheckpoint
+from .errors import CorruptCheckpoint, UnsupportedModel
+from .lowrank import LowRankLinear, swap_module
+from .targets import decoder_layers
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
@@ -129,6 +132,37 @@ def weights_dtype(path: Path) -> Optional[torch.dtype]:
     return counts.most_common(1)[0][0] if counts else None
 
 
+def meta_model(config, factored: Optional[dict[str, int]] = None) -> nn.Module:
+    """The model of `config` on the meta device (no memory), `factored` modules low-rank (a
+    factorised config, see portable/, builds its low-rank modules itself)."""
+    from transformers import AutoModelForCausalLM
+
+    from .portable import register
+
+    register()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        for name, rank in (factored or {}).items():
+            try:
+                old = model.get_submodule(name)
+            except AttributeError as exc:
+                raise CorruptCheckpoint(f"welore.json names module {name!r}, which the config's "
+                                        "architecture does not have") from exc
+            swap_module(model, name, LowRankLinear(old.in_features, old.out_features, int(rank),
+                                                   bias=old.bias is not None))
+    decoder_layers(model)
+    return model
+
+
+def rebuild_buffers(model: nn.Module, config) -> None:
+    """Non-persistent buffers (RoPE's inv_freq) are not in checkpoints: rebuild their modules."""
+    for name, module in list(model.named_modules()):
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            if not hasattr(module, "inv_freq"):
+                raise UnsupportedModel(f"cannot rebuild the buffers of {name} ({type(module).__name__})")
+            swap_module(model, name, type(module)(config=module.config))
+
+
 def build_model(config, state: dict[str, torch.Tensor], device: torch.device | str = "cpu",
                 dtype: torch.dtype = torch.float32) -> nn.Module:
     """The model of `config` (plain, or factorised: see portable/) holding exactly `state`.
@@ -137,8 +171,6 @@ def build_model(config, state: dict[str, torch.Tensor], device: torch.device | s
     copy of the weights), so a replaced matrix later frees its memory. Strict: every parameter
     must come from `state` (a tied LM head from its embedding) and nothing may be left over.
     """
-    from .layerwise.layers import meta_model, rebuild_buffers
-
     try:
         model = meta_model(config)
     except AttributeError as exc:  # a factored name the architecture does not have

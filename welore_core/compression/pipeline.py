@@ -108,7 +108,7 @@ def _recover(source: str, compressed: Path, out: Path, steps: int, data: str, qu
              merged_out, overwrite: bool, device, progress: ProgressFn, should_stop,
              dtype) -> tuple[dict, Optional[Quality]]:
     """Distilled WeLore-COFT from the dense `source` (the teacher) on `data`, written to `out`."""
-    from ..finetune import finetune_checkpoint
+    from ..finetune.pipeline import finetune_checkpoint
 
     r = finetune_checkpoint(str(compressed), out, data=data, steps=steps, teacher=source, overwrite=overwrite,
                             device=device, progress=progress, should_stop=should_stop, dtype=short_name(dtype),

@@ -7,7 +7,7 @@ loss (chunked LM-head cross-entropy), trainer (the loop, resume), metrics (memor
 validation, accuracy), pipeline (load → train → write).
 The names below import lazily, so `finetune.config` (torch-free) loads without torch.
 
-This package is also the Python API's `finetune(model, data, ...)` (python_api.finetune): the
+This package is also the Python API's `finetune(model, data, ...)` (entry.py, re-exported by python_api): the
 package and the function share the name `welore_core.finetune`, so calling the package calls it.
 """
 
@@ -28,7 +28,7 @@ def __getattr__(name: str):
 
 class _CallablePackage(types.ModuleType):
     def __call__(self, *args, **kwargs):
-        from ..python_api import finetune
+        from .entry import finetune
 
         return finetune(*args, **kwargs)
 

@@ -48,7 +48,7 @@ def run_calibrated(job, journal, merged, spectra, source_hash: str, calibration,
     dicts by layer, calibration record pieces)."""
     from ..compression.calibration import Calibrator
     from ..compression.model import _swap_in_calibrated, allocate
-    from .compress import merge_factors
+    from .writer import merge_factors
 
     store = WritingLayers(job.path, config=job.config, device=compute_device, dtype=compute_dtype,
                           source=job.source)

@@ -32,14 +32,14 @@ from ..errors import InvalidArgument, NonFiniteWeights
 from ..compression.factorize import factors, truncated
 from ..progress import ProgressEvent, ProgressFn, StopFn, check_stop, no_progress
 from ..checkpoint import all_finite
+from ..modelfiles import meta_model, read_config
 from ..spectrum import (Spectra, SpectrumCache, leading_triplets, needed_rank, singular_values_only, svd,
                         tensor_hash)
 from ..outputs import check_output
 from ..targets import layer_index, short_name, target_names
-from .layers import meta_model
 from .plan import MemoryPlan, memory_plan
 from .source import CheckpointSource
-from .writer import SHARD_BYTES, ShardWriter
+from .writer import SHARD_BYTES, ShardWriter, merge_factors
 
 OTHER = "other"
 
@@ -67,18 +67,6 @@ def _read_weight(source: CheckpointSource, name: str) -> torch.Tensor:
     return W
 
 
-def merge_factors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A layer's tensors with each LRC's factors X.A, X.B replaced by the dense Ŵ = B·A (X.weight)."""
-    out = {}
-    for k, v in tensors.items():
-        if k.endswith(".A"):
-            module = k[:-2]
-            out[f"{module}.weight"] = tensors[f"{module}.B"] @ v
-        elif not k.endswith(".B"):
-            out[k] = v
-    return out
-
-
 class StreamedCompression:
     """One streamed compression: the source, the recipe, the journal; `run()` does the work.
 
@@ -90,8 +78,6 @@ class StreamedCompression:
                  compute_dtype: torch.dtype = torch.float32, tolerance: float = TOLERANCE,
                  overwrite: bool = False, shard_bytes: int = SHARD_BYTES, merged_out: Path | str | None = None,
                  progress: ProgressFn = no_progress, should_stop: StopFn | None = None):
-        from ..modelfiles import read_config
-
         self.recipe = config = config.resolve()
         if config.calibrated and calibration is None:
             raise InvalidArgument("this recipe is calibrated: pass the calibration token windows "

@@ -19,8 +19,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..errors import CorruptCheckpoint, UnsupportedModel
-from ..lowrank import LowRankLinear, swap_module
+from ..errors import CorruptCheckpoint
+from ..modelfiles import meta_model, read_config, rebuild_buffers
 from ..targets import decoder_layers
 from .source import CheckpointSource, layer_of
 
@@ -38,37 +38,6 @@ class ResidentLayers:
 
     def close(self, layer: int) -> None:
         return None
-
-
-def meta_model(config, factored: Optional[dict[str, int]] = None) -> nn.Module:
-    """The model of `config` on the meta device (no memory), `factored` modules low-rank (a
-    factorised config, see portable/, builds its low-rank modules itself)."""
-    from transformers import AutoModelForCausalLM
-
-    from ..portable import register
-
-    register()
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        for name, rank in (factored or {}).items():
-            try:
-                old = model.get_submodule(name)
-            except AttributeError as exc:
-                raise CorruptCheckpoint(f"welore.json names module {name!r}, which the config's "
-                                        "architecture does not have") from exc
-            swap_module(model, name, LowRankLinear(old.in_features, old.out_features, int(rank),
-                                                   bias=old.bias is not None))
-    decoder_layers(model)
-    return model
-
-
-def rebuild_buffers(model: nn.Module, config) -> None:
-    """Non-persistent buffers (RoPE's inv_freq) are not in checkpoints: rebuild their modules."""
-    for name, module in list(model.named_modules()):
-        if any(b.is_meta for b in module.buffers(recurse=False)):
-            if not hasattr(module, "inv_freq"):
-                raise UnsupportedModel(f"cannot rebuild the buffers of {name} ({type(module).__name__})")
-            swap_module(model, name, type(module)(config=module.config))
 
 
 def _assign(module: nn.Module, state: dict[str, torch.Tensor], what: str, skip=lambda name: False) -> None:
@@ -91,8 +60,6 @@ class StreamedLayers:
     def __init__(self, path: Path | str, config=None, factored: Optional[dict[str, int]] = None,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  source: Optional[CheckpointSource] = None):
-        from ..modelfiles import read_config
-
         self.source = source or CheckpointSource(path)
         if config is None:
             try:

@@ -32,6 +32,18 @@ PROGRESS = "progress.json"
 SHARD_BYTES = 1 << 30  # 1 GiB
 
 
+def merge_factors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A layer's tensors with each LRC's factors X.A, X.B replaced by the dense Ŵ = B·A (X.weight)."""
+    out = {}
+    for k, v in tensors.items():
+        if k.endswith(".A"):
+            module = k[:-2]
+            out[f"{module}.weight"] = tensors[f"{module}.B"] @ v
+        elif not k.endswith(".B"):
+            out[k] = v
+    return out
+
+
 def partial_dir(out: Path) -> Path:
     return out.with_name(f".{out.name}.partial")
 
