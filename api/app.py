@@ -21,11 +21,12 @@ from .artifacts.routes import router as artifacts_router
 from .catalog.routes import datasets_router
 from .catalog.routes import router as models_router
 from .db import engine_for
-from .dispatch import dispatch, make_dispatcher
+from .dispatch import InProcess, make_dispatcher
 from .events.bus import make_bus
 from .events.fanout import FanOut
 from .files.routes import router as files_router
 from .health import router as health_router
+from .jobs.dispatch import dispatch
 from .jobs.params import PARAMS
 from .jobs.reaper import Reaper
 from .jobs.routes import router as jobs_router
@@ -60,7 +61,9 @@ def recover_embedded(settings: Settings, bus, dispatcher) -> list[str]:
     return [i for i, _ in queued]
 
 
-def create_app(settings: Optional[Settings] = None) -> FastAPI:
+def create_app(settings: Optional[Settings] = None, in_process: Optional[InProcess] = None) -> FastAPI:
+    """The app. Embedded settings need `in_process`, the dispatcher that runs jobs in this process
+    (worker/embedded.py's create_app passes it); otherwise jobs go to Celery workers by task name."""
     settings = settings or get_settings()
     configure(settings)  # the core's cache dir, data dir and device come from the service's settings
 
@@ -74,7 +77,7 @@ def create_app(settings: Optional[Settings] = None) -> FastAPI:
         anyio.to_thread.current_default_thread_limiter().total_tokens = max(1, settings.api_concurrency)
         engine_for(settings.db_url, settings.db_pool_size)
         app.state.bus = make_bus(settings)
-        app.state.dispatcher = make_dispatcher(settings, app.state.bus)
+        app.state.dispatcher = make_dispatcher(settings, app.state.bus, in_process)
         app.state.fanout = FanOut(settings, app.state.bus)
         app.state.fanout.start()
         if settings.embedded:

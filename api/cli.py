@@ -15,12 +15,14 @@ import argparse
 import sys
 
 
-def register_serve(sub) -> None:
+def register_serve(sub, serve_fn=None) -> None:
+    """`welore serve`; the entry point is worker/cli.py's, which gives `serve_fn` (the app with its
+    in-process worker for embedded mode: the API does not import the worker)."""
     p = sub.add_parser("serve", help="run the job service API (embedded unless WELORE_REDIS_URL is set)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--log-level", default="info")
-    p.set_defaults(func=serve)
+    p.set_defaults(func=serve_fn or serve)
 
 
 def register_keys(sub) -> None:
@@ -152,10 +154,13 @@ def bootstrap_key(settings) -> str | None:
 KEEP_ALIVE_S = 75
 
 
-def serve(args: argparse.Namespace) -> int:
+def serve(args: argparse.Namespace, create_app=None) -> int:
+    """Run the API. `create_app(settings)` builds the app (default api.app.create_app, which has no
+    in-process worker: worker/cli.py passes worker.embedded.create_app)."""
     import uvicorn
 
-    from .app import create_app
+    if create_app is None:
+        from .app import create_app
 
     s = _settings()
     if s.embedded:

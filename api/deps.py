@@ -21,10 +21,9 @@ from .db import session_scope
 from .errors import Unauthorized
 from .events.bus import EventBus
 from .events.fanout import FanOut
-from .models import ApiKey
+from .models import ID_PATTERN, ApiKey
 from .settings import Settings
 
-ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 JobId = Annotated[str, Path(pattern=ID_PATTERN, max_length=64, description="a job id (job_...)")]
 FileId = Annotated[str, Path(pattern=ID_PATTERN, max_length=64, description="a file id (file_...)")]
 

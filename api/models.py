@@ -38,6 +38,9 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(12)}"
 
 
+ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # what an id in a path or query may look like (new_id's among them)
+
+
 class UTCDateTime(TypeDecorator):
     """Timezone-aware UTC datetimes on every backend (SQLite stores naive values)."""
 

@@ -82,7 +82,7 @@ def run_child(args: list[str], env: dict, timeout: float | None = None, nice: in
 
 
 def import_baseline(env: dict) -> float:
-    code = ("import torch, transformers, welore_core.pipelines, welore_core.layerwise.compress, "
+    code = ("import torch, transformers, welore_core.pipelines, welore_core.compression.streamed.compress, "
             "welore_core.compression.model; from transformers import LlamaForCausalLM; "
             "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)

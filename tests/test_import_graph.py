@@ -120,8 +120,8 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def all_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """One cycle per strongly connected component with a cycle (so a failure lists them all)."""
+def circles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """The strongly connected components with a cycle: each set of nodes that import each other."""
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     on_stack: set[str] = set()
@@ -154,8 +154,13 @@ def all_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     for v in sorted(graph):
         if v not in index:
             strong(v)
+    return comps
+
+
+def all_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle per circle (strongly connected component), so a failure names every circle."""
     cycles = []
-    for comp in comps:
+    for comp in circles(graph):
         sub = {n: {m for m in graph[n] if m in comp} for n in comp}
         cycle = find_cycle(sub)
         assert cycle
@@ -196,8 +201,15 @@ def package_graphs(graph: dict[str, set[str]], modules: dict[str, Path]) -> dict
     return result
 
 
-def _fmt(cycle: list[str]) -> str:
-    return " -> ".join(cycle)
+def _fmt(cycle: list[str], graph: dict[str, set[str]] | None = None) -> str:
+    """The cycle, and every other node caught in the same circle (each must be untangled too)."""
+    text = " -> ".join(cycle)
+    if graph is not None:
+        comp = next(c for c in circles(graph) if cycle[0] in c)
+        others = sorted(comp - set(cycle))
+        if others:
+            text += f"  (the same circle also holds {', '.join(others)})"
+    return text
 
 
 def _why(graph: dict[str, set[str]], modules: dict[str, Path], a: str, b: str) -> str:
@@ -224,7 +236,7 @@ def test_graph_is_read():
 
 def test_no_module_cycle():
     cycles = all_cycles(GRAPH)
-    assert not cycles, "import cycles among modules:\n" + "\n".join(f"  {_fmt(c)}" for c in cycles)
+    assert not cycles, "import cycles among modules:\n" + "\n".join(f"  {_fmt(c, GRAPH)}" for c in cycles)
 
 
 def test_no_package_cycle():
@@ -234,7 +246,7 @@ def test_no_package_cycle():
             why = "\n".join(
                 f"    {a} -> {b}:\n{_why(GRAPH, MODULES, a, b)}" for a, b in zip(cycle, cycle[1:])
             )
-            problems.append(f"  in {pkg}: {_fmt(cycle)}\n{why}")
+            problems.append(f"  in {pkg}: {_fmt(cycle, sub)}\n{why}")
     assert not problems, "import cycles among packages:\n" + "\n".join(problems)
 
 

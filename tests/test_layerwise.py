@@ -16,7 +16,7 @@ from welore_core.compression.calibration import Calibration
 from welore_core.compression.model import compress_model
 from welore_core.errors import Cancelled, OutputExists
 from welore_core.evaluate import perplexity, token_windows
-from welore_core.layerwise.compress import compress_streamed
+from welore_core.compression.streamed.compress import compress_streamed
 from welore_core.layerwise.hidden import layered_perplexity
 from welore_core.layerwise.layers import ResidentLayers, StreamedLayers
 from welore_core.layerwise.source import CheckpointSource

@@ -1,4 +1,5 @@
-"""`welore worker [--queues Q] [--concurrency N]`: a thin wrapper over `celery worker`."""
+"""`welore worker [--queues Q] [--concurrency N]`: a thin wrapper over `celery worker`; and `welore
+serve`, the API (api/cli.py) with its in-process worker when embedded."""
 
 from __future__ import annotations
 
@@ -14,6 +15,20 @@ def register(sub) -> None:
     p.add_argument("--pool", default=None, help="Celery pool (default prefork; solo runs jobs in the main process)")
     p.add_argument("--hostname", "-n", default=None)
     p.set_defaults(func=run)
+
+
+def register_serve(sub) -> None:
+    from api.cli import register_serve as register_api_serve
+
+    register_api_serve(sub, serve)
+
+
+def serve(args: argparse.Namespace) -> int:
+    from api.cli import serve as serve_api
+
+    from .embedded import create_app
+
+    return serve_api(args, create_app)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -27,9 +27,9 @@ from typing import Callable, Optional
 
 from api import storage
 from api.db import session_scope
-from api.dispatch import dispatch
 from api.events.bus import EventBus, make_bus
 from api.jobs import states
+from api.jobs.dispatch import dispatch
 from api.models import Artifact, Job, utcnow
 from api.redact import redact, redact_values
 from api.settings import Settings

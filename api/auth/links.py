@@ -14,8 +14,7 @@ import time
 
 from sqlalchemy.orm import Session
 
-from ..deps import ID_PATTERN
-from ..models import ApiKey
+from ..models import ID_PATTERN, ApiKey
 from ..strictjson import lone_surrogate
 
 DEFAULT_TTL_S = 600

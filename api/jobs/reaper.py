@@ -22,9 +22,9 @@ from sqlalchemy.orm import Session
 
 from .. import storage
 from ..db import session_scope
-from ..dispatch import dispatch
 from ..models import Job, JobStatus, ReaperWatch, utcnow
 from . import states
+from .dispatch import dispatch
 
 log = logging.getLogger("welore.reaper")
 

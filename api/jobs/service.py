@@ -21,15 +21,14 @@ from sqlalchemy.orm import Session
 from welore_core.compression.config import NO_CALIBRATION
 from welore_core.corpus import BUILTIN, PACKAGED
 
-from ..catalog.service import resolve_model
-from ..deps import ID_PATTERN
-from ..dispatch import dispatch
 from ..errors import Conflict, InvalidRequest, NotFound
 from ..files import service as files_service
-from ..models import ApiKey, Job, new_id, utcnow
+from ..models import ID_PATTERN, ApiKey, Job, new_id, utcnow
 from ..settings import Settings
 from . import repository as repo
 from . import states
+from .dispatch import dispatch
+from .model_ref import resolve_model
 from .params import DATA_PARAMS, MODEL_PARAMS
 from .schemas import JobError, JobOut
 

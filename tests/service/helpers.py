@@ -66,6 +66,6 @@ def service_env(settings) -> dict[str, str]:
 def make_client(settings):
     from fastapi.testclient import TestClient
 
-    from api.app import create_app
+    from worker.embedded import create_app  # the API app, with the in-process worker when embedded
 
     return TestClient(create_app(settings))

@@ -48,7 +48,7 @@ def compress_checkpoint(model: str, out: str | Path, config: CompressConfig, *, 
         raise InvalidArgument(f"{model} is already a WeLore checkpoint; compress its dense source instead")
     streamed = streamable(model)
     if streamed is not None:  # above the size threshold: one decoder layer in memory at a time
-        from ..layerwise.pipeline import compress_spec_streamed
+        from .streamed.pipeline import compress_spec_streamed
 
         return compress_spec_streamed(model, streamed, out, config, merged_out=merged_out, overwrite=overwrite,
                                       recover=recover, device=device, cache=cache, progress=progress,

@@ -11,24 +11,24 @@ import time
 from pathlib import Path
 
 
-from ..errors import InvalidArgument
-from ..progress import ProgressEvent, ProgressFn, StopFn, no_progress
-from ..spectrum import SpectrumCache
+from ...errors import InvalidArgument
+from ...progress import ProgressEvent, ProgressFn, StopFn, no_progress
+from ...spectrum import SpectrumCache
 from .compress import compress_streamed
-from .hidden import layered_perplexity
-from .layers import StreamedLayers
-from .source import CheckpointSource
+from ...layerwise.hidden import layered_perplexity
+from ...layerwise.layers import StreamedLayers
+from ...layerwise.source import CheckpointSource
 
 def compress_spec_streamed(model: str, path: Path, out: str | Path, config, *, merged_out=None, overwrite: bool = False,
                            recover: int = 0, device: str | None = None, cache: SpectrumCache | None = None,
                            progress: ProgressFn = no_progress, should_stop: StopFn | None = None,
                            t0: float | None = None) -> dict:
     """Compress `model` (the spec; its safetensors directory `path`) by `config` into `out`, streamed."""
-    from ..compression.quality import SEQ_LEN, WINDOWS, QUALITY_DATA, Quality, advice
-    from ..corpus import read_texts
-    from ..evaluate import token_windows
-    from ..loading import load_tokenizer, output_dtype, pick_device, pick_dtype, resolve
-    from ..settings import get_core_settings
+    from ..quality import SEQ_LEN, WINDOWS, QUALITY_DATA, Quality, advice
+    from ...corpus import read_texts
+    from ...evaluate import token_windows
+    from ...loading import load_tokenizer, output_dtype, pick_device, pick_dtype, resolve
+    from ...settings import get_core_settings
 
     t0 = time.perf_counter() if t0 is None else t0
     if recover:
@@ -46,7 +46,7 @@ def compress_spec_streamed(model: str, path: Path, out: str | Path, config, *, m
     tokenizer = load_tokenizer(str(path))
     calib = None
     if config.calibrated:
-        from ..compression.calibration import load_calibration
+        from ..calibration import load_calibration
 
         calib = load_calibration(tokenizer, config.calibration)
 

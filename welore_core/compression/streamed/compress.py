@@ -10,7 +10,7 @@ Two passes over the layers, each holding one layer's tensors:
 Embeddings, the final norm and the LM head are copied tensor by tensor. The results equal
 compress.compress_model's on the same model (same ranks, same tensors up to float rounding).
 
-Resumable (writer.py): pass 1's cache keys and the allocation are journalled, and every written
+Resumable (layerwise/writer.py): pass 1's cache keys and the allocation are journalled, and every written
 shard is kept, so a killed run started again with the same recipe continues after the last
 shard it wrote.
 """
@@ -25,21 +25,21 @@ from typing import Optional
 
 import torch
 
-from ..compression.allocation import TOLERANCE, MatrixPlan, relative_error
-from ..compression.config import CompressConfig
-from ..compression.model import CompressionReport, MatrixReport, allocate, spectrum_sketch
-from ..errors import InvalidArgument, NonFiniteWeights
-from ..compression.factorize import factors, truncated
-from ..progress import ProgressEvent, ProgressFn, StopFn, check_stop, no_progress
-from ..checkpoint import all_finite
-from ..modelfiles import meta_model, read_config
-from ..spectrum import (Spectra, SpectrumCache, leading_triplets, needed_rank, singular_values_only, svd,
+from ..allocation import TOLERANCE, MatrixPlan, relative_error
+from ..config import CompressConfig
+from ..model import CompressionReport, MatrixReport, allocate, spectrum_sketch
+from ...errors import InvalidArgument, NonFiniteWeights
+from ..factorize import factors, truncated
+from ...progress import ProgressEvent, ProgressFn, StopFn, check_stop, no_progress
+from ...checkpoint import all_finite
+from ...modelfiles import meta_model, read_config
+from ...spectrum import (Spectra, SpectrumCache, leading_triplets, needed_rank, singular_values_only, svd,
                         tensor_hash)
-from ..outputs import check_output
-from ..targets import layer_index, short_name, target_names
-from .plan import MemoryPlan, memory_plan
-from .source import CheckpointSource
-from .writer import SHARD_BYTES, ShardWriter, merge_factors
+from ...outputs import check_output
+from ...targets import layer_index, short_name, target_names
+from ...layerwise.plan import MemoryPlan, memory_plan
+from ...layerwise.source import CheckpointSource
+from ...layerwise.writer import SHARD_BYTES, ShardWriter, merge_factors
 
 OTHER = "other"
 
@@ -322,7 +322,7 @@ def compress_streamed(path: Path | str, out: Path | str, config: CompressConfig,
     """Compress the safetensors checkpoint `path` by the recipe `config` into a WeLore checkpoint
     `out`, layer by layer (keyword arguments: StreamedCompression's; `meta`: more for welore.json).
     Returns the report and the streaming record."""
-    from ..checkpoint import checkpoint_record, finish_checkpoint
+    from ...checkpoint import checkpoint_record, finish_checkpoint
 
     job = StreamedCompression(path, out, config, **kwargs)
     report, extra, journal, merged = job.run()

@@ -21,9 +21,9 @@ from dataclasses import replace
 
 import torch
 
-from ..compression.allocation import relative_error
-from ..progress import ProgressEvent, check_stop
-from .layers import StreamedLayers
+from ..allocation import relative_error
+from ...progress import ProgressEvent, check_stop
+from ...layerwise.layers import StreamedLayers
 
 
 class WritingLayers(StreamedLayers):
@@ -46,9 +46,9 @@ def run_calibrated(job, journal, merged, spectra, source_hash: str, calibration,
                    compute_device: torch.device, compute_dtype: torch.dtype):
     """The calibrated passes of a StreamedCompression `job`: returns (allocation, matrix report
     dicts by layer, calibration record pieces)."""
-    from ..compression.calibration import Calibrator
-    from ..compression.model import _swap_in_calibrated, allocate
-    from .writer import merge_factors
+    from ..calibration import Calibrator
+    from ..model import _swap_in_calibrated, allocate
+    from ...layerwise.writer import merge_factors
 
     store = WritingLayers(job.path, config=job.config, device=compute_device, dtype=compute_dtype,
                           source=job.source)
