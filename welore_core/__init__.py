@@ -9,7 +9,7 @@ The Python API (python_api.py), imported lazily so `import welore_core` stays ch
     from welore_core import CompressConfig, compress, finetune, load, save
 """
 
-__version__ = "0.1.0"
+from .version import __version__
 
 _API = {"CompressConfig": "compression.config", "FinetuneConfig": "finetune.config",
         "compress": "python_api", "save": "python_api", "load": "python_api", "finetune": "python_api"}

@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from . import __version__
+from .version import __version__
 from .dtypes import short_name
 from .errors import CorruptCheckpoint, NonFiniteWeights
 from .hashing import stamped_sha256

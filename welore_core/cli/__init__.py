@@ -16,7 +16,7 @@ import os
 import sys
 from importlib.metadata import entry_points
 
-from .. import __version__
+from ..version import __version__
 from ..errors import WeloreError
 
 COMMAND_MODULES = ["spectrum", "compress", "evaluate", "finetune", "export"]
