@@ -101,6 +101,23 @@ def test_each_matrix_is_decomposed_once_and_a_warm_cache_decomposes_none(fresh_c
     assert again.source_hash == cold.source_hash
 
 
+def test_the_cache_cap_applies_to_an_in_memory_compression(tmp_path):
+    """WELORE_CACHE_MAX_GB caps the cache of a compression given none, in memory as streamed: a
+    1-byte cap keeps only the entries of the latest run (a run never evicts its own)."""
+    from welore_core.settings import CoreSettings, configure, reset
+
+    configure(CoreSettings(cache_dir=tmp_path, cache_max_gb=1e-9))
+    try:
+        runs = []
+        for seed in (5, 6):
+            compress_model(make_tiny_llama(seed=seed), data_free(err=0.3, min_ratio=0.0))
+            runs.append({p.name for p in (tmp_path / "svd").glob("*.safetensors")})
+    finally:
+        reset()
+    assert runs[0] and runs[1] and runs[1] == {p.name for p in (tmp_path / "svd").glob("*.safetensors")}
+    assert not runs[0] & runs[1]
+
+
 def test_save_load_round_trip_and_merged_export(fresh_cache, tmp_path):
     model = make_tiny_llama(seed=5)
     report = compress_model(model, data_free(err=0.5, min_ratio=0.5), cache=fresh_cache, tolerance=0.1)

@@ -61,6 +61,16 @@ class SpectrumCache:
     entries stay until the run ends). `stats` counts hits, misses and bytes.
     """
 
+    @classmethod
+    def configured(cls) -> "SpectrumCache":
+        """The cache the settings name: WELORE_CACHE_DIR, capped at WELORE_CACHE_MAX_GB. Every path
+        that is given no cache (in memory, streamed, `welore spectrum`) uses this one."""
+        from .settings import get_core_settings
+
+        settings = get_core_settings()
+        cap = settings.cache_max_gb
+        return cls(settings.cache_dir, max_bytes=int(cap * 1e9) if cap else None)
+
     def __init__(self, root: Path, max_bytes: Optional[int] = None):
         self.root = Path(root) / "svd"
         self.root.mkdir(parents=True, exist_ok=True)

@@ -18,13 +18,12 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..compression.allocation import normalise
     from ..loading import load_model
-    from ..settings import get_core_settings
     from ..spectrum import SpectrumCache, compute_spectra
     from ..targets import short_name
 
     loaded = load_model(args.model, device=args.device)
     with progress_for(args) as bar:
-        spectra = compute_spectra(loaded.model, SpectrumCache(get_core_settings().cache_dir), bar)
+        spectra = compute_spectra(loaded.model, SpectrumCache.configured(), bar)
     rows = []
     for name, shape, S in zip(spectra.names, spectra.shapes, spectra.values):
         z = normalise(S)

@@ -27,7 +27,6 @@ from ..errors import InvalidArgument, NonFiniteWeights
 from .factorize import factors, truncated
 from ..lowrank import LowRankLinear, swap_module
 from ..progress import ProgressEvent, ProgressFn, StopFn, check_stop, no_progress
-from ..settings import get_core_settings
 from ..spectrum import Spectra, SpectrumCache, compute_spectra, leading_triplets, tensor_hash
 from ..targets import short_name, target_names
 
@@ -178,7 +177,7 @@ def compress_model(model: nn.Module, config: CompressConfig, calibration=None, *
         raise InvalidArgument("this model is already WeLore-compressed; compress its dense source "
                               "(or a merged export) instead")
     check_finite(model, "source model")
-    cache = cache or SpectrumCache(get_core_settings().cache_dir)
+    cache = cache or SpectrumCache.configured()
     device = next(model.parameters()).device
     params_before = count_params(model)
 

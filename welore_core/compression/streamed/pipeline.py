@@ -28,7 +28,6 @@ def compress_spec_streamed(model: str, path: Path, out: str | Path, config, *, m
     from ...corpus import read_texts
     from ...evaluate import token_windows
     from ...loading import load_tokenizer, output_dtype, pick_device, pick_dtype, resolve
-    from ...settings import get_core_settings
 
     t0 = time.perf_counter() if t0 is None else t0
     if recover:
@@ -39,9 +38,7 @@ def compress_spec_streamed(model: str, path: Path, out: str | Path, config, *, m
     dev = pick_device(device)
     compute = pick_dtype(dev)
     if cache is None:
-        settings = get_core_settings()
-        cap = settings.cache_max_gb
-        cache = SpectrumCache(settings.cache_dir, max_bytes=int(cap * 1e9) if cap else None)
+        cache = SpectrumCache.configured()
     source = CheckpointSource(path)
     tokenizer = load_tokenizer(str(path))
     calib = None
