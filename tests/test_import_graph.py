@@ -303,7 +303,7 @@ def test_graph_is_read():
     assert "welore_core.compression.config" in GRAPH["welore_core.compression.model"]
     assert "api.jobs.states" in GRAPH["api.jobs.service"]
     # lazy imports count: inside a function, and importlib's over a table of names
-    assert "welore_core.compression.model" in GRAPH["welore_core.python_api"]
+    assert "welore_core.checkpoint" in GRAPH["welore_core.python_api"]
     assert {"welore_core.python_api", "welore_core.finetune.config"} <= GRAPH["welore_core"]
     assert "welore_core.cli.compress" in GRAPH["welore_core.cli"]
 
@@ -352,3 +352,14 @@ def test_the_checks_catch_a_cycle(tmp_path):
     assert graph["api.sub.b"] == {"api.a"}
     assert all_cycles(graph) == [["api.a", "api.sub.b", "api.a"]]
     assert all_cycles(package_graphs(graph, modules)["api"]) == [["api.a", "api.sub", "api.a"]]
+
+
+# docs/architecture.md: the layers depend downwards only.
+ALLOWED = {"welore_core": set(), "welore_client": set(), "api": {"welore_core"}, "worker": {"api", "welore_core"}}
+
+
+def test_layers_depend_downwards_only():
+    top = package_graphs(GRAPH, MODULES)[TOP]
+    bad = sorted(f"  {a} -> {b}:\n{_why(GRAPH, '', a, b)}" for a, targets in top.items() for b in targets
+                 if b not in ALLOWED[a])
+    assert not bad, "imports against the layering (core, client < api < worker):\n" + "\n".join(bad)
