@@ -13,6 +13,7 @@ from welore_core import evaluate_config
 from welore_core.compression import config as compress_config
 from welore_core.errors import InvalidArgument
 from welore_core.finetune import config as finetune_config
+from welore_core.options import range_text
 
 # job type → (option table, config builder, `welore` sub-command, a minimal valid params body)
 JOBS = {
@@ -128,6 +129,8 @@ def test_every_option_has_a_flag_a_rest_field_and_a_console_field_with_its_defau
         if not _no_default(o.default):
             shown = str(o.default).lower() if o.type is bool else str(o.default)
             assert f"(default {shown})" in action.help, (o.name, action.help)
+        if o.numeric:
+            assert action.help.endswith(f"range {range_text(o)}"), (o.name, action.help)
         if o.type is bool:
             assert isinstance(action, argparse.BooleanOptionalAction), o.name
         elif o.choices:

@@ -73,6 +73,9 @@ def _config_check(build, options: dict) -> None:
         raise ValueError(exc.message) from None
 
 
+_MERGED = (bool, Field(False, description="also export merged dense weights (artifacts under merged/)"))
+
+
 class _CompressBase(_Params):
     @model_validator(mode="after")
     def _recipe(self):
@@ -87,7 +90,7 @@ CompressParams = create_model(
     "CompressParams", __base__=_CompressBase, __doc__="`welore compress`: the recipe options of CompressConfig "
     "(give exactly one of `err` and `params_kept`), plus what to do with the result.",
     **{o.name: option_field(o) for o in OPTIONS.values()},
-    merged=(bool, Field(False, description="also export merged dense weights (artifacts under merged/)")),
+    merged=_MERGED,
     recover=(int, Field(0, ge=0, le=100_000, description="then fine-tune the low-rank factors for this many steps, "
                         f"distilled from the source model ({RECOVER_TEXT}; 0: no recovery)")),
     recover_data=(Optional[str], Field(None, min_length=1, max_length=200,
@@ -95,36 +98,31 @@ CompressParams = create_model(
                                                    "(default: the shipped general text)")))
 
 
-class _FinetuneBase(_Params):
-    @model_validator(mode="after")
-    def _config(self):
-        _config_check(finetune_config.FinetuneConfig.from_options,
-                      {k: getattr(self, k) for k in finetune_config.OPTIONS})
-        return self
+def _validated_by(build, table: dict) -> type:
+    """A params base whose model builds the config from the table's fields (None: its default)."""
+    class Base(_Params):
+        @model_validator(mode="after")
+        def _config(self):
+            _config_check(build, {k: getattr(self, k) for k in table})
+            return self
+    return Base
 
 
 _TEACHER = model_name_field(500, "distil from this model (named like `model`), e.g. the one the checkpoint was "
                                  "compressed from")
 FinetuneParams = create_model(
-    "FinetuneParams", __base__=_FinetuneBase, __doc__="`welore finetune`: WeLore-COFT (train only the low-rank "
-    "factors) or a baseline; the options of FinetuneConfig.",
+    "FinetuneParams", __base__=_validated_by(finetune_config.FinetuneConfig.from_options, finetune_config.OPTIONS),
+    __doc__="`welore finetune`: WeLore-COFT (train only the low-rank factors) or a baseline; the options of "
+    "FinetuneConfig.",
     data=(str, Field(..., min_length=1, max_length=200,
                      description="an uploaded file id (file_...) or a built-in dataset name")),
     **{o.name: option_field(o, _TEACHER if o.name == "teacher" else None) for o in finetune_config.OPTIONS.values()},
-    merged=(bool, Field(False, description="also export merged dense weights (artifacts under merged/)")))
-
-
-class _EvaluateBase(_Params):
-    @model_validator(mode="after")
-    def _config(self):
-        _config_check(evaluate_config.EvaluateConfig.from_options,
-                      {k: getattr(self, k) for k in evaluate_config.OPTIONS})
-        return self
+    merged=_MERGED)
 
 
 EvaluateParams = create_model(
-    "EvaluateParams", __base__=_EvaluateBase, __doc__="`welore eval`: perplexity on fixed windows; the options "
-    "of EvaluateConfig.",
+    "EvaluateParams", __base__=_validated_by(evaluate_config.EvaluateConfig.from_options, evaluate_config.OPTIONS),
+    __doc__="`welore eval`: perplexity on fixed windows; the options of EvaluateConfig.",
     data=(str, Field(evaluate_config.DEFAULT_DATA, min_length=1, max_length=200,
                      description="an uploaded file id (file_...) or a built-in dataset name")),
     **{o.name: option_field(o) for o in evaluate_config.OPTIONS.values()})

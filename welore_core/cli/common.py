@@ -34,16 +34,6 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
-def fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}")
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {value}")
-    return value
-
-
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -68,9 +58,12 @@ def option_type(o: Option):
 
 
 def default_text(o: Option) -> str:
-    if o.default is None or o.default == "":
-        return ""
-    return f" (default {str(o.default).lower() if o.type is bool else o.default})"
+    """' (default 256); range [8, 32768]': what a flag's help adds from the option table."""
+    text = "" if o.default is None or o.default == "" else \
+        f" (default {str(o.default).lower() if o.type is bool else o.default})"
+    if o.numeric and (o.lo is not None or o.hi is not None):
+        text += f"{';' if text else ''} range {range_text(o)}"
+    return text
 
 
 def add_option_flag(group, o: Option, **kw) -> argparse.Action:
