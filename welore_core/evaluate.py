@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .errors import InvalidArgument, InvalidData
+from .evaluate_config import SEQ_LEN, WINDOWS
 from .progress import ProgressEvent, ProgressFn, StopFn, check_stop, no_progress
 from .scoring import head_weight, nll_sum
 
@@ -58,7 +59,7 @@ def token_windows(tokenizer, texts: list[str], seq_len: int, windows: int) -> to
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, tokenizer, texts: list[str], seq_len: int = 512, windows: int = 24,
+def perplexity(model: nn.Module, tokenizer, texts: list[str], seq_len: int = SEQ_LEN, windows: int = WINDOWS,
                batch_size: int = 1, progress: ProgressFn = no_progress,
                should_stop: StopFn | None = None) -> EvalResult:
     t0 = time.perf_counter()

@@ -7,16 +7,18 @@ from pathlib import Path
 
 from .corpus import read_texts
 from .evaluate import perplexity
+from .evaluate_config import SEQ_LEN, WINDOWS, EvaluateConfig
 from .loading import load_model, require_tokenizer
 from .progress import ProgressEvent, ProgressFn, StopFn, no_progress
 
 
-def evaluate_model(model: str, data: str, *, seq_len: int = 512, windows: int = 24,
+def evaluate_model(model: str, data: str, *, seq_len: int = SEQ_LEN, windows: int = WINDOWS,
                    device: str | None = None, progress: ProgressFn = no_progress,
                    should_stop: StopFn | None = None) -> dict:
     """Perplexity of `model` on `data`; a model above the streaming threshold runs layer by layer."""
     from .layerwise.plan import streamable
 
+    EvaluateConfig(seq_len=seq_len, windows=windows)  # the ranges of evaluate_config.OPTIONS
     texts = read_texts(data)
     streamed = streamable(model)
     if streamed is not None:

@@ -12,7 +12,6 @@ back at once, without spending an attempt.
 from __future__ import annotations
 
 import datetime as dt
-import inspect
 import logging
 import os
 import shutil
@@ -135,19 +134,6 @@ def _summary(result: dict) -> dict:
     return redact_values(out)
 
 
-def _supported(fn: Callable, kwargs: dict) -> dict:
-    params = inspect.signature(fn).parameters
-    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return kwargs
-    missing = sorted(k for k in kwargs if k not in params)
-    if missing:
-        from welore_core.errors import InvalidArgument
-
-        raise InvalidArgument(f"this worker's welore_core does not support {', '.join(missing)} for "
-                              f"{fn.__name__}; upgrade the worker or leave these parameters out")
-    return kwargs
-
-
 # -- one handler per job type: (spec, out dir, progress, stop, settings) → result ------------
 def _compress(job: JobSpec, out: Path, progress, stop, settings: Settings) -> dict:
     from welore_core.compression.config import OPTIONS, CompressConfig
@@ -167,28 +153,32 @@ def _compress(job: JobSpec, out: Path, progress, stop, settings: Settings) -> di
 
 def _finetune(job: JobSpec, out: Path, progress, stop, settings: Settings) -> dict:
     from welore_core.finetune import finetune_checkpoint
+    from welore_core.finetune.config import FinetuneConfig
 
     p = dict(job.params)
-    data = data_path(settings, p.pop("data"))
-    merged = p.pop("merged", False)
-    if p.get("teacher"):
-        p["teacher"] = model_path(settings, job.model_ref["teacher"])
-    kwargs = _supported(finetune_checkpoint, {k: v for k, v in p.items() if v is not None})
-    result = finetune_checkpoint(model_path(settings, job.model_ref), out, data=data, resume=False,
-                                 overwrite=False, device=_device(settings), progress=progress,
-                                 should_stop=stop, merged_out=out / "merged" if merged else None, **kwargs)
+    # every param but data/merged is an option: one this worker's table lacks is refused, not dropped
+    options = {k: v for k, v in p.items() if k not in ("data", "merged")}
+    if options.get("teacher"):
+        options["teacher"] = model_path(settings, job.model_ref["teacher"])
+    config = FinetuneConfig.from_options(options)  # the config the API validated the job with
+    result = finetune_checkpoint(model_path(settings, job.model_ref), out, data=data_path(settings, p["data"]),
+                                 resume=False, overwrite=False, device=_device(settings), progress=progress,
+                                 should_stop=stop, merged_out=out / "merged" if p.get("merged") else None,
+                                 **config.to_dict())
     return _summary(result)
 
 
 def _evaluate(job: JobSpec, out: Path, progress, stop, settings: Settings) -> dict:
+    from welore_core.evaluate_config import DEFAULT_DATA, EvaluateConfig
     from welore_core.pipelines import evaluate_model
 
     p = job.params
-    result = evaluate_model(model_path(settings, job.model_ref), data_path(settings, p.get("data", "boolq")),
-                            seq_len=int(p.get("seq_len", 512)), windows=int(p.get("windows", 24)),
+    data = p.get("data", DEFAULT_DATA)
+    config = EvaluateConfig.from_options({k: v for k, v in p.items() if k != "data"})  # as the API validated it
+    result = evaluate_model(model_path(settings, job.model_ref), data_path(settings, data), **config.to_dict(),
                             device=_device(settings), progress=progress, should_stop=stop)
     result = dict(result)
-    result["model"], result["data"] = job.model_ref["name"], p.get("data", "boolq")  # no server paths
+    result["model"], result["data"] = job.model_ref["name"], data  # no server paths
     return _summary(result)
 
 

@@ -1,5 +1,8 @@
-"""Parameters of each job type, mirroring the `welore` command-line flags. Unknown fields and
-values of the wrong type are refused, and every numeric field has a range that a 422 names."""
+"""Parameters of each job type, derived from the option table of the config the worker runs
+(CompressConfig, FinetuneConfig, EvaluateConfig; welore_core/options.py), like the `welore` flags:
+one field per option, with the table's type, range, choices and (in the schema) default. Unknown
+fields and values of the wrong type are refused, every numeric field has a range that a 422 names,
+and each model builds the job's config, so whatever the worker would refuse is a 422 here."""
 
 from __future__ import annotations
 
@@ -7,8 +10,11 @@ from typing import Annotated, Literal, Optional
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, model_validator
 
-from welore_core.compression.config import OPTIONS, RECOVER_TEXT, CompressConfig, Option
+from welore_core import evaluate_config
+from welore_core.compression.config import OPTIONS, RECOVER_TEXT, CompressConfig
 from welore_core.errors import InvalidArgument
+from welore_core.finetune import config as finetune_config
+from welore_core.options import Option
 
 
 NAME_PART_BYTES = 255  # a file system's limit on one path component (a folder name under WELORE_MODELS_DIR)
@@ -37,11 +43,15 @@ class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
-def _compress_field(o: Option):
-    """A pydantic field for one recipe option: type, range and choices from compression.config."""
-    typ = {float: float, int: int, bool: bool, str: str}[o.type]
+def option_field(o: Option, typ=None):
+    """A pydantic field for one option-table entry: type, range and choices from the table. Left out (or
+    null) it is None, which the config reads as its own default; the schema shows that default (the
+    console's form does too)."""
+    typ = typ or {float: float, int: int, bool: bool, str: str}[o.type]
     if o.choices:
-        typ = Literal[o.choices]  # type: ignore[valid-type]
+        # Annotated with the name: Literals of the same choices in another order compare equal, and the schema of
+        # one would list the other's order
+        typ = Annotated[Literal[o.choices], o.name]  # type: ignore[valid-type]
     bounds = {}
     if o.lo is not None:
         bounds["gt" if o.lo_open else "ge"] = o.lo
@@ -49,8 +59,21 @@ def _compress_field(o: Option):
         bounds["lt" if o.hi_open else "le"] = o.hi
     if typ is str:
         bounds.update(min_length=1, max_length=200)
-    default = f" (default {o.default})" if o.default is not None else ""
-    return (Optional[typ], Field(None, description=o.help + default, **bounds))
+    shown = o.default not in (None, "")
+    default = f" (default {str(o.default).lower() if o.type is bool else o.default})" if shown else ""
+    return (Optional[typ], Field(None, description=o.help + default, **bounds,
+                                 json_schema_extra={"default": o.default} if shown else None))
+
+
+def _config_check(build, options: dict) -> None:
+    """Build the job's config as the worker will: its own refusal (a cross-check) is a 422."""
+    try:
+        build(options)
+    except InvalidArgument as exc:
+        raise ValueError(exc.message) from None
+
+
+_MERGED = (bool, Field(False, description="also export merged dense weights (artifacts under merged/)"))
 
 
 class _CompressBase(_Params):
@@ -59,18 +82,15 @@ class _CompressBase(_Params):
         options = {k: getattr(self, k) for k in OPTIONS}
         if (options["err"] is None) == (options["params_kept"] is None):
             raise ValueError("give exactly one of 'err' (0 < err < 1) and 'params_kept' (0 < params_kept ≤ 1)")
-        try:
-            CompressConfig.from_options(options)  # the recipe's own cross-checks
-        except InvalidArgument as exc:
-            raise ValueError(exc.message) from None
+        _config_check(CompressConfig.from_options, options)  # the recipe's own cross-checks
         return self
 
 
 CompressParams = create_model(
     "CompressParams", __base__=_CompressBase, __doc__="`welore compress`: the recipe options of CompressConfig "
     "(give exactly one of `err` and `params_kept`), plus what to do with the result.",
-    **{o.name: _compress_field(o) for o in OPTIONS.values()},
-    merged=(bool, Field(False, description="also export merged dense weights (artifacts under merged/)")),
+    **{o.name: option_field(o) for o in OPTIONS.values()},
+    merged=_MERGED,
     recover=(int, Field(0, ge=0, le=100_000, description="then fine-tune the low-rank factors for this many steps, "
                         f"distilled from the source model ({RECOVER_TEXT}; 0: no recovery)")),
     recover_data=(Optional[str], Field(None, min_length=1, max_length=200,
@@ -78,53 +98,34 @@ CompressParams = create_model(
                                                    "(default: the shipped general text)")))
 
 
-class FinetuneParams(_Params):
-    """`welore finetune`: WeLore-COFT (train only the low-rank factors) or a baseline."""
-
-    data: str = Field(..., min_length=1, max_length=200,
-                      description="an uploaded file id (file_...) or a built-in dataset name")
-    data_format: Literal["auto", "text", "prompt_completion", "boolq", "commonsenseqa"] = "auto"
-    method: Literal["welore", "full", "lora"] = "welore"
-    steps: int = Field(100, ge=1, le=1_000_000)
-    lr: float = Field(2e-4, gt=0, lt=1)
-    batch_size: int = Field(4, ge=1, le=4096)
-    seq_len: int = Field(256, ge=8, le=32_768)
-    grad_accum: int = Field(1, ge=1, le=1024)
-    eval_every: int = Field(0, ge=0, le=1_000_000)
-    save_every: int = Field(0, ge=0, le=1_000_000)
-    freeze_norms: bool = False
-    lora_rank: int = Field(8, ge=1, le=4096)
-    seed: int = Field(0, ge=0, le=2**31 - 1)
-    # Engine defaults apply to whatever is left out.
-    warmup_steps: Optional[int] = Field(None, ge=-1, le=1_000_000)
-    min_lr_ratio: Optional[float] = Field(None, ge=0, le=1)
-    weight_decay: Optional[float] = Field(None, ge=0, le=10)
-    max_grad_norm: Optional[float] = Field(None, ge=0, le=1e6)
-    lora_alpha: Optional[float] = Field(None, gt=0, le=1e6)
-    val_fraction: Optional[float] = Field(None, ge=0, lt=1)
-    val_sequences: Optional[int] = Field(None, ge=1, le=100_000)
-    choice_examples: Optional[int] = Field(None, ge=0, le=100_000)
-    gradient_checkpointing: Optional[bool] = None
-    precision: Optional[Literal["auto", "fp32", "bf16"]] = None
-    frozen_dtype: Optional[Literal["auto", "bf16", "fp32"]] = Field(
-        None, description="dtype of the frozen weights while training (auto: bf16 on a GPU, fp32 on a CPU); "
-                          "trainable factors keep fp32 master weights")
-    teacher: Optional[model_name_field(500, "distil from this model (named like `model`), e.g. the one the "
-                                            "checkpoint was compressed from")] = None
-    distill_weight: Optional[float] = Field(None, gt=0, le=1,
-                                            description="with a teacher: share of the KL term in the loss")
-    dtype: Optional[Literal["auto", "bf16", "fp16", "fp32"]] = Field(
-        None, description="dtype of the written weights (default auto: the source's)")
-    merged: bool = Field(False, description="also export merged dense weights (artifacts under merged/)")
+def _validated_by(build, table: dict) -> type:
+    """A params base whose model builds the config from the table's fields (None: its default)."""
+    class Base(_Params):
+        @model_validator(mode="after")
+        def _config(self):
+            _config_check(build, {k: getattr(self, k) for k in table})
+            return self
+    return Base
 
 
-class EvaluateParams(_Params):
-    """`welore eval`: perplexity on fixed windows."""
+_TEACHER = model_name_field(500, "distil from this model (named like `model`), e.g. the one the checkpoint was "
+                                 "compressed from")
+FinetuneParams = create_model(
+    "FinetuneParams", __base__=_validated_by(finetune_config.FinetuneConfig.from_options, finetune_config.OPTIONS),
+    __doc__="`welore finetune`: WeLore-COFT (train only the low-rank factors) or a baseline; the options of "
+    "FinetuneConfig.",
+    data=(str, Field(..., min_length=1, max_length=200,
+                     description="an uploaded file id (file_...) or a built-in dataset name")),
+    **{o.name: option_field(o, _TEACHER if o.name == "teacher" else None) for o in finetune_config.OPTIONS.values()},
+    merged=_MERGED)
 
-    data: str = Field("boolq", min_length=1, max_length=200,
-                      description="an uploaded file id (file_...) or a built-in dataset name")
-    seq_len: int = Field(512, ge=2, le=32_768)
-    windows: int = Field(24, ge=1, le=100_000)
+
+EvaluateParams = create_model(
+    "EvaluateParams", __base__=_validated_by(evaluate_config.EvaluateConfig.from_options, evaluate_config.OPTIONS),
+    __doc__="`welore eval`: perplexity on fixed windows; the options of EvaluateConfig.",
+    data=(str, Field(evaluate_config.DEFAULT_DATA, min_length=1, max_length=200,
+                     description="an uploaded file id (file_...) or a built-in dataset name")),
+    **{o.name: option_field(o) for o in evaluate_config.OPTIONS.values()})
 
 
 PARAMS = {"compress": CompressParams, "finetune": FinetuneParams, "evaluate": EvaluateParams}

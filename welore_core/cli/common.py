@@ -9,6 +9,7 @@ import resource
 import sys
 
 from ..dtypes import DTYPE_CHOICES
+from ..options import Option, in_range, range_text
 
 
 def emit(result: dict, as_json: bool, human: str) -> None:
@@ -33,16 +34,6 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
-def fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}")
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {value}")
-    return value
-
-
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -51,6 +42,46 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def option_type(o: Option):
+    """An argparse type for a numeric option: parsed and range-checked with the option table's own bounds."""
+    def parse(text: str):
+        try:
+            value = o.type(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if o.type is int else 'a number'}, got {text!r}")
+        if not in_range(o, value):
+            raise argparse.ArgumentTypeError(f"expected a value in {range_text(o)}, got {text}")
+        return value
+    return parse
+
+
+def default_text(o: Option) -> str:
+    """' (default 256); range [8, 32768]': what a flag's help adds from the option table."""
+    text = "" if o.default is None or o.default == "" else \
+        f" (default {str(o.default).lower() if o.type is bool else o.default})"
+    if o.numeric and (o.lo is not None or o.hi is not None):
+        text += f"{';' if text else ''} range {range_text(o)}"
+    return text
+
+
+def add_option_flag(group, o: Option, **kw) -> argparse.Action:
+    """The flag of one option-table entry (welore_core/options.py). Its argparse default stays None, so the
+    config's own default applies (and a recipe's value is not overridden by a flag that was not given)."""
+    help = (o.help + default_text(o)).replace("%", "%%")
+    if o.type is bool:
+        return group.add_argument(o.flag, dest=o.name, action=argparse.BooleanOptionalAction, default=None,
+                                  help=help, **kw)
+    if o.choices:
+        return group.add_argument(o.flag, dest=o.name, choices=o.choices, default=None, help=help, **kw)
+    return group.add_argument(o.flag, dest=o.name, type=option_type(o) if o.numeric else str, default=None,
+                              help=help, **kw)
+
+
+def given_options(args: argparse.Namespace, table: dict) -> dict:
+    """The option-table flags given on the command line (by option name)."""
+    return {name: getattr(args, name) for name in table if getattr(args, name, None) is not None}
 
 
 def add_json_flag(p: argparse.ArgumentParser) -> None:

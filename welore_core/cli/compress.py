@@ -1,7 +1,7 @@
 """`welore compress MODEL (--err F | --params-kept F | --recipe FILE) --out DIR`: calibrated WeLore
 compression by default, data-free with `--calibration none`; `--recover STEPS` fine-tunes after.
 
-The recipe flags are generated from compression.config.OPTIONS (one flag per CompressConfig field)."""
+The recipe flags are generated from compression.config.OPTIONS (one flag per CompressConfig field; welore_core/options.py)."""
 
 from __future__ import annotations
 
@@ -9,25 +9,10 @@ import argparse
 import json
 from pathlib import Path
 
-from ..compression.config import OPTIONS, RECOVER_TEXT, CompressConfig, Option, range_text
+from ..compression.config import OPTIONS, RECOVER_TEXT, CompressConfig
 from ..errors import InvalidArgument
-from .common import add_device_flag, add_json_flag, check_outputs, emit, peak_rss_mb, positive_int, progress_for
-
-
-def _typed(o: Option):
-    """An argparse type for an option: numbers parsed and range-checked with the option's own bounds."""
-    def parse(text: str):
-        try:
-            value = o.type(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if o.type is int else 'a number'}, got {text!r}")
-        if o.lo is not None and o.hi is not None:
-            low_bad = value <= o.lo if o.lo_open else value < o.lo
-            high_bad = value >= o.hi if o.hi_open else value > o.hi
-            if low_bad or high_bad or value != value:
-                raise argparse.ArgumentTypeError(f"expected a value in {range_text(o)}, got {text}")
-        return value
-    return parse
+from .common import (add_device_flag, add_json_flag, add_option_flag, check_outputs, emit, given_options, peak_rss_mb,
+                     positive_int, progress_for)
 
 
 def add_recipe_flags(p: argparse.ArgumentParser) -> None:
@@ -36,14 +21,7 @@ def add_recipe_flags(p: argparse.ArgumentParser) -> None:
     cal = p.add_argument_group("calibration (activation-aware factorisation; on by default)")
     for o in OPTIONS.values():
         group = target if o.target else cal if o.path[0] in ("calibration", "experimental") else p
-        help = o.help + ("" if o.default is None else f" (default {str(o.default).lower() if o.type is bool else o.default})")
-        if o.type is bool:
-            group.add_argument(o.flag, dest=o.name, action=argparse.BooleanOptionalAction, default=None, help=help)
-        elif o.choices:
-            group.add_argument(o.flag, dest=o.name, choices=o.choices, default=None, help=help)
-        else:
-            group.add_argument(o.flag, dest=o.name, type=_typed(o) if o.type is not str else str, default=None,
-                               help=help, metavar="DATA" if o.name == "calibration" else None)
+        add_option_flag(group, o, **({"metavar": "DATA"} if o.name == "calibration" else {}))
     p.add_argument("--recipe", metavar="FILE", help="a recipe JSON file, or a checkpoint's welore.json, to "
                         "reproduce; flags given as well override it")
 
@@ -69,7 +47,7 @@ def register(sub) -> None:
 
 def config_from_args(args: argparse.Namespace) -> CompressConfig:
     """The recipe: --recipe FILE (or a checkpoint's welore.json) as the base, then the flags given."""
-    flags = {name: getattr(args, name) for name in OPTIONS if getattr(args, name, None) is not None}
+    flags = given_options(args, OPTIONS)
     if not args.recipe:
         if "err" not in flags and "params_kept" not in flags:
             raise InvalidArgument("give a target: --err F (fraction of ranks removed), --params-kept F (fraction "

@@ -13,10 +13,11 @@ source's own dtype). The defaults are the measured best
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Optional, Union
 
 from ..errors import InvalidArgument
+from ..options import Option, check_known, check_options, opt, option_table, range_text  # noqa: F401 (Option, range_text: API)
 
 METHODS = ("auto", "loss", "welore", "uniform")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
@@ -49,10 +50,9 @@ RECOVER_TEXT = (f"WeLore-COFT, batch {RECOVER_OPTIONS['batch_size']} × {RECOVER
 MAX_ERR, MIN_PARAMS_KEPT = 0.9, 0.1  # beyond these a compressed model is refused as unusable
 
 
-def _opt(flag: str, help: str, *, lo=None, hi=None, lo_open=False, hi_open=False, choices=None, **kw):
-    """Field metadata: the flat option name (CLI flag `--<flag with dashes>`, REST param) and its range."""
-    return {"flag": flag, "help": help, "lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open,
-            "choices": choices, **kw}
+def _opt(flag: str, help: str, **kw):
+    """Field metadata (options.opt): the flat option name (CLI flag `--<flag with dashes>`, REST param) first."""
+    return opt(help, flag=flag, **kw)
 
 
 @dataclass(frozen=True)
@@ -185,10 +185,7 @@ class CompressConfig:
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> "CompressConfig":
         """A recipe from flat options (CLI flags / REST params, by `OPTIONS` name); None = the default."""
-        unknown = sorted(set(options) - set(OPTIONS))
-        if unknown:
-            raise InvalidArgument(f"unknown compression option(s) {', '.join(unknown)}; expected some of "
-                                  f"{', '.join(OPTIONS)}")
+        check_known(options, OPTIONS, "compression")
         nested: dict[str, dict] = {"calibration": {}, "experimental": {}}
         top: dict[str, Any] = {}
         data = options.get("calibration")
@@ -216,50 +213,10 @@ class CompressConfig:
 # The flat option table (CLI flags, REST params) derived from the dataclasses' field metadata
 
 
-@dataclass(frozen=True)
-class Option:
-    name: str  # flat name: REST param; CLI flag --name-with-dashes
-    path: tuple[str, ...]  # where it lives in CompressConfig (("calibration", "samples"))
-    type: type
-    default: Any
-    help: str
-    lo: Optional[float] = None
-    hi: Optional[float] = None
-    lo_open: bool = False
-    hi_open: bool = False
-    choices: Optional[tuple] = None
-    tristate: bool = False  # a bool whose None means "auto"
-    target: bool = False  # one of the mutually exclusive targets
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
-
-_TYPES = {"float": float, "Optional[float]": float, "int": int, "Optional[int]": int, "str": str, "bool": bool,
-          "Optional[bool]": bool}
 _SECTIONS = {"calibration": CalibrationConfig, "experimental": ExperimentalConfig}
 
 
-def _options() -> dict[str, Option]:
-    out: dict[str, Option] = {}
-
-    def add(cls, prefix: tuple[str, ...]) -> None:
-        for f in fields(cls):
-            if f.name in _SECTIONS:
-                add(_SECTIONS[f.name], (f.name,))
-                continue
-            m = dict(f.metadata)
-            flag = m.pop("flag")
-            default = f.default if f.default is not MISSING else None
-            out[flag] = Option(name=flag, path=prefix + (f.name,), type=_TYPES[str(f.type).replace("typing.", "")],
-                               default=default, **m)
-
-    add(CompressConfig, ())
-    return out
-
-
-OPTIONS: dict[str, Option] = _options()
+OPTIONS: dict[str, Option] = option_table(CompressConfig, _SECTIONS)
 OPTIONS_BY_PATH: dict[tuple[str, ...], str] = {o.path: o.name for o in OPTIONS.values()}
 
 
@@ -267,42 +224,8 @@ OPTIONS_BY_PATH: dict[tuple[str, ...], str] = {o.path: o.name for o in OPTIONS.v
 # Validation: ranges from the option table, then the cross-checks
 
 
-def _check_range(o: Option, value: Any) -> None:
-    if value is None:
-        return
-    if o.type is bool:
-        if not isinstance(value, bool):
-            raise InvalidArgument(f"{o.name} must be true or false; received {value!r}")
-        return
-    if o.type is str:
-        if not isinstance(value, str) or not value:
-            raise InvalidArgument(f"{o.name} must be a non-empty string; received {value!r}")
-        if o.choices and value not in o.choices:
-            raise InvalidArgument(f"{o.name} must be one of {', '.join(o.choices)}; received {value!r}")
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (o.type is int and not isinstance(value, int)):
-        raise InvalidArgument(f"{o.name} must be {'an integer' if o.type is int else 'a number'}; received {value!r}")
-    if value != value or value in (float("inf"), float("-inf")):
-        raise InvalidArgument(f"{o.name} must be a finite number; received {value!r}")
-    low_bad = o.lo is not None and (value <= o.lo if o.lo_open else value < o.lo)
-    high_bad = o.hi is not None and (value >= o.hi if o.hi_open else value > o.hi)
-    if low_bad or high_bad:
-        raise InvalidArgument(f"{o.name} must be in {range_text(o)}; received {value}")
-
-
-def range_text(o: Option) -> str:
-    return f"{'(' if o.lo_open else '['}{o.lo:g}, {o.hi:g}{')' if o.hi_open else ']'}"
-
-
 def validate(cfg: CompressConfig) -> None:
-    for o in OPTIONS.values():
-        obj: Any = cfg
-        for part in o.path[:-1]:
-            obj = getattr(obj, part)
-            if obj is None:
-                break
-        if obj is not None:
-            _check_range(o, getattr(obj, o.path[-1]))
+    check_options(cfg, OPTIONS)
     if (cfg.err is None) == (cfg.params_kept is None):
         raise InvalidArgument("give exactly one target: err (fraction of ranks removed, 0 < err < 1) or "
                               "params_kept (fraction of target-matrix parameters kept, 0 < f ≤ 1)")

@@ -137,33 +137,20 @@ def finetune_checkpoint(model, out: str | Path, **kwargs) -> dict:
     return finetune_run(model, out, **kwargs)[0]
 
 
-def finetune_run(model, out: str | Path, *, data: str, method: str = "welore", steps: int = 100,
-                 lr: float = 2e-4, batch_size: int = 4, seq_len: int = 256, grad_accum: int = 1,
-                 eval_every: int = 0, save_every: int = 0, resume: bool = False,
-                 freeze_norms: bool = False, lora_rank: int = 8, seed: int = 0,
-                 val_fraction: float = 0.1, val_sequences: int = 32, data_format: str = "auto",
-                 overwrite: bool = False, device: str | None = None,
-                 progress: ProgressFn = no_progress, should_stop: StopFn | None = None,
+def finetune_run(model, out: str | Path, *, data: str, resume: bool = False, overwrite: bool = False,
+                 device: str | None = None, progress: ProgressFn = no_progress, should_stop: StopFn | None = None,
                  merged_out: str | Path | None = None, **options) -> tuple[dict, torch.nn.Module]:
     """Fine-tune `model` (any spec load_model accepts, or a LoadedModel already in memory) on
     `data` and write the result to `out` (weights in `options["dtype"]`, default auto: the
     source's), and with `merged_out` also a dense merged export there. Returns (result, the
     trained model as saved).
 
-    `options` takes the other FinetuneConfig fields (warmup_steps, min_lr_ratio, weight_decay,
-    max_grad_norm, lora_alpha, lora_dropout, choice_examples, gradient_checkpointing,
-    precision, timing_warmup_steps, teacher, distill_weight, dtype). Returns the result dict, also
-    written to out/metrics.json.
+    `options` are the FinetuneConfig options (method, steps, lr, batch_size, seq_len, ...: its
+    `OPTIONS` table, which holds their defaults and ranges; None = the default). Returns the result
+    dict, also written to out/metrics.json.
     """
     t_start = time.perf_counter()
-    unknown = sorted(set(options) - set(FinetuneConfig.__dataclass_fields__))
-    if unknown:
-        raise InvalidArgument(f"unknown fine-tuning option(s) {unknown}; expected FinetuneConfig fields "
-                              f"({', '.join(FinetuneConfig.__dataclass_fields__)})")
-    cfg = FinetuneConfig(method=method, steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len,
-                         grad_accum=grad_accum, eval_every=eval_every, save_every=save_every,
-                         freeze_norms=freeze_norms, lora_rank=lora_rank, seed=seed, val_fraction=val_fraction,
-                         val_sequences=val_sequences, data_format=data_format, **options).validate()
+    cfg = FinetuneConfig.from_options(options)
     out = Path(out).expanduser()
     given = model if isinstance(model, LoadedModel) else None
     model = given.source.spec if given is not None else str(model)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..evaluate import EvalResult, token_windows
+from ..evaluate_config import SEQ_LEN, WINDOWS
 from ..progress import ProgressFn, ProgressEvent, StopFn, no_progress
 from .hidden import layered_perplexity
 from .layers import StreamedLayers
@@ -17,7 +18,7 @@ from .plan import MemoryPlan, memory_plan
 from .source import CheckpointSource
 
 
-def evaluate_streamed(path: Path | str, texts: list[str], seq_len: int = 512, windows: int = 24, *,
+def evaluate_streamed(path: Path | str, texts: list[str], seq_len: int = SEQ_LEN, windows: int = WINDOWS, *,
                       device: str | None = None, progress: ProgressFn = no_progress,
                       should_stop: StopFn | None = None) -> tuple[EvalResult, MemoryPlan]:
     """Perplexity of the (dense or WeLore) checkpoint directory `path` on `texts`, layer by layer."""

@@ -23,7 +23,8 @@ function describe(spec, prop) {
   const real = variants.filter((v) => v.type !== "null");
   const v = real[0] || {};
   return {
-    type: v.type || (v.properties ? "object" : "string"), enum: v.enum, object: v.properties ? v : null,
+    type: v.type || (v.properties ? "object" : "string"), object: v.properties ? v : null,
+    enum: v.enum ?? (v.const !== undefined ? [v.const] : undefined),  // a one-choice option is a `const`
     nullable: variants.length > real.length, default: p.default ?? v.default, description: p.description || v.description || "",
     min: v.minimum ?? v.exclusiveMinimum, max: v.maximum ?? v.exclusiveMaximum,
     exMin: v.exclusiveMinimum !== undefined, exMax: v.exclusiveMaximum !== undefined, title: p.title || v.title,
@@ -40,8 +41,9 @@ function widget(path, d, lists) {
   const name = path.split(".").pop();
   const attrs = { name: path, id: `f-${path}`, "data-field": `params.${path}` };
   if (d.enum) {
+    // A nullable choice left at "(default)" is not sent: the server's config applies its default (shown in the help).
     const opts = (d.nullable || d.default === undefined ? [el("option", { value: "" }, "(default)")] : [])
-      .concat(d.enum.map((x) => el("option", { value: x, selected: x === d.default }, x)));
+      .concat(d.enum.map((x) => el("option", { value: x, selected: !d.nullable && x === d.default }, x)));
     return el("select", attrs, opts);
   }
   if (d.type === "boolean") {
