@@ -116,10 +116,8 @@ def render(rows: dict) -> str:
             "timed one by one, alternating, at the rank k (a multiple of 8) whose stored size k·(m+n) is the fraction "
             "ρ of m·n; x is batch × in. Dense µs: one dense call.\n\n"
             + table(["out×in", "dtype", "batch", "dense µs"] + [f"ρ={r:g}" for r in RATIOS], rows["break_even"])
-            + "\n\nRank alignment: the same speed-up at ranks R+d beside R, the multiple of 64 nearest ρ = 0.5 "
-            "(R−32, R−16, R−8, R: multiples of 32, 16, 8, 64; R−33, R−17, R−9, R−1: one rank fewer).\n\n"
-            + table(["out×in", "dtype", "batch", "R"] + [f"R{d:+d}" if d else "R" for d in OFFSETS], rows["alignment"])
-            + "\n\n" + READING)
+            + "\n\n" + READING + " (The rank-alignment table, measured by this bench too, is in "
+            "docs/research/rank-multiple.md.)")
 
 
 def main(argv=None) -> int:
