@@ -35,7 +35,7 @@ SAMPLES, HEAVY_SAMPLES = 64, 128
 SEQ_LEN = 512  # tokens per calibration window
 RECIPE_VERSION = 2  # 2: rank_multiple (a version-1 recipe predates it: read back with rank_multiple 1, no rounding)
 READABLE_VERSIONS = (1, 2)
-RANK_MULTIPLE = 8  # measured: 16 and up cost SmolLM2 more than 2 % perplexity at ERR 0.5 (docs/research/rank-multiple.md)
+RANK_MULTIPLE = 8  # chosen by the allocator's estimate (16 and up: > 2 % at ERR 0.5); measured on held-out text at ERR 0.5 it costs +0.5 to +5.3 % (BENCHMARKS § compression-recipes)
 # What `--recover STEPS` runs after compressing: distilled WeLore-COFT from the dense source on RECOVER_DATA when the
 # user gives no text: the whole shipped file, whose tail (past the windows calibration reads) is 256 documents the
 # model generated, so 150 steps pass over the text 1.2 times (not 2.4) (docs/research/recovery-text.md). lr 1e-4: better
